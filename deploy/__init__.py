@@ -1,0 +1,1 @@
+"""The one-host netns lab and the docker-compose cluster."""

@@ -1,0 +1,1 @@
+"""The state bus from control to workers: record schema, publisher, subscriber."""

@@ -1,0 +1,396 @@
+"""The replicated state: record types, their keys and their msgpack encoding.
+
+Everything a worker knows arrives as one of these records (DESIGN §4). This
+module is the contract between control (which produces records), the bus
+(which moves opaque bytes under string keys) and the dataplane (which builds
+cipher objects from them). It is sans-IO and imports no ZeroMQ.
+
+Wire form: a msgpack map ``{"schema": SCHEMA, "type": <record type>, <fields>...}``.
+A deletion is a tombstone: the key with an empty value on the bus. Decoding is
+all-or-nothing: a record with an unknown schema, an unknown or missing field,
+or a value out of range raises :class:`RecordError` and nothing is applied.
+
+Keys:
+
+* ``tunnel/<tunnel_id>``
+* ``route/<route_id>``
+* ``sa/in/<spi-hex>``: inbound SPIs are chosen by us, unique cluster-wide.
+* ``sa/out/<tunnel_id>/<spi-hex>``: outbound SPIs are chosen by the peer
+  (RFC 7296 §3.3.1), so two peers may pick the same one; the tunnel id makes
+  the key unique.
+* ``ike/<spi-hex>`` is reserved for IKE SA failover.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import msgpack
+
+SCHEMA = 1
+"""Bumped on any incompatible change; subscribers reject other versions."""
+
+
+class RecordError(ValueError):
+    """A record that cannot be applied. ``reason`` is a bounded metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Direction(StrEnum):
+    IN = "in"
+    OUT = "out"
+
+
+class TunnelKind(StrEnum):
+    IPSEC = "ipsec"
+    GRE = "gre"
+
+
+class Cipher(StrEnum):
+    """ESP encryption transforms in scope (DESIGN §3), strongSwan's names."""
+
+    AES128GCM16 = "aes128gcm16"
+    AES256GCM16 = "aes256gcm16"
+    AES128CBC = "aes128"
+    AES256CBC = "aes256"
+    NULL = "null"
+
+
+class Integ(StrEnum):
+    """ESP integrity transforms; NONE only with an AEAD cipher."""
+
+    NONE = "none"
+    SHA256_128 = "sha256_128"
+    SHA1_96 = "sha1_96"
+
+
+CIPHER_KEY_BYTES: dict[Cipher, int] = {
+    Cipher.AES128GCM16: 16,
+    Cipher.AES256GCM16: 32,
+    Cipher.AES128CBC: 16,
+    Cipher.AES256CBC: 32,
+    Cipher.NULL: 0,
+}
+AEAD_CIPHERS = frozenset({Cipher.AES128GCM16, Cipher.AES256GCM16})
+INTEG_KEY_BYTES: dict[Integ, int] = {Integ.NONE: 0, Integ.SHA256_128: 32, Integ.SHA1_96: 20}
+GCM_SALT_BYTES = 4
+"""RFC 4106 §8.1: the last four octets of the KEYMAT slice are the salt."""
+
+MAX_REPLAY_WINDOW = 4096
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+
+
+def _check(cond: bool, detail: str) -> None:
+    if not cond:
+        raise RecordError("invalid", detail)
+
+
+def _check_addr(value: str | None, name: str, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _check(isinstance(value, str), f"{name} must be an address string")
+    try:
+        ipaddress.ip_address(value)  # type: ignore[arg-type]
+    except ValueError:
+        raise RecordError("invalid", f"{name} is not an IP address") from None
+
+
+def _check_int(value: object, name: str, lo: int, hi: int) -> None:
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi,
+        f"{name} must be an integer in [{lo}, {hi}]",
+    )
+
+
+def _check_bool(value: object, name: str) -> None:
+    _check(isinstance(value, bool), f"{name} must be a boolean")
+
+
+def _check_ids(account_id: object, tunnel_id: object) -> None:
+    _check(isinstance(account_id, str) and bool(_ACCOUNT.match(account_id)), "bad account_id")
+    _check(isinstance(tunnel_id, str) and bool(_HEX32.match(tunnel_id)), "bad tunnel_id")
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficSelector:
+    """One traffic selector, RFC 7296 §3.13.1: an address range, a protocol
+    (0 = any) and a port range. IPv4 or IPv6 by the addresses' family."""
+
+    start: str
+    end: str
+    protocol: int = 0
+    start_port: int = 0
+    end_port: int = 65535
+
+    def __post_init__(self) -> None:
+        _check_addr(self.start, "ts.start")
+        _check_addr(self.end, "ts.end")
+        a, b = ipaddress.ip_address(self.start), ipaddress.ip_address(self.end)
+        _check(a.version == b.version, "ts start and end differ in family")
+        _check(int(a) <= int(b), "ts start > end")
+        _check_int(self.protocol, "ts.protocol", 0, 255)
+        _check_int(self.start_port, "ts.start_port", 0, 65535)
+        _check_int(self.end_port, "ts.end_port", 0, 65535)
+        _check(self.start_port <= self.end_port, "ts start_port > end_port")
+
+    @classmethod
+    def from_network(cls, cidr: str) -> TrafficSelector:
+        net = ipaddress.ip_network(cidr, strict=False)
+        return cls(str(net.network_address), str(net.broadcast_address))
+
+    @property
+    def version(self) -> int:
+        return ipaddress.ip_address(self.start).version
+
+    def to_wire(self) -> list[object]:
+        return [self.start, self.end, self.protocol, self.start_port, self.end_port]
+
+    @classmethod
+    def from_wire(cls, value: object) -> TrafficSelector:
+        _check(isinstance(value, list) and len(value) == 5, "ts must be a 5-element list")
+        assert isinstance(value, list)
+        return cls(*value)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRecord:
+    """A tunnel as the dataplane needs it: outer endpoints and inner limits."""
+
+    kind_name: ClassVar[str] = "tunnel"
+
+    account_id: str
+    tunnel_id: str
+    kind: TunnelKind
+    name: str
+    local_addr: str
+    """Our (anycast) outer address: Magic WAN's ``cloudflare_endpoint``."""
+    remote_addr: str | None
+    """The customer's outer address; None for an IPsec tunnel without one."""
+    interface_address: str
+    """Our side of the tunnel's /31 or /30, as ``a.b.c.d/len``."""
+    mtu: int = 1476
+    """Inner MTU: packets larger than this are fragmented or refused (DF)."""
+    mss: int = 0
+    """TCP MSS clamp applied to SYNs both ways; 0 derives it from ``mtu``."""
+    replay_protection: bool = False
+    allow_null_cipher: bool = False
+    ttl: int = 64
+    """Outer TTL for GRE."""
+    gre_key: int | None = None
+    """RFC 2890 key to send and to expect, if the customer router uses one."""
+
+    def __post_init__(self) -> None:
+        _check_ids(self.account_id, self.tunnel_id)
+        _check(self.kind in TunnelKind.__members__.values(), "bad tunnel kind")
+        _check(isinstance(self.name, str) and 0 < len(self.name) <= 255, "bad name")
+        _check_addr(self.local_addr, "local_addr")
+        _check_addr(self.remote_addr, "remote_addr", optional=self.kind is TunnelKind.IPSEC)
+        try:
+            ipaddress.ip_interface(self.interface_address)
+        except ValueError:
+            raise RecordError("invalid", "interface_address is not an address/len") from None
+        _check_int(self.mtu, "mtu", 576, 9000)
+        _check_int(self.mss, "mss", 0, 65535)
+        _check_bool(self.replay_protection, "replay_protection")
+        _check_bool(self.allow_null_cipher, "allow_null_cipher")
+        _check_int(self.ttl, "ttl", 1, 255)
+        if self.gre_key is not None:
+            _check_int(self.gre_key, "gre_key", 0, 0xFFFFFFFF)
+
+    @property
+    def key(self) -> str:
+        return f"tunnel/{self.tunnel_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRecord:
+    """A static route, prefix → tunnel, as in Magic WAN's route table.
+
+    Control resolves the API's ``nexthop`` to the tunnel; equal ``priority``
+    routes share traffic by ``weight`` (ECMP), lower priority value wins.
+    """
+
+    kind_name: ClassVar[str] = "route"
+
+    account_id: str
+    route_id: str
+    prefix: str
+    tunnel_id: str
+    priority: int = 100
+    weight: int = 100
+
+    def __post_init__(self) -> None:
+        _check_ids(self.account_id, self.tunnel_id)
+        _check(isinstance(self.route_id, str) and bool(_HEX32.match(self.route_id)), "bad route_id")
+        try:
+            ipaddress.ip_network(self.prefix)
+        except (ValueError, TypeError):
+            raise RecordError("invalid", "prefix is not a network") from None
+        _check_int(self.priority, "priority", 0, 65535)
+        _check_int(self.weight, "weight", 1, 65535)
+
+    @property
+    def key(self) -> str:
+        return f"route/{self.route_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class SaRecord:
+    """One direction of a Child SA: everything needed to process a packet.
+
+    Keys live only in this record, in process memory and on CURVE sockets;
+    ``__repr__`` hides them so a stray log line cannot leak one.
+    """
+
+    kind_name: ClassVar[str] = "sa"
+
+    account_id: str
+    tunnel_id: str
+    spi: int
+    direction: Direction
+    local_addr: str
+    """Our outer address (the anycast address the peer talks to)."""
+    remote_addr: str
+    """The peer's current outer address (after NAT, if any)."""
+    udp_encap: bool
+    """RFC 3948 ESP-in-UDP; ports below are then the UDP ports."""
+    local_port: int
+    remote_port: int
+    cipher: Cipher
+    integ: Integ
+    enc_key: bytes
+    salt: bytes
+    """4 bytes for AES-GCM (RFC 4106 §4), empty otherwise."""
+    integ_key: bytes
+    replay_window: int
+    """Anti-replay window in packets; 0 = off (the seeds' default)."""
+    ts_local: tuple[TrafficSelector, ...]
+    """Our side's selectors (the virtual network behind us)."""
+    ts_remote: tuple[TrafficSelector, ...]
+    """The customer's side."""
+    child_id: int
+    """Identifies the Child SA pair across rekeys (like strongSwan's reqid)."""
+    generation: int
+    """Rekey count within ``child_id``; workers send on the newest."""
+    created: float
+    """Unix time the SA was installed."""
+    rekey_at: float
+    """Unix time control plans to rekey it (0 = never)."""
+    expire_at: float
+    """Unix time after which it must not be used (0 = never)."""
+    replaces: int = 0
+    """SPI of the SA this one rekeyed (same direction), or 0."""
+
+    def __post_init__(self) -> None:
+        _check_ids(self.account_id, self.tunnel_id)
+        _check_int(self.spi, "spi", 256, 0xFFFFFFFF)  # RFC 4303 §2.1: 1-255 reserved
+        _check(self.direction in Direction.__members__.values(), "bad direction")
+        _check_addr(self.local_addr, "local_addr")
+        _check_addr(self.remote_addr, "remote_addr")
+        _check_bool(self.udp_encap, "udp_encap")
+        _check_int(self.local_port, "local_port", 0, 65535)
+        _check_int(self.remote_port, "remote_port", 0, 65535)
+        _check(self.cipher in Cipher.__members__.values(), "bad cipher")
+        _check(self.integ in Integ.__members__.values(), "bad integ")
+        cipher, integ = Cipher(self.cipher), Integ(self.integ)
+        _check(isinstance(self.enc_key, bytes), "enc_key must be bytes")
+        _check(len(self.enc_key) == CIPHER_KEY_BYTES[cipher], "enc_key length")
+        aead = cipher in AEAD_CIPHERS
+        _check(len(self.salt) == (GCM_SALT_BYTES if aead else 0), "salt length")
+        _check((integ is Integ.NONE) == aead, "AEAD takes no integ; others need one")
+        _check(len(self.integ_key) == INTEG_KEY_BYTES[integ], "integ_key length")
+        _check_int(self.replay_window, "replay_window", 0, MAX_REPLAY_WINDOW)
+        for ts in (*self.ts_local, *self.ts_remote):
+            _check(isinstance(ts, TrafficSelector), "selectors must be TrafficSelector")
+        _check(bool(self.ts_local) and bool(self.ts_remote), "selectors must not be empty")
+        _check_int(self.child_id, "child_id", 0, 2**63 - 1)
+        _check_int(self.generation, "generation", 0, 2**63 - 1)
+        _check_int(self.replaces, "replaces", 0, 0xFFFFFFFF)
+        for name in ("created", "rekey_at", "expire_at"):
+            value = getattr(self, name)
+            _check(isinstance(value, int | float) and value >= 0, f"{name} must be >= 0")
+
+    def __repr__(self) -> str:
+        return (
+            f"SaRecord(spi=0x{self.spi:08x}, direction={self.direction.value}, "
+            f"tunnel_id={self.tunnel_id}, cipher={self.cipher.value}, keys=<hidden>)"
+        )
+
+    @property
+    def key(self) -> str:
+        if self.direction is Direction.IN:
+            return f"sa/in/{self.spi:08x}"
+        return f"sa/out/{self.tunnel_id}/{self.spi:08x}"
+
+
+Record = TunnelRecord | RouteRecord | SaRecord
+_KINDS: dict[str, type[TunnelRecord] | type[RouteRecord] | type[SaRecord]] = {
+    "tunnel": TunnelRecord,
+    "route": RouteRecord,
+    "sa": SaRecord,
+}
+_ENUMS: dict[str, type[StrEnum]] = {
+    "kind": TunnelKind,
+    "direction": Direction,
+    "cipher": Cipher,
+    "integ": Integ,
+}
+
+
+def encode(record: Record) -> bytes:
+    """Serialise a record for the bus (msgpack map with schema and kind)."""
+    out: dict[str, Any] = {"schema": SCHEMA, "type": record.kind_name}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if f.name in ("ts_local", "ts_remote"):
+            value = [ts.to_wire() for ts in value]
+        elif isinstance(value, StrEnum):
+            value = value.value
+        out[f.name] = value
+    data: bytes = msgpack.packb(out, use_bin_type=True)
+    return data
+
+
+def decode(data: bytes) -> Record:
+    """Parse and validate one record; :class:`RecordError` on anything wrong."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=1 << 16)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise RecordError("malformed", f"not msgpack ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise RecordError("malformed", "record is not a map")
+    if obj.get("schema") != SCHEMA:
+        raise RecordError("version", f"unsupported schema {obj.get('schema')!r}")
+    cls = _KINDS.get(obj.get("type"))  # type: ignore[arg-type]
+    if cls is None:
+        raise RecordError("malformed", f"unknown record type {obj.get('type')!r}")
+    names = {f.name for f in fields(cls)}
+    given = set(obj) - {"schema", "type"}
+    if given - names:
+        raise RecordError("malformed", f"unknown fields {sorted(given - names)}")
+    kwargs: dict[str, Any] = {}
+    for name in given:
+        value = obj[name]
+        if name in ("ts_local", "ts_remote"):
+            if not isinstance(value, list):
+                raise RecordError("invalid", f"{name} must be a list")
+            value = tuple(TrafficSelector.from_wire(v) for v in value)
+        elif name in _ENUMS:
+            try:
+                value = _ENUMS[name](value)
+            except ValueError:
+                raise RecordError("invalid", f"bad {name}") from None
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        raise RecordError("malformed", f"missing fields for {cls.kind_name}") from None
