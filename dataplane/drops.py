@@ -48,6 +48,8 @@ class DropReason(StrEnum):
     """Outbound: the route's tunnel has no usable outbound Child SA."""
     MTU = "mtu"
     """Does not fit the tunnel MTU with DF set; ICMP sent back instead."""
+    ECN = "ecn"
+    """RFC 6040 §4.2: outer CE over a Not-ECT inner packet must be dropped."""
     TTL = "ttl"
     """Inner TTL / hop limit expired."""
     SEQ_EXHAUSTED = "seq_exhausted"
