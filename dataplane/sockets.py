@@ -1,0 +1,222 @@
+"""The outer side's sockets, all bound to the anycast address. Thin I/O.
+
+* raw IPv4 protocol 50 (ESP) and 47 (GRE): the kernel has no ESP/GRE of its
+  own here, so every ESP/GRE packet to the address reaches these sockets with
+  its IPv4 header; we send without ``IP_HDRINCL`` and the kernel adds the
+  header with the bound (anycast) source.
+* UDP 4500 (RFC 3948 ESP-in-UDP and IKE with the non-ESP marker) and UDP 500
+  (IKE), with ``SO_REUSEPORT`` so every worker of a node binds the same port
+  and the kernel spreads peers across workers by 4-tuple hash; when a worker
+  dies its socket closes and its peers move to the others.
+
+Raw sockets have no SO_REUSEPORT balancing: *every* raw socket gets a copy of
+every packet. :func:`attach_share_filter` installs a classic BPF filter so a
+worker only accepts its share (``key % count == rank``, key = ESP SPI or the
+outer source address for GRE) and the kernel drops the rest before copying;
+the worker re-installs it when the set of live workers on the node changes.
+
+UDP GSO (``UDP_SEGMENT``, Linux ≥ 4.18): :class:`GsoBatcher` concatenates
+equal-sized datagrams to one destination and sends them with one
+``sendmsg``; the kernel splits them. Python has no ``recvmmsg``: receive
+loops use ``recv_into`` on preallocated buffers until ``BlockingIOError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import struct
+
+IPPROTO_ESP = 50
+IPPROTO_GRE = 47
+SOL_UDP = 17
+UDP_SEGMENT = 103
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+IP_MTU_DISCOVER = 10
+IP_PMTUDISC_DONT = 0
+SOCK_BUF = 4 << 20
+
+
+class SocketError(RuntimeError):
+    """A socket could not be opened or bound; the message says why."""
+
+
+def _bind(sock: socket.socket, addr: str, port: int, what: str) -> None:
+    try:
+        sock.bind((addr, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise SocketError(
+                f"cannot bind {what} to {addr}: address not present on this node "
+                "(add the anycast address to an interface, e.g. lo)"
+            ) from None
+        if exc.errno == errno.EADDRINUSE:
+            raise SocketError(
+                f"cannot bind {what} to {addr}:{port}: in use by a process without "
+                "SO_REUSEPORT (another IKE daemon?)"
+            ) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise SocketError(f"cannot bind {what}: permission denied (needs root)") from None
+        raise SocketError(f"cannot bind {what} to {addr}:{port}: {exc.strerror}") from None
+
+
+def _tune(sock: socket.socket) -> None:
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+    # Let the kernel fragment an outer packet rather than refuse it: inner
+    # packets are already sized to the tunnel MTU (issue 5, path MTU).
+    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+    sock.setblocking(False)
+
+
+def open_raw(proto: int, addr: str) -> socket.socket:
+    """A non-blocking raw IPv4 socket for ``proto`` bound to ``addr``."""
+    what = {IPPROTO_ESP: "raw ESP socket", IPPROTO_GRE: "raw GRE socket"}.get(
+        proto, f"raw proto {proto} socket"
+    )
+    try:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    except PermissionError:
+        raise SocketError(f"cannot open {what}: permission denied (needs CAP_NET_RAW)") from None
+    _bind(sock, addr, 0, what)
+    _tune(sock)
+    return sock
+
+
+def open_udp(addr: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket on ``addr:port`` shared with SO_REUSEPORT."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    _bind(sock, addr, port, f"UDP {port} socket")
+    _tune(sock)
+    return sock
+
+
+# Classic BPF opcodes (linux/filter.h).
+_BPF_LD_W_ABS = 0x20
+_BPF_LD_W_IND = 0x40
+_BPF_LDX_B_MSH = 0xB1
+_BPF_ALU_MOD_K = 0x94
+_BPF_JMP_JEQ_K = 0x15
+_BPF_RET_K = 0x06
+
+
+def _sock_fprog(insns: list[tuple[int, int, int, int]]) -> tuple[bytes, object]:
+    import ctypes
+
+    prog = b"".join(struct.pack("HBBI", *i) for i in insns)
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("HL", len(insns), ctypes.addressof(buf))
+    return fprog, buf
+
+
+def attach_share_filter(sock: socket.socket, proto: int, rank: int, count: int) -> None:
+    """Accept only packets whose key % count == rank (count 1: accept all).
+
+    Key: for ESP the SPI (after the variable IPv4 header, ``ldx 4*([0]&0xf)``),
+    spread evenly since SPIs are random; for GRE the outer source address.
+    """
+    if count <= 1:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+        return
+    if proto == IPPROTO_ESP:
+        load = [(_BPF_LDX_B_MSH, 0, 0, 0), (_BPF_LD_W_IND, 0, 0, 0)]
+    else:
+        load = [(_BPF_LD_W_ABS, 0, 0, 12)]
+    insns = [
+        *load,
+        (_BPF_ALU_MOD_K, 0, 0, count),
+        (_BPF_JMP_JEQ_K, 0, 1, rank),
+        (_BPF_RET_K, 0, 0, 0xFFFF),
+        (_BPF_RET_K, 0, 0, 0),
+    ]
+    fprog, keep = _sock_fprog(insns)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    del keep  # the kernel copied the program
+
+
+def gso_supported(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)
+    except OSError:
+        return False
+    return True
+
+
+class GsoBatcher:
+    """Collects equal-sized UDP payloads for one destination; one sendmsg each.
+
+    ``add`` copies the datagram into a preallocated buffer; a datagram of a
+    different size (only the last of a batch may be shorter), another
+    destination, or a full buffer flushes first. ``flush`` at the end of each
+    loop turn. Without GSO support every datagram is sent on its own.
+    """
+
+    def __init__(self, sock: socket.socket, *, max_segments: int = 32) -> None:
+        self.sock = sock
+        self.enabled = gso_supported(sock)
+        self.buf = bytearray(65535)
+        self.view = memoryview(self.buf)
+        self.max_segments = max_segments
+        self.dest: tuple[str, int] | None = None
+        self.seg = 0
+        self.used = 0
+        self.count = 0
+        self.short = False
+        self.sent = 0
+        self.errors = 0
+
+    def add(self, data: bytes | bytearray | memoryview, dest: tuple[str, int]) -> None:
+        n = len(data)
+        if not self.enabled:
+            self._send(data, dest)
+            return
+        if self.count and (
+            dest != self.dest
+            or n > self.seg
+            or self.short
+            or self.used + n > 65000
+            or self.count >= self.max_segments
+        ):
+            self.flush()
+        if not self.count:
+            self.dest = dest
+            self.seg = n
+        elif n < self.seg:
+            self.short = True
+        self.buf[self.used : self.used + n] = data
+        self.used += n
+        self.count += 1
+
+    def flush(self) -> None:
+        if not self.count:
+            return
+        dest = self.dest
+        assert dest is not None
+        if self.count == 1:
+            self._send(self.view[: self.used], dest)
+        else:
+            try:
+                self.sock.sendmsg(
+                    [self.view[: self.used]],
+                    [(SOL_UDP, UDP_SEGMENT, struct.pack("H", self.seg))],
+                    0,
+                    dest,
+                )
+                self.sent += self.count
+            except OSError:
+                self.errors += self.count
+        self.count = self.used = 0
+        self.short = False
+
+    def _send(self, data: bytes | bytearray | memoryview, dest: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, dest)
+            self.sent += 1
+        except OSError:
+            self.errors += 1

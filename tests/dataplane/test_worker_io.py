@@ -1,0 +1,152 @@
+"""TUN and socket adapters in a namespace of our own (root needed)."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from dataplane import sockets, tun
+
+pytestmark = pytest.mark.netns
+PREFIX = "awt-w-io-"
+
+
+def _wait_readable(fds: list[int], timeout: float = 2.0) -> list[int]:
+    r, _, _ = select.select(fds, [], [], timeout)
+    return r
+
+
+def test_multiqueue_tun_in_account_namespace(netns_topology) -> None:
+    topo = netns_topology(PREFIX)
+    ns = topo.namespace("acct")
+    q1 = tun.open_queue("awtun0", netns_name=ns.name)
+    q2 = tun.open_queue("awtun0", netns_name=ns.name)
+    try:
+        assert tun.device_exists("awtun0", netns_name=ns.name)
+        assert not tun.device_exists("awtun0")  # not in the root namespace
+        tun.TunConfig("awtun0", netns_name=ns.name).apply(
+            mtu=1400, addresses=["10.100.0.0/31"], routes=["10.9.0.0/24", "fd00:9::/64"]
+        )
+        # a UDP datagram routed into the TUN comes out of one of the queues
+        seen = b""
+        for port in range(5000, 5008):  # several flows, the kernel picks queues
+            ns.run(
+                [
+                    "python3",
+                    "-c",
+                    "import socket;s=socket.socket(2,2);"
+                    f"s.sendto(b'hello-tun',('10.9.0.7',{port}))",
+                ]
+            )
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and seen.count(b"hello-tun") < 8:
+            for fd in _wait_readable([q1, q2], 0.2):
+                try:
+                    while True:
+                        seen += os.read(fd, 2048)
+                except BlockingIOError:
+                    pass
+        assert seen.count(b"hello-tun") == 8
+        # device goes away with its last queue
+        os.close(q1)
+        assert tun.device_exists("awtun0", netns_name=ns.name)
+    finally:
+        os.close(q2)
+    assert not tun.device_exists("awtun0", netns_name=ns.name)
+
+
+def test_open_queue_errors_are_readable() -> None:
+    with pytest.raises(tun.TunError, match="1-15"):
+        tun.open_queue("x" * 16)
+    with pytest.raises(tun.TunError, match="namespace"):
+        tun.open_queue("awtunx", netns_name="awt-w-io-does-not-exist")
+
+
+def test_bind_to_absent_address_says_so(netns_topology) -> None:
+    topo = netns_topology(PREFIX)
+    ns = topo.namespace("node")
+    with tun.in_netns(ns.name):
+        with pytest.raises(sockets.SocketError, match="address not present"):
+            sockets.open_raw(sockets.IPPROTO_ESP, "192.0.2.77")
+        with pytest.raises(sockets.SocketError, match="address not present"):
+            sockets.open_udp("192.0.2.77", 4500)
+
+
+def test_raw_esp_share_filter_and_reuseport(netns_topology) -> None:
+    topo = netns_topology(PREFIX)
+    node = topo.namespace("node")
+    peer = topo.namespace("peer")
+    topo.veth(peer, "p0", node, "n0", addr_a="172.31.0.2/24", addr_b="172.31.0.1/24")
+    with tun.in_netns(node.name):
+        r0 = sockets.open_raw(sockets.IPPROTO_ESP, "172.31.0.1")
+        r1 = sockets.open_raw(sockets.IPPROTO_ESP, "172.31.0.1")
+        u0 = sockets.open_udp("172.31.0.1", 4500)
+        u1 = sockets.open_udp("172.31.0.1", 4500)  # SO_REUSEPORT: both bind
+    try:
+        sockets.attach_share_filter(r0, sockets.IPPROTO_ESP, 0, 2)
+        sockets.attach_share_filter(r1, sockets.IPPROTO_ESP, 1, 2)
+        spis = list(range(0x1000, 0x1010))
+        payloads = "".join(
+            f"s.sendto(bytes.fromhex('{struct.pack('!II', spi, 1).hex()}')+b'x'*16,"
+            "('172.31.0.1',0));"
+            for spi in spis
+        )
+        peer.run(["python3", "-c", "import socket;s=socket.socket(2,3,50);" + payloads])
+        got: dict[int, list[int]] = {0: [], 1: []}
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and len(got[0]) + len(got[1]) < len(spis):
+            for i, s in enumerate((r0, r1)):
+                try:
+                    while True:
+                        data = s.recv(2048)
+                        ihl = (data[0] & 0xF) * 4
+                        got[i].append(struct.unpack_from("!I", data, ihl)[0])
+                except BlockingIOError:
+                    pass
+            time.sleep(0.02)
+        assert sorted(got[0] + got[1]) == spis  # each packet exactly once
+        assert all(spi % 2 == 0 for spi in got[0]) and all(spi % 2 == 1 for spi in got[1])
+        sockets.attach_share_filter(r0, sockets.IPPROTO_ESP, 0, 1)  # sole survivor
+        peer.run(["python3", "-c", "import socket;s=socket.socket(2,3,50);" + payloads])
+        assert _wait_readable([r0.fileno()])
+        time.sleep(0.2)
+        n = 0
+        try:
+            while True:
+                r0.recv(2048)
+                n += 1
+        except BlockingIOError:
+            pass
+        assert n == len(spis)
+    finally:
+        for s in (r0, r1, u0, u1):
+            s.close()
+
+
+def test_gso_batcher_sends_segments(netns_topology) -> None:
+    topo = netns_topology(PREFIX)
+    node = topo.namespace("node")
+    with tun.in_netns(node.name):
+        node_addr = "127.0.0.1"
+        tx = sockets.open_udp(node_addr, 4500)
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind((node_addr, 4600))
+    try:
+        b = sockets.GsoBatcher(tx)
+        for i in range(10):
+            b.add(bytes([i]) * 100, (node_addr, 4600))
+        b.add(b"z" * 40, (node_addr, 4600))  # shorter last segment
+        b.flush()
+        rx.settimeout(1)
+        got = [rx.recv(2048) for _ in range(11)]
+        assert got[:10] == [bytes([i]) * 100 for i in range(10)]
+        assert got[10] == b"z" * 40
+        assert b.sent == 11 and b.errors == 0
+    finally:
+        tx.close()
+        rx.close()
