@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import ipaddress
@@ -29,7 +31,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from pyroute2 import IPRoute, NetNS, netns
@@ -161,6 +163,80 @@ def cleanup_prefix(prefix: str) -> list[str]:
             netns.remove(name)
         removed.append(name)
     return removed
+
+
+class LoopThread:
+    """An asyncio event loop (optionally uvloop) in a thread that has joined a
+    namespace: sockets it opens live there, while the rest of the test
+    process stays in the root namespace. Used to run control's IKE transport
+    "inside" a namespace and still reach its engine directly from a test.
+    """
+
+    def __init__(self, name: str | None, *, use_uvloop: bool = False) -> None:
+        self.name = name
+        self.use_uvloop = use_uvloop
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name=f"loop-{name}", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            if self.name is not None:
+                netns.setns(self.name, flags=0)
+            if self.use_uvloop:
+                import uvloop
+
+                loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            else:
+                loop = asyncio.new_event_loop()
+            self.loop = loop
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        asyncio.set_event_loop(loop)
+        loop.call_soon(self._ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def start(self) -> LoopThread:
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise NetnsError(f"loop thread in {self.name}: {self._error}")
+        return self
+
+    def run(self, coro: Awaitable[Any], timeout: float = 30.0) -> Any:
+        """Run a coroutine on the loop and return its result."""
+        assert self.loop is not None
+
+        async def wrapper() -> Any:
+            return await coro
+
+        fut = asyncio.run_coroutine_threadsafe(wrapper(), self.loop)
+        try:
+            return fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise
+
+    def call(self, func: Callable[..., Any], *args: Any, timeout: float = 30.0) -> Any:
+        """Run a plain function on the loop thread and return its result."""
+
+        async def wrapper() -> Any:
+            return func(*args)
+
+        return self.run(wrapper(), timeout)
+
+    def stop(self) -> None:
+        if self.loop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
 
 
 class Namespace:
@@ -296,6 +372,13 @@ class Namespace:
             self.sysctl("net.ipv4.fib_multipath_hash_policy", multipath_hash_policy)
             self.sysctl("net.ipv6.fib_multipath_hash_policy", multipath_hash_policy)
 
+    def loop_thread(self, *, use_uvloop: bool = False) -> LoopThread:
+        """Start an event loop in a thread inside this namespace (stopped by
+        the topology's close)."""
+        lt = LoopThread(self.name, use_uvloop=use_uvloop).start()
+        self.topology._loops.append(lt)
+        return lt
+
     # -- processes -----------------------------------------------------------
     def command(self, argv: Sequence[str]) -> list[str]:
         """``argv`` prefixed so it runs inside this namespace."""
@@ -352,6 +435,7 @@ class Topology:
         self.root = Namespace(self, None)
         self._root_links: list[str] = []
         self._processes: list[subprocess.Popen[Any]] = []
+        self._loops: list[LoopThread] = []
         self._closed = False
 
     def __enter__(self) -> Topology:
@@ -425,6 +509,9 @@ class Topology:
             return
         self._closed = True
         errors: list[str] = []
+        for lt in self._loops:
+            with contextlib.suppress(Exception):
+                lt.stop()
         live = [p for p in self._processes if p.poll() is None]
         _end_pids([p.pid for p in live])
         for p in self._processes:
