@@ -1,0 +1,482 @@
+"""ESP in tunnel mode, RFC 4303, for the Child SA transforms of DESIGN §3.
+
+https://www.rfc-editor.org/rfc/rfc4303#section-2
+
+Wire format (RFC 4303 §2, Figure 2, with the IV of the cipher in front of the
+payload)::
+
+     0                   1                   2                   3
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+ ---
+    |               Security Parameters Index (SPI)                 |  ^ ICV
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+  | (AAD
+    |                      Sequence Number                          |  | for GCM)
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+  | ---
+    |       IV (8 octets GCM, 16 octets CBC, none for NULL)          |  |  ^
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+  |  | encrypted
+    |          Payload: the inner IPv4 / IPv6 packet                 |  |  |
+    +               +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+  |  |
+    |               |     Padding 1, 2, 3, ... (0-255 octets)        |  |  |
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+  |  |
+    |                               |  Pad Length   | Next Header   |  v  v
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+ ---
+    |         ICV (16 octets GCM / SHA2-256-128, 12 for SHA1-96)     |
+    +-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+-+
+
+Transforms (``replication.records.Cipher`` × ``Integ``):
+
+* AES-GCM-16, 128/256-bit keys, RFC 4106: nonce = 4-octet salt ‖ 8-octet
+  explicit IV, AAD = SPI ‖ sequence number (32-bit; §5), 16-octet ICV.
+* AES-CBC-128/256, RFC 3602, with HMAC-SHA2-256-128 (RFC 4868) or
+  HMAC-SHA1-96 (RFC 2404). Encrypt-then-MAC; the ICV is checked before
+  anything is decrypted.
+* NULL encryption, RFC 2410, with either HMAC; only for tunnels that opt in.
+
+ESN is not supported: SaRecord has no ESN option (the seeds forbid it), every
+sequence number here is the 32-bit field on the wire, and the AAD / ICV input
+is exactly SPI ‖ seq (RFC 4303 §2.2.1 without the high-order 32 bits).
+
+**GCM IV uniqueness across workers** (DESIGN §5, RFC 4106 §3.1). Every worker
+encrypts with the same key, so the explicit IV is
+``worker_id (32 bits) ‖ sequence number (32 bits)`` where the sequence number
+is this worker's own counter for the SA. Two workers with different ids can
+never produce the same IV; one worker never repeats a sequence number. The
+bound: each worker sends at most 2**32 - 1 packets per SA (sequence numbers
+1 .. 2**32-1, RFC 4303 §3.3.3: without ESN the counter MUST NOT cycle). The
+next packet raises ``Drop(SEQ_EXHAUSTED)``, never a wrap; control rekeys
+long before that (4 h lifetime). Operational requirement: ``worker_id`` must
+be unique among all processes that ever hold the SA's key during its lifetime
+- a restarted worker must come back with a fresh id (an incarnation number),
+never reuse one with a fresh counter. With anti-replay on, one owner sends on
+the SA and a new owner resumes with ``first_seq`` = checkpoint + safety jump
+under its own worker id, so its IVs are fresh too.
+
+**CBC IVs** must be unpredictable (RFC 3602 §2.1), not merely unique. We do not
+call ``os.urandom`` per packet (sans-IO, and slow). Each OutboundSa keeps one
+long-lived AES-CBC encryption context and feeds it, in front of every
+packet's plaintext, one *counter block* (worker id ‖ sequence number ‖ zeros).
+The first output block is therefore ``AES_K(counter ⊕ C_prev)`` where
+``C_prev`` is the last ciphertext block this context produced: it is used as
+the packet's IV, and the rest of the output is exactly CBC under that IV.
+This is NIST SP 800-38A Appendix C's first method (IV = CIPH_K(nonce), same
+key as the data) with a nonce that includes a per-packet counter; without the
+key nobody can predict it (unlike TLS 1.0's "last block is the next IV",
+the counter block is ours, not the attacker's). It also saves building a
+cipher context per packet. Decryption uses the same trick backwards: the
+long-lived CBC decryption context is fed IV ‖ ciphertext and the first output
+block is discarded, so its chaining state is the packet's IV when the data
+starts.
+
+Per-SA state and buffers are not thread-safe: the design runs one worker
+process per core with one thread on the packet path (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as chmac
+from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
+from cryptography.hazmat.primitives.ciphers import CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from dataplane.drops import Drop, DropReason
+from dataplane.replay import ReplayWindow
+from replication.records import Cipher, Integ, SaRecord
+
+NEXT_HEADER_IPV4: Final = 4
+NEXT_HEADER_IPV6: Final = 41
+NEXT_HEADER_NONE: Final = 59
+"""RFC 4303 §2.6: a dummy packet for traffic-flow confidentiality; dropped."""
+
+MAX_SEQ: Final = 0xFFFFFFFF
+"""Last sequence number a worker may send on one SA (no ESN, no wrap)."""
+MAX_WORKER_ID: Final = 0xFFFFFFFF
+"""Worker ids occupy the high 32 bits of the GCM explicit IV."""
+MAX_INNER: Final = 0xFFFF
+"""Largest inner packet accepted by encapsulate_into (an IP datagram)."""
+
+ESP_HEADER_LEN: Final = 8
+_HDR = struct.Struct("!II")
+"""SPI, sequence number (RFC 4303 §2.1, §2.2)."""
+_IV = struct.Struct("!II")
+"""GCM explicit IV: worker id, per-worker sequence number."""
+_CTR = struct.Struct("!IIQ")
+"""CBC counter block: worker id, sequence number, zero."""
+_PAD = bytes(range(1, 256))
+"""RFC 4303 §2.4: default padding is 1, 2, 3, ... ."""
+
+_GCM_IV = 8
+_GCM_ICV = 16
+_CBC_BLOCK = 16
+_ICV_LEN = {Integ.SHA256_128: 16, Integ.SHA1_96: 12, Integ.NONE: 0}
+_HASH: dict[Integ, type[hashes.HashAlgorithm]] = {
+    Integ.SHA256_128: hashes.SHA256,
+    Integ.SHA1_96: hashes.SHA1,
+}
+_GCM = frozenset({Cipher.AES128GCM16, Cipher.AES256GCM16})
+_CBC = frozenset({Cipher.AES128CBC, Cipher.AES256CBC})
+
+Buffer = bytes | bytearray | memoryview
+
+
+def peek_spi(packet: Buffer) -> int:
+    """The SPI of an ESP packet, to find its SA; ``Drop(MALFORMED)`` if the
+    packet is shorter than the 8-octet ESP header."""
+    if len(packet) < ESP_HEADER_LEN:
+        raise Drop(DropReason.MALFORMED, "shorter than an ESP header")
+    spi: int = _HDR.unpack_from(packet, 0)[0]
+    return spi
+
+
+class Integrity:
+    """Truncated HMAC for ESP (RFC 2404: SHA1-96, RFC 4868: SHA2-256-128).
+
+    The keyed HMAC context is built once; each packet works on a ``copy()``,
+    which skips re-hashing the padded key. The key never appears in a repr.
+    """
+
+    __slots__ = ("_mac", "icv_len")
+
+    def __init__(self, integ: Integ, key: bytes) -> None:
+        if integ not in _HASH:
+            raise ValueError("not an HMAC integrity transform")
+        self._mac = chmac.HMAC(key, _HASH[integ]())
+        self.icv_len = _ICV_LEN[integ]
+        """Octets of the HMAC output kept as the ICV."""
+
+    def icv(self, data: Buffer) -> bytes:
+        """The first ``icv_len`` octets of HMAC(key, data)."""
+        mac = self._mac.copy()
+        mac.update(data)
+        return mac.finalize()[: self.icv_len]
+
+    def __repr__(self) -> str:
+        return f"Integrity(icv_len={self.icv_len})"
+
+
+def _geometry(cipher: Cipher, integ: Integ) -> tuple[int, int, int]:
+    """(IV length, alignment of the encrypted part, ICV length)."""
+    if cipher in _GCM:
+        # RFC 4106 §3.2: GCM needs no block padding, ESP's 4-octet alignment stays.
+        return _GCM_IV, 4, _GCM_ICV
+    if cipher in _CBC:
+        return _CBC_BLOCK, _CBC_BLOCK, _ICV_LEN[integ]
+    # RFC 2410 §2: NULL has a block size of 1, no IV; RFC 4303 §2.4 alignment of 4.
+    return 0, 4, _ICV_LEN[integ]
+
+
+def _check_integ(rec: SaRecord) -> None:
+    cipher = Cipher(rec.cipher)
+    if cipher in _GCM:
+        if rec.integ is not Integ.NONE:
+            raise ValueError("AES-GCM takes no separate integrity transform")
+    elif rec.integ is Integ.NONE:
+        # RFC 4303 §3.2: NULL encryption without integrity is not allowed,
+        # and CBC without integrity is not in our scope.
+        raise ValueError("this cipher needs an integrity transform")
+
+
+class OutboundSa:
+    """One outbound SA on one worker: encrypts inner packets into ESP.
+
+    Built once per SA when its record lands (DESIGN §7); holds the cipher
+    context, the keyed HMAC, the packed SPI and a scratch buffer. See the
+    module docstring for the IV and sequence-number bounds.
+    """
+
+    __slots__ = (
+        "_aead",
+        "_align",
+        "_cbc",
+        "_iv_len",
+        "_kind",
+        "_mac",
+        "_nonce",
+        "_scratch",
+        "_scratch_view",
+        "cipher",
+        "icv_len",
+        "integ",
+        "seq",
+        "spi",
+        "worker_id",
+    )
+
+    def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
+        if not 0 <= worker_id <= MAX_WORKER_ID:
+            raise ValueError(f"worker_id must be in 0..{MAX_WORKER_ID}")
+        if not 1 <= first_seq <= MAX_SEQ + 1:
+            raise ValueError("first_seq must be in 1..2**32")
+        _check_integ(rec)
+        self.spi: int = rec.spi
+        self.cipher: Cipher = Cipher(rec.cipher)
+        self.integ: Integ = Integ(rec.integ)
+        self.worker_id: int = worker_id
+        self.seq: int = first_seq - 1
+        """Last sequence number sent by this worker (0 before the first)."""
+        self._iv_len, self._align, self.icv_len = _geometry(self.cipher, self.integ)
+        self._aead: AESGCM | None = None
+        self._cbc: CipherContext | None = None
+        self._mac: Integrity | None = None
+        self._nonce = bytearray(12)
+        if self.cipher in _GCM:
+            self._kind = 0
+            self._aead = AESGCM(rec.enc_key)
+            self._nonce[0:4] = rec.salt
+        elif self.cipher in _CBC:
+            self._kind = 1
+            # The initial chaining value only shapes the first IV (AES_K(ctr ⊕ it));
+            # any fixed value keeps the IVs unpredictable without the key.
+            self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).encryptor()
+            self._mac = Integrity(self.integ, rec.integ_key)
+        else:
+            self._kind = 2
+            self._mac = Integrity(self.integ, rec.integ_key)
+        # Plaintext is assembled here (inner ‖ padding ‖ trailer), then encrypted
+        # into the caller's buffer: one copy of the inner packet, no allocation.
+        self._scratch = bytearray(_CBC_BLOCK + MAX_INNER + 512)
+        self._scratch_view = memoryview(self._scratch)
+
+    @classmethod
+    def from_record(cls, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> OutboundSa:
+        """Build the SA's cipher state once; ``worker_id`` goes into every IV."""
+        return cls(rec, worker_id=worker_id, first_seq=first_seq)
+
+    def overhead(self, inner_len: int) -> int:
+        """Octets ESP adds to an inner packet of ``inner_len`` octets:
+        header, IV, padding, pad length, next header and ICV."""
+        pad = -(inner_len + 2) % self._align
+        return ESP_HEADER_LEN + self._iv_len + pad + 2 + self.icv_len
+
+    @property
+    def remaining(self) -> int:
+        """Packets this worker may still send before ``SEQ_EXHAUSTED``."""
+        return MAX_SEQ - self.seq
+
+    def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
+        """Write SPI ‖ seq ‖ IV ‖ encrypted(inner ‖ pad ‖ trailer) ‖ ICV at
+        ``out[offset:]`` and return its length.
+
+        ``Drop(SEQ_EXHAUSTED)`` once this worker sent 2**32-1 packets on the SA.
+        ``ValueError`` for caller bugs (buffer too small, inner > 65535 octets,
+        next header outside 0..255); nothing is consumed then.
+        """
+        n = len(inner)
+        seq = self.seq + 1
+        if seq > MAX_SEQ:
+            raise Drop(DropReason.SEQ_EXHAUSTED)
+        if n > MAX_INNER or not 0 <= next_header <= 255:
+            raise ValueError("inner packet too large or bad next header")
+        pad = -(n + 2) % self._align
+        ptlen = n + pad + 2
+        iv_len = self._iv_len
+        total = ESP_HEADER_LEN + iv_len + ptlen + self.icv_len
+        if offset < 0 or offset + total > len(out):
+            raise ValueError("output buffer too small for the ESP packet")
+        kind = self._kind
+        _HDR.pack_into(out, offset, self.spi, seq)
+        if kind == 0:
+            assert self._aead is not None
+            nonce = self._nonce
+            _IV.pack_into(nonce, 4, self.worker_id, seq)
+            _IV.pack_into(out, offset + 8, self.worker_id, seq)
+            sv = self._scratch_view
+            sv[0:n] = inner
+            scratch = self._scratch
+            scratch[n : n + pad] = _PAD[:pad]
+            scratch[n + pad] = pad
+            scratch[n + pad + 1] = next_header
+            ov = memoryview(out)
+            self._aead.encrypt_into(
+                nonce, sv[:ptlen], ov[offset : offset + 8], ov[offset + 16 : offset + total]
+            )
+        elif kind == 1:
+            assert self._cbc is not None and self._mac is not None
+            sv = self._scratch_view
+            scratch = self._scratch
+            _CTR.pack_into(scratch, 0, self.worker_id, seq, 0)
+            p = _CBC_BLOCK
+            sv[p : p + n] = inner
+            p += n
+            scratch[p : p + pad] = _PAD[:pad]
+            scratch[p + pad] = pad
+            scratch[p + pad + 1] = next_header
+            ov = memoryview(out)
+            start = offset + ESP_HEADER_LEN
+            data = sv[: _CBC_BLOCK + ptlen]
+            end = start + _CBC_BLOCK + ptlen
+            # update_into wants block_size-1 octets of slack after the output:
+            # the ICV area (16 octets for SHA2-256-128) usually provides it.
+            if len(out) - end >= _CBC_BLOCK - 1:
+                self._cbc.update_into(data, ov[start:])
+            else:
+                out[start:end] = self._cbc.update(data)
+            out[end : offset + total] = self._mac.icv(ov[offset:end])
+        else:
+            assert self._mac is not None
+            p = offset + ESP_HEADER_LEN
+            out[p : p + n] = inner
+            p += n
+            out[p : p + pad] = _PAD[:pad]
+            out[p + pad] = pad
+            out[p + pad + 1] = next_header
+            end = p + pad + 2
+            out[end : offset + total] = self._mac.icv(memoryview(out)[offset:end])
+        self.seq = seq
+        return total
+
+    def encapsulate(self, inner: Buffer, next_header: int) -> bytes:
+        """Convenience for tests and tools: a new ``bytes`` ESP packet."""
+        out = bytearray(self.overhead(len(inner)) + len(inner) + _CBC_BLOCK)
+        n = self.encapsulate_into(out, 0, inner, next_header)
+        return bytes(out[:n])
+
+    def __repr__(self) -> str:
+        return (
+            f"OutboundSa(spi=0x{self.spi:08x}, cipher={self.cipher.value}, "
+            f"integ={self.integ.value}, worker_id={self.worker_id}, seq={self.seq})"
+        )
+
+
+class InboundSa:
+    """One inbound SA: verifies, replay-checks and decrypts ESP packets.
+
+    Order (RFC 4303 §3.4): length checks → ICV (for CBC and NULL before any
+    decryption; for GCM the tag check is part of decryption) → replay check and
+    window update (only for an authentic packet, §3.4.3) → padding → next
+    header. Every refusal is a ``Drop`` with a countable reason.
+    """
+
+    __slots__ = (
+        "_aead",
+        "_cbc",
+        "_iv_len",
+        "_kind",
+        "_mac",
+        "_min_len",
+        "_salt",
+        "cipher",
+        "icv_len",
+        "integ",
+        "replay",
+        "spi",
+    )
+
+    def __init__(self, rec: SaRecord) -> None:
+        _check_integ(rec)
+        self.spi: int = rec.spi
+        self.cipher: Cipher = Cipher(rec.cipher)
+        self.integ: Integ = Integ(rec.integ)
+        self._iv_len, _, self.icv_len = _geometry(self.cipher, self.integ)
+        self.replay: ReplayWindow | None = (
+            ReplayWindow(rec.replay_window) if rec.replay_window > 0 else None
+        )
+        """The anti-replay window, or None when the SA has replay protection off."""
+        self._aead: AESGCM | None = None
+        self._cbc: CipherContext | None = None
+        self._mac: Integrity | None = None
+        self._salt = rec.salt
+        if self.cipher in _GCM:
+            self._kind = 0
+            self._aead = AESGCM(rec.enc_key)
+            # header, IV, at least the 2-octet trailer, tag
+            self._min_len = ESP_HEADER_LEN + _GCM_IV + 2 + _GCM_ICV
+        elif self.cipher in _CBC:
+            self._kind = 1
+            self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).decryptor()
+            self._mac = Integrity(self.integ, rec.integ_key)
+            self._min_len = ESP_HEADER_LEN + _CBC_BLOCK + _CBC_BLOCK + self.icv_len
+        else:
+            self._kind = 2
+            self._mac = Integrity(self.integ, rec.integ_key)
+            self._min_len = ESP_HEADER_LEN + 2 + self.icv_len
+
+    @classmethod
+    def from_record(cls, rec: SaRecord) -> InboundSa:
+        """Build the SA's cipher state once, when its record lands."""
+        return cls(rec)
+
+    def open(self, packet: Buffer) -> tuple[int, memoryview]:
+        """ESP processing without the tunnel-mode policy: (next header, payload).
+
+        The payload view is writable when ``packet`` is (the MSS clamp edits in
+        place): it aliases ``packet`` for NULL encryption and is a fresh buffer
+        otherwise. Raises ``Drop``: MALFORMED, UNKNOWN_SPI, BAD_ICV, REPLAY, BAD_PAD.
+        """
+        mv = memoryview(packet)
+        n = len(mv)
+        if n < self._min_len:
+            raise Drop(DropReason.MALFORMED, "ESP packet too short")
+        spi, seq = _HDR.unpack_from(mv, 0)
+        if spi != self.spi:
+            raise Drop(DropReason.UNKNOWN_SPI, "SPI does not match this SA")
+        kind = self._kind
+        pt: memoryview
+        if kind == 0:
+            assert self._aead is not None
+            nonce = self._salt + bytes(mv[8:16])
+            buf = bytearray(n - ESP_HEADER_LEN - _GCM_IV - _GCM_ICV)
+            try:
+                self._aead.decrypt_into(nonce, mv[16:n], mv[0:8], buf)
+            except InvalidTag:
+                raise Drop(DropReason.BAD_ICV) from None
+            pt = memoryview(buf)
+            self._replay(seq)
+        else:
+            assert self._mac is not None
+            icv_len = self.icv_len
+            end = n - icv_len
+            if not hmac.compare_digest(self._mac.icv(mv[0:end]), mv[end:n]):
+                raise Drop(DropReason.BAD_ICV)
+            if kind == 1:
+                assert self._cbc is not None
+                if (end - ESP_HEADER_LEN) % _CBC_BLOCK:
+                    # Authentic but not a whole number of blocks: sender bug.
+                    raise Drop(DropReason.MALFORMED, "CBC payload not block aligned")
+                self._replay(seq)
+                # Feed IV ‖ ciphertext; the first output block is discarded and
+                # leaves the chaining state at the packet's IV (module docstring).
+                buf = bytearray(end - ESP_HEADER_LEN + _CBC_BLOCK - 1)
+                m = self._cbc.update_into(mv[ESP_HEADER_LEN:end], buf)
+                pt = memoryview(buf)[_CBC_BLOCK:m]
+            else:
+                self._replay(seq)
+                pt = mv[ESP_HEADER_LEN:end]
+        m = len(pt)
+        padlen = pt[m - 2]
+        body = m - 2 - padlen
+        if body < 0 or pt[body : m - 2] != _PAD[:padlen]:
+            raise Drop(DropReason.BAD_PAD)
+        return pt[m - 1], pt[:body]
+
+    def _replay(self, seq: int) -> None:
+        """RFC 4303 §3.4.3 after the ICV verified: refuse a replay, else slide."""
+        window = self.replay
+        if window is not None:
+            if not window.check(seq):
+                raise Drop(DropReason.REPLAY)
+            window.update(seq)
+
+    def decapsulate(self, packet: Buffer) -> tuple[int, memoryview]:
+        """Tunnel mode: (next header 4 or 41, the inner packet).
+
+        Raises ``Drop`` with MALFORMED, UNKNOWN_SPI, BAD_ICV, REPLAY (only with
+        a replay window, checked after the ICV), BAD_PAD, DUMMY (next header
+        59, RFC 4303 §2.6) or UNKNOWN_NEXT_HEADER.
+        """
+        nh, inner = self.open(packet)
+        if nh in (NEXT_HEADER_IPV4, NEXT_HEADER_IPV6):
+            return nh, inner
+        if nh == NEXT_HEADER_NONE:
+            raise Drop(DropReason.DUMMY)
+        raise Drop(DropReason.UNKNOWN_NEXT_HEADER)
+
+    def __repr__(self) -> str:
+        return (
+            f"InboundSa(spi=0x{self.spi:08x}, cipher={self.cipher.value}, "
+            f"integ={self.integ.value}, replay={self.replay!r})"
+        )
