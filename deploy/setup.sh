@@ -7,8 +7,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 
 APT_PACKAGES=(
-    iproute2 nftables iperf3 tcpdump tshark
+    python3 python3-venv ca-certificates
+    iproute2 nftables iperf3 tcpdump tshark iputils-ping curl
     strongswan-charon strongswan-swanctl libcharon-extra-plugins
+    # deploy/: Prometheus for the lab and promtool; docker-compose validates the cluster file
+    prometheus docker-compose
 )
 
 missing=()
