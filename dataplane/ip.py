@@ -50,7 +50,8 @@ _IPV6 = struct.Struct("!IHBB16s16s")
 _UDP = struct.Struct("!HHHH")
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
-_II = struct.Struct("!II")
+_V6_ADDRS = struct.Struct("!QQQQ")
+_V4_FLOW = struct.Struct("!BxHxxHxBxxII")  # ver/IHL, total, frag, proto, src, dst
 _BB = struct.Struct("!BB")
 _ICMP_HDR = struct.Struct("!BBHHH")  # type, code, checksum, unused, next-hop MTU
 _ICMPV6_HDR = struct.Struct("!BBHI")  # type, code, checksum, MTU
@@ -245,6 +246,10 @@ class Flow(NamedTuple):
     """Destination port, 0 like ``sport``."""
 
 
+# NamedTuple's generated __new__ is Python code; tuple.__new__ is half the cost.
+_new_flow = tuple.__new__
+
+
 def ipv6_upper_layer(packet: Buffer, length: int) -> tuple[int, int, bool]:
     """Walk IPv6 extension headers: (protocol, its offset, is a fragment).
 
@@ -301,34 +306,37 @@ def parse_flow(packet: Buffer) -> Flow:
     if version == 4:
         if n < IPV4_HEADER_LEN:
             raise Drop(DropReason.MALFORMED, "IPv4 header truncated")
-        ihl = (packet[0] & 0x0F) * 4
-        total = _H.unpack_from(packet, 2)[0]
+        b0, total, frag, proto, src, dst = _V4_FLOW.unpack_from(packet, 0)
+        ihl = (b0 & 0x0F) * 4
         if ihl < IPV4_HEADER_LEN or total < ihl or total > n:
             raise Drop(DropReason.MALFORMED, "IPv4 lengths")
-        proto = packet[9]
-        src, dst = _II.unpack_from(packet, 12)
-        frag = _H.unpack_from(packet, 6)[0]
         if proto in _PORT_PROTOS and not frag & (_MF | _OFFSET_MASK):
             if ihl + 4 > total:
                 raise Drop(DropReason.MALFORMED, "ports truncated")
             sport, dport = _HH.unpack_from(packet, ihl)
-            return Flow(4, src, dst, proto, sport, dport)
-        return Flow(4, src, dst, proto, 0, 0)
+            return _new_flow(Flow, (4, src, dst, proto, sport, dport))
+        return _new_flow(Flow, (4, src, dst, proto, 0, 0))
     if version == 6:
         if n < IPV6_HEADER_LEN:
             raise Drop(DropReason.MALFORMED, "IPv6 header truncated")
         end = IPV6_HEADER_LEN + _H.unpack_from(packet, 4)[0]
         if end > n:
             raise Drop(DropReason.MALFORMED, "IPv6 payload length")
-        src = int.from_bytes(packet[8:24], "big")
-        dst = int.from_bytes(packet[24:40], "big")
-        proto, off, fragment = ipv6_upper_layer(packet, end)
+        s_hi, s_lo, d_hi, d_lo = _V6_ADDRS.unpack_from(packet, 8)
+        src = s_hi << 64 | s_lo
+        dst = d_hi << 64 | d_lo
+        proto = packet[6]
+        if proto in _PORT_PROTOS:  # no extension headers: the common case
+            off = IPV6_HEADER_LEN
+            fragment = False
+        else:
+            proto, off, fragment = ipv6_upper_layer(packet, end)
         if proto in _PORT_PROTOS and not fragment:
             if off + 4 > end:
                 raise Drop(DropReason.MALFORMED, "ports truncated")
             sport, dport = _HH.unpack_from(packet, off)
-            return Flow(6, src, dst, proto, sport, dport)
-        return Flow(6, src, dst, proto, 0, 0)
+            return _new_flow(Flow, (6, src, dst, proto, sport, dport))
+        return _new_flow(Flow, (6, src, dst, proto, 0, 0))
     raise Drop(DropReason.MALFORMED, "not IPv4 or IPv6")
 
 

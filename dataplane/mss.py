@@ -34,35 +34,22 @@ TCPOPT_NOP = 1
 TCPOPT_MSS = 2
 _SYN = 0x02
 _H = struct.Struct("!H")
+_V4 = struct.Struct("!BxHxxHxB")  # version/IHL, total length, flags/offset, protocol
 
 
-def _tcp_offset(packet: WBuffer) -> tuple[int, int] | None:
-    """(TCP header offset, IP end) of an unfragmented TCP segment, else None."""
-    n = len(packet)
-    if n < 1:
-        raise Drop(DropReason.MALFORMED, "empty packet")
-    version = packet[0] >> 4
-    if version == 4:
-        if n < IPV4_HEADER_LEN:
-            raise Drop(DropReason.MALFORMED, "IPv4 header truncated")
-        ihl = (packet[0] & 0x0F) * 4
-        end = _H.unpack_from(packet, 2)[0]
-        if ihl < IPV4_HEADER_LEN or end < ihl or end > n:
-            raise Drop(DropReason.MALFORMED, "IPv4 lengths")
-        if packet[9] != IPPROTO_TCP or _H.unpack_from(packet, 6)[0] & 0x3FFF:
-            return None  # not TCP, or a fragment (MF or offset ≠ 0)
-        return ihl, end
-    if version == 6:
-        if n < IPV6_HEADER_LEN:
-            raise Drop(DropReason.MALFORMED, "IPv6 header truncated")
-        end = IPV6_HEADER_LEN + _H.unpack_from(packet, 4)[0]
-        if end > n:
-            raise Drop(DropReason.MALFORMED, "IPv6 payload length")
-        proto, off, fragment = ipv6_upper_layer(packet, end)
-        if proto != IPPROTO_TCP or fragment:
-            return None
-        return off, end
-    raise Drop(DropReason.MALFORMED, "not IPv4 or IPv6")
+def _tcp6_offset(packet: WBuffer, n: int) -> tuple[int, int] | None:
+    """(TCP header offset, IP end) of an unfragmented IPv6 TCP segment, else None."""
+    if n < IPV6_HEADER_LEN:
+        raise Drop(DropReason.MALFORMED, "IPv6 header truncated")
+    end = IPV6_HEADER_LEN + _H.unpack_from(packet, 4)[0]
+    if end > n:
+        raise Drop(DropReason.MALFORMED, "IPv6 payload length")
+    if packet[6] == IPPROTO_TCP:
+        return IPV6_HEADER_LEN, end
+    proto, off, fragment = ipv6_upper_layer(packet, end)
+    if proto != IPPROTO_TCP or fragment:
+        return None
+    return off, end
 
 
 def clamp_mss(packet: WBuffer, max_mss_v4: int, max_mss_v6: int) -> bool:
@@ -74,10 +61,30 @@ def clamp_mss(packet: WBuffer, max_mss_v4: int, max_mss_v6: int) -> bool:
     A first fragment is not clamped (IPv4 MF set): fragmented SYNs do not
     happen in practice and the TCP header may not be whole.
     """
-    found = _tcp_offset(packet)
-    if found is None:
-        return False
-    tcp, end = found
+    # Every TCP packet of every tunnel passes here: IPv4 is inlined, and a
+    # non-TCP or non-SYN packet leaves after a handful of byte reads.
+    n = len(packet)
+    if n < 1:
+        raise Drop(DropReason.MALFORMED, "empty packet")
+    version = packet[0] >> 4
+    if version == 4:
+        if n < IPV4_HEADER_LEN:
+            raise Drop(DropReason.MALFORMED, "IPv4 header truncated")
+        b0, end, frag, proto = _V4.unpack_from(packet, 0)
+        tcp = (b0 & 0x0F) * 4
+        if tcp < IPV4_HEADER_LEN or end < tcp or end > n:
+            raise Drop(DropReason.MALFORMED, "IPv4 lengths")
+        if proto != IPPROTO_TCP or frag & 0x3FFF:
+            return False  # not TCP, or a fragment (MF or offset ≠ 0)
+        limit = max_mss_v4
+    elif version == 6:
+        found = _tcp6_offset(packet, n)
+        if found is None:
+            return False
+        tcp, end = found
+        limit = max_mss_v6
+    else:
+        raise Drop(DropReason.MALFORMED, "not IPv4 or IPv6")
     if tcp + TCP_HEADER_LEN > end:
         raise Drop(DropReason.MALFORMED, "TCP header truncated")
     if not packet[tcp + 13] & _SYN:
@@ -85,7 +92,6 @@ def clamp_mss(packet: WBuffer, max_mss_v4: int, max_mss_v6: int) -> bool:
     doff = (packet[tcp + 12] >> 4) * 4
     if doff < TCP_HEADER_LEN or tcp + doff > end:
         raise Drop(DropReason.MALFORMED, "TCP data offset")
-    limit = max_mss_v4 if packet[0] >> 4 == 4 else max_mss_v6
     i = tcp + TCP_HEADER_LEN
     opt_end = tcp + doff
     while i < opt_end:
