@@ -55,6 +55,15 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def enter_netns(name: str) -> None:
+    """Move the calling thread (the process, if it has no other) into ``name``."""
+    fd = os.open(f"{NETNS_RUN_DIR}/{name}", os.O_RDONLY)
+    try:
+        _setns(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def in_netns(name: str | None) -> Iterator[None]:
     """Run the block with this *thread* inside namespace ``name`` (None = stay)."""

@@ -1,0 +1,103 @@
+"""The worker's Prometheus metrics, ``anywan_worker_*``, flushed from local ints.
+
+The packet loop never touches prometheus-client (DESIGN §7): it counts in
+plain ints on its own objects (``Dataplane.drops``, ``TunnelEntry.packets_in``
+...) and :meth:`WorkerMetrics.flush` adds the deltas every second or so.
+Label sets are bounded: ``reason`` is the :class:`~dataplane.drops.DropReason`
+enum; ``account`` and ``tunnel`` are configured objects (a deleted tunnel's
+series are removed) and ``direction`` is ``in``/``out``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .drops import DropReason
+
+if TYPE_CHECKING:
+    from .worker import Dataplane
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.drops = Counter(
+            "anywan_worker_drops", "Packets dropped, by reason", ["reason"], registry=r
+        )
+        for reason in DropReason:
+            self.drops.labels(reason.value)  # every reason visible from the start
+        self.packets = Counter(
+            "anywan_worker_tunnel_packets",
+            "Inner packets carried per tunnel and direction",
+            ["account", "tunnel", "direction"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "anywan_worker_tunnel_bytes",
+            "Inner bytes carried per tunnel and direction",
+            ["account", "tunnel", "direction"],
+            registry=r,
+        )
+        self.ike_relayed = Counter(
+            "anywan_worker_ike_relayed_packets",
+            "IKE datagrams relayed, by direction (to_control / to_peer)",
+            ["direction"],
+            registry=r,
+        )
+        self.sas = Gauge("anywan_worker_sas", "Child SAs (both directions) installed", registry=r)
+        self.tunnels = Gauge("anywan_worker_tunnels", "Tunnels known", registry=r)
+        self.accounts = Gauge(
+            "anywan_worker_accounts", "Accounts with an inner network on this worker", registry=r
+        )
+        self.live_workers = Gauge(
+            "anywan_worker_node_live_workers", "Workers alive on this node", registry=r
+        )
+        self.records_rejected = Counter(
+            "anywan_worker_records_rejected",
+            "Bus records that could not be applied (e.g. unsupported cipher)",
+            registry=r,
+        )
+        self._seen_drops: dict[DropReason, int] = {}
+        self._seen_tunnels: dict[tuple[str, str], list[int]] = {}
+
+    def flush(self, dp: Dataplane) -> None:
+        """Add what the loop counted since the last flush."""
+        for reason, n in dp.drops.items():
+            delta = n - self._seen_drops.get(reason, 0)
+            if delta:
+                self.drops.labels(reason.value).inc(delta)
+                self._seen_drops[reason] = n
+        live: set[tuple[str, str]] = set()
+        for entry in dp.sad.tunnels.values():
+            rec = entry.record
+            key = (rec.account_id, rec.tunnel_id)
+            live.add(key)
+            now = [entry.packets_in, entry.bytes_in, entry.packets_out, entry.bytes_out]
+            seen = self._seen_tunnels.get(key, [0, 0, 0, 0])
+            if now != seen:
+                for i, (metric, direction) in enumerate(
+                    (
+                        (self.packets, "in"),
+                        (self.bytes, "in"),
+                        (self.packets, "out"),
+                        (self.bytes, "out"),
+                    )
+                ):
+                    if now[i] > seen[i]:
+                        metric.labels(rec.account_id, rec.tunnel_id, direction).inc(
+                            now[i] - seen[i]
+                        )
+                self._seen_tunnels[key] = now
+        for key in [k for k in self._seen_tunnels if k not in live]:
+            del self._seen_tunnels[key]
+            for metric in (self.packets, self.bytes):
+                for direction in ("in", "out"):
+                    with contextlib.suppress(KeyError):
+                        metric.remove(key[0], key[1], direction)
+        self.sas.set(dp.sad.sa_count)
+        self.tunnels.set(len(dp.sad.tunnels))
+        self.accounts.set(len(dp.accounts))

@@ -1,0 +1,955 @@
+"""The worker's packet loop: outer sockets ↔ per-account TUN devices.
+
+Two layers:
+
+* :class:`Dataplane` processes one packet at a time and knows no socket: it
+  gets bytes (plus the outer addresses) and calls the ``send_*`` / TUN write
+  callables it was given. It owns the state built from bus records (SAD,
+  per-account routes, tunnels) and the drop counters (plain ints, DESIGN §7).
+  ``bench/worker.py`` drives it from memory.
+* :class:`Worker` is the I/O shell: an epoll loop over the TUN queues and the
+  sockets, the bus subscriber and the IKE relay client (their callbacks run in
+  their own threads and only enqueue; records are applied in the loop's
+  thread, so the hot path never sees a half-updated table), the node-local
+  liveness of sibling workers (lock files) that decides this worker's share
+  of raw ESP/GRE packets, and the periodic metrics flush.
+
+Paths (issue 5):
+
+* inbound ESP (raw proto 50 or UDP 4500): SPI → SA (``unknown_spi``),
+  decrypt/verify (``bad_icv``, ``replay`` ...), inner flow parsed
+  (``malformed``), checked against the SA's selectors (``selector``, RFC 4301
+  §5.2) and against the account's network (``cross_account``), MSS clamped,
+  written to the SA's account's TUN — never another account's.
+* inbound GRE: tunnel by outer (local, remote) pair (``no_tunnel``), key
+  checked, decapsulated, written to the tunnel's account's TUN.
+* outbound: a packet read from account A's TUN is routed with A's table only
+  (``no_route``), then the newest outbound SA of the tunnel whose selectors
+  cover it (``no_sa`` / ``selector``), path MTU (ICMP frag-needed / packet
+  too big back into the TUN, ``mtu``; DF clear: inner fragmentation), MSS
+  clamp, encrypt, send (UDP 4500 via GSO batching when UDP-encapsulated, raw
+  ESP otherwise) — or GRE-encapsulate and send raw.
+* IKE on UDP 500, or on 4500 with the non-ESP marker, is relayed to control
+  with the peer's address and port; control's replies leave from this
+  worker's socket, so their source is the anycast address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import queue
+import select
+import signal
+import socket
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from replication.records import (
+    Record,
+    RecordError,
+    RouteRecord,
+    SaRecord,
+    TunnelKind,
+    TunnelRecord,
+)
+
+from . import gre, ip, mss, udpencap
+from .drops import Drop, DropReason
+from .routes import Routes, flow_hash
+from .sad import InboundFactory, OutboundFactory, Sad, TunnelEntry
+
+log = logging.getLogger("anywan.worker")
+
+NH_IPV4 = 4
+NH_IPV6 = 41
+_TCP = 6
+_SYN = 0x02
+_ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
+
+SendFn = Callable[[memoryview, tuple[str, int]], None]
+WriteFn = Callable[[memoryview], None]
+
+
+class AccountNet:
+    """One account's inner network on this worker: its TUN queue and addresses."""
+
+    __slots__ = ("account_id", "fd", "icmp_src4", "icmp_src6", "inner", "netns", "write")
+
+    def __init__(self, account_id: str, write: WriteFn, *, fd: int = -1, netns: str | None = None):
+        self.account_id = account_id
+        self.write = write
+        self.fd = fd
+        self.netns = netns
+        self.icmp_src4 = b"\x00\x00\x00\x00"
+        self.icmp_src6 = b"\xfe\x80" + b"\x00" * 13 + b"\x01"
+        self.inner: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        """Networks of the account's tunnel interface addresses (always ours)."""
+
+
+def _ip_bytes(addr: str) -> bytes:
+    return ipaddress.ip_address(addr).packed
+
+
+class Dataplane:
+    """Per-packet processing and the record-built state. No sockets, no clock."""
+
+    def __init__(
+        self,
+        *,
+        inbound_factory: InboundFactory,
+        outbound_factory: OutboundFactory,
+        send_esp: SendFn,
+        send_udp: SendFn,
+        send_gre: SendFn,
+        mss_clamp: bool = True,
+    ) -> None:
+        self.sad = Sad(inbound_factory, outbound_factory)
+        self.routes = Routes()
+        self.accounts: dict[str, AccountNet] = {}
+        self.send_esp = send_esp
+        self.send_udp = send_udp
+        self.send_gre = send_gre
+        self.mss_clamp = mss_clamp
+        self.drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
+        self.out = bytearray(65536 + 512)
+        self.out_view = memoryview(self.out)
+        self.last_error: Drop | None = None
+        """The most recent drop (for tests and debug tooling, not per-packet logs)."""
+
+    # ---- records ---------------------------------------------------------
+    def apply(self, key: str, rec: Record) -> None:
+        """Apply one bus record. Raises RecordError/ValueError if unusable."""
+        if isinstance(rec, SaRecord):
+            self.sad.apply_sa(key, rec)
+            self._refresh_tunnel(rec.tunnel_id)
+        elif isinstance(rec, RouteRecord):
+            self.routes.apply_set(rec)
+            self._refresh_tunnel(rec.tunnel_id)
+        elif isinstance(rec, TunnelRecord):
+            self.sad.apply_tunnel(key, rec)
+            self._refresh_tunnel(rec.tunnel_id)
+        else:  # pragma: no cover - Record is a closed union
+            raise RecordError("invalid", f"unexpected record {type(rec).__name__}")
+
+    def remove(self, key: str) -> None:
+        if key.startswith("sa/"):
+            self.sad.delete_sa(key)
+            if key.startswith("sa/out/"):
+                self._refresh_tunnel(key.split("/")[2])
+        elif key.startswith("route/"):
+            rec = self.routes.apply_delete(key.split("/", 1)[1])
+            if rec is not None:
+                self._refresh_tunnel(rec.tunnel_id)
+        elif key.startswith("tunnel/"):
+            old = self.sad.delete_tunnel(key)
+            if old is not None:
+                self._refresh_tunnel(old.tunnel_id)
+
+    def _refresh_tunnel(self, tunnel_id: str) -> None:
+        self.routes.set_tunnel_up(tunnel_id, self.sad.tunnel_usable(tunnel_id))
+
+    def account_ids(self) -> set[str]:
+        """Accounts that have any tunnel or route here (need an inner network)."""
+        ids = {e.record.account_id for e in self.sad.tunnels.values()}
+        ids.update(self.routes.tables)
+        return ids
+
+    def account_config(self, account_id: str) -> tuple[list[str], list[str]]:
+        """(interface addresses, routed prefixes) for the account's TUN."""
+        addrs = sorted(
+            {
+                e.record.interface_address
+                for e in self.sad.tunnels.values()
+                if e.record.account_id == account_id
+            }
+        )
+        table = self.routes.tables.get(account_id)
+        prefixes = sorted({r.prefix for r in table.routes.values()}) if table else []
+        return addrs, prefixes
+
+    def attach_account(self, net: AccountNet) -> None:
+        addrs, _ = self.account_config(net.account_id)
+        self.update_account(net, addrs)
+        self.accounts[net.account_id] = net
+
+    @staticmethod
+    def update_account(net: AccountNet, addrs: Iterable[str]) -> None:
+        inner: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for a in addrs:
+            iface = ipaddress.ip_interface(a)
+            inner.append(iface.network)
+            if iface.version == 4:
+                net.icmp_src4 = iface.ip.packed
+            else:
+                net.icmp_src6 = iface.ip.packed
+        net.inner = inner
+
+    # ---- counting --------------------------------------------------------
+    def _drop(self, exc: Drop) -> None:
+        self.drops[exc.reason] += 1
+        self.last_error = exc
+
+    def count(self, reason: DropReason) -> None:
+        self.drops[reason] += 1
+
+    # ---- inbound ---------------------------------------------------------
+    def inbound_esp(self, packet: memoryview) -> None:
+        """An ESP packet (SPI first), from raw proto 50 or UDP 4500."""
+        try:
+            if len(packet) < 8:
+                raise Drop(DropReason.MALFORMED, "ESP shorter than its header")
+            spi = (packet[0] << 24) | (packet[1] << 16) | (packet[2] << 8) | packet[3]
+            entry = self.sad.inbound.get(spi)
+            if entry is None:
+                raise Drop(DropReason.UNKNOWN_SPI)
+            nh, inner = entry.codec.decapsulate(packet)
+            if nh != NH_IPV4 and nh != NH_IPV6:
+                raise Drop(DropReason.UNKNOWN_NEXT_HEADER)
+            f = ip.parse_flow(inner)
+            if (f.version == 4) != (nh == NH_IPV4):
+                raise Drop(DropReason.MALFORMED, "next header disagrees with IP version")
+            if not entry.selectors.inbound_ok(f.version, f.src, f.dst, f.proto, f.sport, f.dport):
+                raise Drop(DropReason.SELECTOR)
+            net = self.accounts.get(entry.account_id)
+            if net is None:
+                raise Drop(DropReason.NO_TUNNEL, "account has no inner network here")
+            self._check_account(entry.account_id, net, f.version, f.dst)
+            if self.mss_clamp and f.proto == _TCP:
+                inner = self._clamp(entry.tunnel_id, inner, f.version)
+            net.write(inner)
+            t = self.sad.tunnels.get(entry.tunnel_id)
+            if t is not None:
+                t.packets_in += 1
+                t.bytes_in += len(inner)
+        except Drop as exc:
+            self._drop(exc)
+
+    def inbound_gre(self, packet: memoryview, local: str, remote: str) -> None:
+        """A GRE packet (GRE header first) between outer ``remote`` → ``local``."""
+        try:
+            t = self.sad.gre.get((local, remote))
+            if t is None:
+                raise Drop(DropReason.NO_TUNNEL)
+            proto, key, off = gre.decapsulate(packet)
+            if key != t.record.gre_key:
+                raise Drop(DropReason.NO_TUNNEL, "GRE key mismatch")
+            if proto != _ETH_P_IP and proto != _ETH_P_IPV6:
+                raise Drop(DropReason.UNSUPPORTED, "GRE payload not IP")
+            inner = packet[off:]
+            f = ip.parse_flow(inner)
+            account = t.record.account_id
+            net = self.accounts.get(account)
+            if net is None:
+                raise Drop(DropReason.NO_TUNNEL, "account has no inner network here")
+            self._check_account(account, net, f.version, f.dst)
+            if self.mss_clamp and f.proto == _TCP:
+                inner = self._clamp(t.record.tunnel_id, inner, f.version)
+            net.write(inner)
+            t.packets_in += 1
+            t.bytes_in += len(inner)
+        except Drop as exc:
+            self._drop(exc)
+
+    def _check_account(self, account: str, net: AccountNet, version: int, dst: int) -> None:
+        """Issue 10: a packet of account A must not be aimed at B's network.
+
+        A destination A routes, or inside A's tunnel interface networks, is
+        A's. Otherwise, one that only another account routes would cross
+        accounts: dropped and counted. (A destination nobody routes is A's
+        inner network behind the TUN.)
+        """
+        if self.routes.lookup(account, version, dst) is not None:
+            return
+        if len(self.routes.tables) < 2 and account in self.routes.tables:
+            return
+        for n in net.inner:
+            if n.version == version and int(n.network_address) == dst & int(n.netmask):
+                return
+        if self.routes.other_accounts_covering(account, version, dst):
+            raise Drop(DropReason.CROSS_ACCOUNT)
+
+    def _clamp(self, tunnel_id: str, inner: memoryview, version: int) -> memoryview:
+        off = (inner[0] & 0x0F) * 4 if version == 4 else 40
+        if len(inner) < off + 14 or not inner[off + 13] & _SYN:
+            return inner
+        t = self.sad.tunnels.get(tunnel_id)
+        mtu = t.record.mtu if t is not None else 1400
+        m = t.record.mss if t is not None and t.record.mss else 0
+        m4, m6 = (m, m) if m else (mtu - 40, mtu - 60)
+        if inner.readonly:
+            inner = memoryview(bytearray(inner))
+        mss.clamp_mss(inner, m4, m6)
+        return inner
+
+    # ---- outbound --------------------------------------------------------
+    def outbound(self, net: AccountNet, packet: memoryview) -> None:
+        """A packet read from account ``net``'s TUN, toward a tunnel."""
+        try:
+            f = ip.parse_flow(packet)
+            h = flow_hash(f.src, f.dst, f.proto, f.sport, f.dport)
+            tid = self.routes.lookup(net.account_id, f.version, f.dst, h)
+            if tid is None:
+                raise Drop(DropReason.NO_ROUTE)
+            t = self.sad.tunnels.get(tid)
+            if t is None:
+                raise Drop(DropReason.NO_TUNNEL)
+            rec = t.record
+            if rec.account_id != net.account_id:
+                raise Drop(DropReason.CROSS_ACCOUNT)
+            if rec.kind is TunnelKind.IPSEC:
+                sa = self.sad.outbound_for(tid, f.version, f.src, f.dst, f.proto, f.sport, f.dport)
+                if sa is None:
+                    if self.sad.outbound.get(tid):
+                        raise Drop(DropReason.SELECTOR)
+                    raise Drop(DropReason.NO_SA)
+            else:
+                sa = None
+            if self.mss_clamp and f.proto == _TCP:
+                packet = self._clamp(tid, packet, f.version)
+            n = len(packet)
+            if n > rec.mtu:
+                if f.version == 4 and not packet[6] & 0x40:
+                    for frag in ip.fragment_ipv4(packet, rec.mtu):
+                        self._encap(t, sa, memoryview(frag), f.version)
+                    return
+                self._too_big(net, packet, rec.mtu, f.version)
+                raise Drop(DropReason.MTU)
+            self._encap(t, sa, packet, f.version)
+        except Drop as exc:
+            self._drop(exc)
+
+    def _too_big(self, net: AccountNet, packet: memoryview, mtu: int, version: int) -> None:
+        try:
+            if version == 4:
+                err = ip.icmp_frag_needed(packet, mtu, net.icmp_src4)
+            else:
+                err = ip.icmpv6_packet_too_big(packet, mtu, net.icmp_src6)
+        except Drop:
+            return
+        net.write(memoryview(err))
+
+    def _encap(self, t: TunnelEntry, sa: Any, inner: memoryview, version: int) -> None:
+        out = self.out
+        rec = t.record
+        if sa is None:  # GRE
+            n = gre.encapsulate_into(
+                out, 0, inner, _ETH_P_IP if version == 4 else _ETH_P_IPV6, key=rec.gre_key
+            )
+            assert rec.remote_addr is not None
+            self.send_gre(self.out_view[:n], (rec.remote_addr, 0))
+        else:
+            n = sa.codec.encapsulate_into(out, 0, inner, NH_IPV4 if version == 4 else NH_IPV6)
+            if sa.udp_encap:
+                self.send_udp(self.out_view[:n], sa.dest)
+            else:
+                self.send_esp(self.out_view[:n], sa.dest)
+            sa.packets += 1
+        t.packets_out += 1
+        t.bytes_out += len(inner)
+
+
+# --------------------------------------------------------------------------
+# I/O shell
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerConfig:
+    anycast: str
+    """The anycast address: every socket binds it, it must be on an interface."""
+    index: int = 0
+    """This worker's index on the node (0..workers-1): its ESP IV/sequence space."""
+    node: str = "node"
+    workers: int = 1
+    """How many worker indices the node may run (for the raw-socket share)."""
+    run_dir: Path = Path("/run/anywan")
+    tun_name: str = "aw0"
+    netns_template: str | None = "anywan-{account}"
+    """Per-account namespace name; None puts every account's TUN here, named
+    ``aw<crc32(account)>`` (per-account devices without namespaces)."""
+    tun_mtu: int = 1500
+    mss_clamp: bool = True
+    metrics_addr: str = "127.0.0.1"
+    metrics_port: int = 9410
+    """0 disables the /metrics HTTP server."""
+    bus: dict[str, Any] | None = None
+    """Subscriber kwargs (endpoints and CURVE keys), or None for no bus."""
+    relay: dict[str, Any] | None = None
+    """RelayClient kwargs, or None: IKE then goes unanswered (counted)."""
+    state_file: Path | None = None
+    """A msgpack list of [key, encoded record] applied at start (tests, bench)."""
+    listen: tuple[str, ...] = field(default=("esp", "gre", "udp4500", "udp500"))
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.node}/{self.index}"
+
+
+class StartupError(RuntimeError):
+    """A condition that keeps the worker from starting; message for the operator."""
+
+
+class NodePeers:
+    """Which worker indices are alive on this node, via flock'ed files.
+
+    A worker holds ``worker-<i>.lock`` for its life; the kernel releases it
+    when the process dies (even SIGKILL). Peers are alive if their lock
+    cannot be taken.
+    """
+
+    def __init__(self, run_dir: Path, index: int, workers: int) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
+        self.index = index
+        self.workers = workers
+        self._fd = os.open(run_dir / f"worker-{index}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise StartupError(
+                f"worker index {index} is already running on this node ({run_dir})"
+            ) from None
+
+    def live(self) -> list[int]:
+        alive = []
+        for i in range(self.workers):
+            if i == self.index:
+                alive.append(i)
+                continue
+            path = self.run_dir / f"worker-{i}.lock"
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                alive.append(i)
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+        return alive
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+class Worker:
+    """The process: sockets, TUNs, bus, relay, loop."""
+
+    BATCH = 64
+    """Packets drained per fd per loop turn (fairness between fds)."""
+
+    def __init__(self, config: WorkerConfig, *, registry: Any = None) -> None:
+        from . import esp, sockets
+        from .metrics import WorkerMetrics
+
+        self.cfg = config
+        self._sockets = sockets
+        self.metrics = WorkerMetrics(registry)
+        self._events: queue.SimpleQueue[tuple[str, str, Record | None]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._running = False
+        self._subscriber: Any = None
+        self._relay: Any = None
+        self._metrics_server: Any = None
+        self.ep = select.epoll()
+        self.handlers: dict[int, Callable[[], None]] = {}
+        self.buf = bytearray(65536)
+        self.view = memoryview(self.buf)
+        self.ike_to_control = 0
+        self.ike_to_peer = 0
+        self.ike_unrelayed = 0
+        self._dirty_accounts: set[str] = set()
+        self._created_netns: set[str] = set()
+        self._live: list[int] = [config.index]
+        self.raw_esp: socket.socket | None = None
+        self.raw_gre: socket.socket | None = None
+        self.udp4500: socket.socket | None = None
+        self.udp500: socket.socket | None = None
+        self.peers: NodePeers | None = None
+
+        worker_index = config.index
+
+        def outbound_factory(rec: SaRecord) -> Any:
+            return esp.OutboundSa.from_record(rec, worker_id=worker_index)
+
+        self.dp = Dataplane(
+            inbound_factory=esp.InboundSa.from_record,
+            outbound_factory=outbound_factory,
+            send_esp=self._send_raw_esp,
+            send_udp=self._send_udp,
+            send_gre=self._send_raw_gre,
+            mss_clamp=config.mss_clamp,
+        )
+        self._gso: Any = None
+
+    # ---- senders -----------------------------------------------------------
+    def _send_raw_esp(self, data: memoryview, dest: tuple[str, int]) -> None:
+        try:
+            self.raw_esp.sendto(data, dest)  # type: ignore[union-attr]
+        except OSError:
+            self.dp.count(DropReason.NO_TUNNEL)
+
+    def _send_raw_gre(self, data: memoryview, dest: tuple[str, int]) -> None:
+        try:
+            self.raw_gre.sendto(data, dest)  # type: ignore[union-attr]
+        except OSError:
+            self.dp.count(DropReason.NO_TUNNEL)
+
+    def _send_udp(self, data: memoryview, dest: tuple[str, int]) -> None:
+        self._gso.add(data, dest)
+
+    # ---- startup -----------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        s = self._sockets
+        try:
+            ipaddress.ip_address(cfg.anycast)
+        except ValueError:
+            raise StartupError(f"anycast address {cfg.anycast!r} is not an IP address") from None
+        if not os.path.exists("/dev/net/tun"):
+            raise StartupError("no /dev/net/tun: load the tun module (modprobe tun)")
+        if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+            raise StartupError("no permission on /dev/net/tun (run as root / CAP_NET_ADMIN)")
+        self.peers = NodePeers(cfg.run_dir, cfg.index, cfg.workers)
+        try:
+            if "esp" in cfg.listen:
+                self.raw_esp = s.open_raw(s.IPPROTO_ESP, cfg.anycast)
+                self._register(self.raw_esp.fileno(), self._drain_raw_esp)
+            if "gre" in cfg.listen:
+                self.raw_gre = s.open_raw(s.IPPROTO_GRE, cfg.anycast)
+                self._register(self.raw_gre.fileno(), self._drain_raw_gre)
+            if "udp4500" in cfg.listen:
+                self.udp4500 = s.open_udp(cfg.anycast, 4500)
+                self._register(self.udp4500.fileno(), self._drain_udp4500)
+                self._gso = s.GsoBatcher(self.udp4500)
+            if "udp500" in cfg.listen:
+                self.udp500 = s.open_udp(cfg.anycast, 500)
+                self._register(self.udp500.fileno(), self._drain_udp500)
+        except s.SocketError as exc:
+            raise StartupError(str(exc)) from None
+        self._update_share()
+        self._register(self._wake_r, self._drain_events)
+        if cfg.state_file is not None:
+            self._load_state_file(cfg.state_file)
+        if cfg.metrics_port:
+            from prometheus_client import start_http_server
+
+            try:
+                self._metrics_server = start_http_server(
+                    cfg.metrics_port, addr=cfg.metrics_addr, registry=self.metrics.registry
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot serve /metrics on {cfg.metrics_addr}:{cfg.metrics_port}: "
+                    f"{exc.strerror}"
+                ) from None
+        if cfg.relay is not None:
+            from replication.relay import RelayClient
+
+            self._relay = RelayClient(
+                **cfg.relay, worker_id=cfg.worker_id, on_reply=self._on_relay_reply
+            )
+            self._relay.start()
+        if cfg.bus is not None:
+            self._start_bus()
+
+    def _start_bus(self) -> None:
+        from replication.subscriber import Subscriber
+
+        kwargs = dict(self.cfg.bus or {})
+        connect_timeout = float(kwargs.pop("connect_timeout", 10.0))
+        try:
+            self._subscriber = Subscriber(
+                **kwargs,
+                worker_id=self.cfg.worker_id,
+                on_set=self._on_set,
+                on_delete=self._on_delete,
+                registry=self.metrics.registry,
+            )
+        except TypeError:  # a Subscriber without a registry argument
+            self._subscriber = Subscriber(
+                **kwargs,
+                worker_id=self.cfg.worker_id,
+                on_set=self._on_set,
+                on_delete=self._on_delete,
+            )
+        self._subscriber.start()
+        if connect_timeout > 0 and not self._subscriber.ready.wait(connect_timeout):
+            self._subscriber.stop()
+            raise StartupError(
+                f"bus unreachable: no snapshot from {kwargs.get('snapshot_endpoint')} "
+                f"within {connect_timeout:g} s (control running? keys right?)"
+            )
+
+    def _load_state_file(self, path: Path) -> None:
+        import msgpack
+
+        from replication.records import decode
+
+        try:
+            items = msgpack.unpackb(path.read_bytes(), raw=False)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot read state file {path}: {exc}") from None
+        for key, data in items:
+            self._on_set(key, decode(data))
+
+    def _register(self, fd: int, handler: Callable[[], None]) -> None:
+        self.handlers[fd] = handler
+        self.ep.register(fd, select.EPOLLIN)
+
+    def _unregister(self, fd: int) -> None:
+        self.handlers.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(fd)
+
+    # ---- bus callbacks (other threads): enqueue only -------------------------
+    def _on_set(self, key: str, rec: Record) -> None:
+        self._events.put(("set", key, rec))
+        self._wake()
+
+    def _on_delete(self, key: str, rec: Record | None = None) -> None:
+        self._events.put(("del", key, rec))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def apply_pending(self) -> None:
+        """Apply queued bus records (loop thread), then fix up account TUNs."""
+        dp = self.dp
+        while True:
+            try:
+                op, key, rec = self._events.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                if op == "set":
+                    assert rec is not None
+                    dp.apply(key, rec)
+                    self._dirty_accounts.add(rec.account_id)
+                else:
+                    acct = self._account_of_key(key)
+                    dp.remove(key)
+                    if acct is not None:
+                        self._dirty_accounts.add(acct)
+            except Exception as exc:  # an unusable record must not stop the worker
+                self.metrics.records_rejected.inc()
+                log.warning("record %s not applied: %s", key, type(exc).__name__)
+        if self._dirty_accounts:
+            dirty, self._dirty_accounts = self._dirty_accounts, set()
+            for acct in dirty:
+                try:
+                    self._sync_account(acct)
+                except Exception as exc:
+                    log.error("account %s inner network: %s", acct, exc)
+
+    def _account_of_key(self, key: str) -> str | None:
+        dp = self.dp
+        if key.startswith("tunnel/"):
+            t = dp.sad.tunnels.get(key.split("/", 1)[1])
+            return t.record.account_id if t else None
+        if key.startswith("route/"):
+            rid = key.split("/", 1)[1]
+            for table in dp.routes.tables.values():
+                if rid in table.routes:
+                    return table.account_id
+        return None
+
+    def _drain_events(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+        self.apply_pending()
+
+    # ---- accounts: TUN per account (in its own netns) -------------------------
+    def _account_names(self, account: str) -> tuple[str | None, str]:
+        if self.cfg.netns_template is None:
+            return None, f"aw{zlib.crc32(account.encode()):08x}"[:15]
+        return self.cfg.netns_template.format(account=account), self.cfg.tun_name
+
+    def _sync_account(self, account: str) -> None:
+        from . import tun
+
+        dp = self.dp
+        wanted = account in dp.account_ids()
+        net = dp.accounts.get(account)
+        netns_name, tun_name = self._account_names(account)
+        if not wanted:
+            if net is not None:
+                del dp.accounts[account]
+                self._unregister(net.fd)
+                os.close(net.fd)
+                if (
+                    netns_name is not None
+                    and netns_name in self._created_netns
+                    and not tun.device_exists(tun_name, netns_name=netns_name)
+                ):
+                    from pyroute2 import netns
+
+                    with contextlib.suppress(Exception):
+                        netns.remove(netns_name)
+                    self._created_netns.discard(netns_name)
+            return
+        if net is None:
+            if netns_name is not None and tun.ensure_netns(netns_name):
+                self._created_netns.add(netns_name)
+            fd = tun.open_queue(tun_name, netns_name=netns_name)
+            net = AccountNet(account, self._tun_writer(fd), fd=fd, netns=netns_name)
+            dp.attach_account(net)
+            self._register(fd, self._tun_drainer(net))
+        addrs, prefixes = dp.account_config(account)
+        dp.update_account(net, addrs)
+        tun.TunConfig(tun_name, netns_name=netns_name).apply(
+            mtu=self.cfg.tun_mtu, addresses=addrs, routes=prefixes
+        )
+
+    def _tun_writer(self, fd: int) -> WriteFn:
+        write = os.write
+        dp = self.dp
+
+        def tun_write(data: memoryview) -> None:
+            try:
+                write(fd, data)
+            except OSError:
+                dp.count(DropReason.NO_TUNNEL)
+
+        return tun_write
+
+    def _tun_drainer(self, net: AccountNet) -> Callable[[], None]:
+        fd = net.fd
+        buf = self.buf
+        view = self.view
+        readv = os.readv
+        outbound = self.dp.outbound
+        batch = self.BATCH
+
+        def drain() -> None:
+            for _ in range(batch):
+                try:
+                    n = readv(fd, [buf])
+                except BlockingIOError:
+                    return
+                except OSError:
+                    return
+                outbound(net, view[:n])
+
+        return drain
+
+    # ---- socket drains -------------------------------------------------------
+    def _drain_raw_esp(self) -> None:
+        sock = self.raw_esp
+        assert sock is not None
+        buf, view, inbound = self.buf, self.view, self.dp.inbound_esp
+        for _ in range(self.BATCH):
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                return
+            ihl = (buf[0] & 0x0F) * 4
+            inbound(view[ihl:n])
+
+    def _drain_raw_gre(self) -> None:
+        sock = self.raw_gre
+        assert sock is not None
+        buf, view, inbound = self.buf, self.view, self.dp.inbound_gre
+        ntoa = socket.inet_ntoa
+        for _ in range(self.BATCH):
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                return
+            ihl = (buf[0] & 0x0F) * 4
+            if n < 20:
+                self.dp.count(DropReason.MALFORMED)
+                continue
+            inbound(view[ihl:n], ntoa(view[16:20]), ntoa(view[12:16]))
+
+    def _drain_udp4500(self) -> None:
+        sock = self.udp4500
+        assert sock is not None
+        buf, view, dp = self.buf, self.view, self.dp
+        classify = udpencap.classify
+        esp_kind, ike_kind = udpencap.Udp4500.ESP, udpencap.Udp4500.IKE
+        for _ in range(self.BATCH):
+            try:
+                n, addr = sock.recvfrom_into(buf)
+            except BlockingIOError:
+                return
+            payload = view[:n]
+            try:
+                kind = classify(payload)
+            except Drop as exc:
+                dp._drop(exc)
+                continue
+            if kind == esp_kind:
+                dp.inbound_esp(payload)
+            elif kind == ike_kind:
+                self._relay_ike(bytes(payload[4:]), 4500, addr)
+            else:
+                dp.count(DropReason.KEEPALIVE)
+
+    def _drain_udp500(self) -> None:
+        sock = self.udp500
+        assert sock is not None
+        for _ in range(self.BATCH):
+            try:
+                data, addr = sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            self._relay_ike(data, 500, addr)
+
+    # ---- IKE relay ----------------------------------------------------------
+    def _relay_ike(self, data: bytes, port: int, addr: tuple[str, int]) -> None:
+        if self._relay is None:
+            self.ike_unrelayed += 1
+            return
+        from replication.relay import IkeDatagram
+
+        self._relay.forward(
+            IkeDatagram(
+                worker_id=self.cfg.worker_id,
+                data=data,
+                local_addr=self.cfg.anycast,
+                local_port=port,
+                remote_addr=addr[0],
+                remote_port=addr[1],
+            )
+        )
+        self.ike_to_control += 1
+        self.metrics.ike_relayed.labels("to_control").inc()
+
+    def _on_relay_reply(self, dgram: Any) -> None:
+        """Runs in the relay thread: send control's reply from our socket."""
+        try:
+            if dgram.local_port == 4500 and self.udp4500 is not None:
+                self.udp4500.sendto(
+                    udpencap.NON_ESP_MARKER + dgram.data, (dgram.remote_addr, dgram.remote_port)
+                )
+            elif self.udp500 is not None:
+                self.udp500.sendto(dgram.data, (dgram.remote_addr, dgram.remote_port))
+            else:
+                return
+            self.metrics.ike_relayed.labels("to_peer").inc()
+        except OSError as exc:
+            log.warning("IKE reply to %s not sent: %s", dgram.remote_addr, exc.strerror)
+
+    # ---- node share of raw packets ------------------------------------------------
+    def _update_share(self) -> None:
+        assert self.peers is not None
+        live = self.peers.live()
+        if live == self._live and len(live) > 0 and self._share_set:
+            return
+        self._live = live
+        rank, count = live.index(self.cfg.index), len(live)
+        s = self._sockets
+        if self.raw_esp is not None:
+            s.attach_share_filter(self.raw_esp, s.IPPROTO_ESP, rank, count)
+        if self.raw_gre is not None:
+            s.attach_share_filter(self.raw_gre, s.IPPROTO_GRE, rank, count)
+        self._share_set = True
+        self.metrics.live_workers.set(count)
+
+    _share_set = False
+
+    # ---- loop ----------------------------------------------------------------
+    def stop(self) -> None:
+        self._running = False
+        self._wake()
+
+    def run(self, *, duration: float | None = None) -> None:
+        """The loop; returns on :meth:`stop` (SIGTERM) or after ``duration`` s."""
+        self._running = True
+        handlers = self.handlers
+        poll = self.ep.poll
+        end = None if duration is None else time.monotonic() + duration
+        next_housekeeping = 0.0
+        while self._running:
+            for fd, _ev in poll(0.1):
+                h = handlers.get(fd)
+                if h is not None:
+                    h()
+            if self._gso is not None:
+                self._gso.flush()
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + 0.25
+                self._housekeeping()
+            if end is not None and now >= end:
+                break
+        self._housekeeping()
+
+    _last_flush = 0.0
+
+    def _housekeeping(self) -> None:
+        self._update_share()
+        now = time.monotonic()
+        if now - self._last_flush >= 0.5:
+            self._last_flush = now
+            gone = self.dp.sad.expire(time.time())
+            for key in gone:
+                self.dp.remove(key)
+            if self._gso is not None and self._gso.errors:
+                self.dp.count(DropReason.NO_TUNNEL)
+                self._gso.errors = 0
+            self.metrics.flush(self.dp)
+
+    def close(self) -> None:
+        """Stop threads and close everything (the TUN devices go with the last queue)."""
+        for thing in (self._subscriber, self._relay):
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    thing.stop()
+        if self._metrics_server is not None:
+            with contextlib.suppress(Exception):
+                server = (
+                    self._metrics_server[0] if isinstance(self._metrics_server, tuple) else None
+                )
+                if server is not None:
+                    server.shutdown()
+        for net in list(self.dp.accounts.values()):
+            with contextlib.suppress(OSError):
+                os.close(net.fd)
+        self.dp.accounts.clear()
+        for sock in (self.raw_esp, self.raw_gre, self.udp4500, self.udp500):
+            if sock is not None:
+                sock.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.ep.close()
+        if self.peers is not None:
+            self.peers.close()
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    def on_term(signum: int, frame: Any) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+
+__all__ = [
+    "AccountNet",
+    "Dataplane",
+    "NodePeers",
+    "StartupError",
+    "Worker",
+    "WorkerConfig",
+    "install_signal_handlers",
+]
