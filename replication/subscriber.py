@@ -1,0 +1,276 @@
+"""The worker's side of the bus: a thread that keeps a local copy of control's state.
+
+A thin ZeroMQ shell around :class:`replication.clone.CloneClient` (which holds
+all the rules): a SUB socket on the update stream, a DEALER per snapshot
+request, a PUSH for acks, all CURVE clients of control's server key. The
+thread moves frames into the core, runs its one timer, and turns its events
+into callbacks, metrics and outgoing messages.
+
+Callbacks run in the subscriber's thread, in bus order: ``on_set(key,
+record)`` for a new or changed record, ``on_delete(key, old_record)`` for a
+removed one. A callback that raises is counted
+(``anywan_bus_callback_errors_total``) and logged by key only; the bus goes on.
+``ready`` is set once the first snapshot is in. ``state`` is the live dict of
+records by key (read it from other threads as a whole value per key, or copy
+it with ``dict(sub.state)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+from prometheus_client import CollectorRegistry
+
+from replication import clone
+from replication.curve import configure_client
+from replication.metrics import SubscriberMetrics
+from replication.records import Record
+
+log = logging.getLogger("anywan.bus.subscriber")
+
+OnSet = Callable[[str, Record], None]
+OnDelete = Callable[[str, Record | None], None]
+
+
+class _ClientIO:
+    """Sockets + core of one subscription; driven by a thread's poll loop."""
+
+    def __init__(
+        self,
+        *,
+        snapshot_endpoint: str,
+        update_endpoint: str,
+        ack_endpoint: str,
+        server_public: bytes,
+        client_public: bytes,
+        client_secret: bytes,
+        core: clone.CloneClient,
+        metrics: SubscriberMetrics,
+        on_set: OnSet | None,
+        on_delete: OnDelete | None,
+        on_event: Callable[[clone.Event], None] | None = None,
+    ) -> None:
+        self.endpoints = (snapshot_endpoint, update_endpoint, ack_endpoint)
+        self._keys = (server_public, client_public, client_secret)
+        self.core = core
+        self.metrics = metrics
+        self.on_set = on_set
+        self.on_delete = on_delete
+        self.on_event = on_event
+        self.ready = threading.Event()
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self.dealer: zmq.Socket[bytes] | None = None
+
+    def _client(self, kind: int) -> zmq.Socket[bytes]:
+        assert self.ctx is not None
+        s = self.ctx.socket(kind)
+        s.linger = 0
+        configure_client(s, *self._keys)
+        return s
+
+    def open(self, now: float) -> None:
+        _, upd_ep, ack_ep = self.endpoints
+        self.ctx = zmq.Context()
+        self.sub = self._client(zmq.SUB)
+        self.sub.rcvhwm = 0
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(upd_ep)
+        self.push = self._client(zmq.PUSH)
+        self.push.sndhwm = 1000
+        self.push.connect(ack_ep)
+        self.core.start(now)
+
+    def close(self) -> None:
+        if self.ctx is None:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self.push.send_multipart(clone.bye_frames(self.core.worker_id), zmq.NOBLOCK)
+        time.sleep(0.005)  # let the I/O thread write the goodbye before linger 0 drops it
+        self.ctx.destroy(linger=0)
+        self.ctx = None
+
+    def sockets(self) -> list[zmq.Socket[bytes]]:
+        return [self.sub] if self.dealer is None else [self.sub, self.dealer]
+
+    def on_ready(self, sock: zmq.Socket[bytes], now: float) -> None:
+        recv = self.core.receive_stream if sock is self.sub else self.core.receive_snapshot
+        for _ in range(2000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            recv(frames, now)
+
+    def timer(self) -> float | None:
+        return self.core.get_timer()
+
+    def process(self, now: float) -> None:
+        """Run the core's timer if due, then act on every event."""
+        deadline = self.core.get_timer()
+        if deadline is not None and now >= deadline:
+            self.core.handle_timer(now)
+        m = self.metrics
+        changed = False
+        while (ev := self.core.next_event()) is not None:
+            if self.on_event is not None:
+                self.on_event(ev)
+            if isinstance(ev, clone.RecordChanged):
+                changed = True
+                if self.on_set is not None:
+                    self._call(self.on_set, ev.key, ev.record)
+            elif isinstance(ev, clone.RecordRemoved):
+                changed = True
+                if self.on_delete is not None:
+                    self._call(self.on_delete, ev.key, ev.old)
+            elif isinstance(ev, clone.SendAck):
+                # Control unreachable: the next ack carries the same news.
+                with contextlib.suppress(zmq.ZMQError):
+                    self.push.send_multipart(ev.frames, zmq.NOBLOCK)
+            elif isinstance(ev, clone.RequestSnapshot):
+                self._request(ev.frames)
+            elif isinstance(ev, clone.SnapshotInstalled):
+                m.snapshots_taken.inc()
+                changed = True
+                if self.dealer is not None:
+                    self.dealer.close(linger=0)
+                    self.dealer = None
+                self.ready.set()
+            elif isinstance(ev, clone.Rejected):
+                m.rejected.labels(ev.reason).inc()
+                log.warning("bus record rejected (%s) key=%r", ev.reason, ev.key)
+            elif isinstance(ev, clone.ResnapshotStarted):
+                m.resnapshots.labels(ev.reason).inc()
+                if ev.reason != "start":
+                    log.info("re-snapshot: %s", ev.reason)
+            elif isinstance(ev, clone.GapDetected):
+                m.gaps.inc()
+            elif isinstance(ev, clone.HeartbeatMissed):
+                m.heartbeats_missed.inc()
+        m.applied.set(self.core.applied_seq)
+        m.lag.set(self.core.lag)
+        if changed:
+            m.records.set(len(self.core.state))
+
+    def _request(self, frames: list[bytes]) -> None:
+        if self.dealer is not None:
+            self.dealer.close(linger=0)
+        self.dealer = self._client(zmq.DEALER)
+        self.dealer.connect(self.endpoints[0])
+        self.dealer.send_multipart(frames)
+
+    def _call(self, fn: Callable[[str, Record], None] | OnDelete, key: str, rec: Record) -> None:
+        try:
+            fn(key, rec)
+        except Exception as exc:
+            self.metrics.callback_errors.inc()
+            log.error("bus callback failed for key=%r: %s", key, type(exc).__name__)
+
+
+def run_loop(ios: list[_ClientIO], stopping: threading.Event) -> None:
+    """Poll loop for one or more client IOs (used by Subscriber)."""
+    while not stopping.is_set():
+        now = time.monotonic()
+        timers = [t for io in ios if (t := io.timer()) is not None]
+        timeout = min([*timers, now + 0.2]) - now
+        poller = zmq.Poller()
+        owner: dict[zmq.Socket[bytes], _ClientIO] = {}
+        for io in ios:
+            for s in io.sockets():
+                poller.register(s, zmq.POLLIN)
+                owner[s] = io
+        try:
+            ready = poller.poll(max(0.0, timeout) * 1000)
+        except zmq.ZMQError:
+            break
+        now = time.monotonic()
+        for sock, _ in ready:
+            owner[sock].on_ready(sock, now)
+        for io in ios:
+            io.process(now)
+
+
+class Subscriber:
+    """A background thread keeping ``state`` equal to the publisher's.
+
+    Extra keyword arguments beyond the agreed contract: ``snapshot_timeout``
+    (seconds without snapshot data before re-requesting; default
+    ``heartbeat_timeout``) and ``registry`` for the ``anywan_bus_*`` metrics.
+    """
+
+    def __init__(
+        self,
+        *,
+        snapshot_endpoint: str,
+        update_endpoint: str,
+        ack_endpoint: str,
+        server_public: bytes,
+        client_public: bytes,
+        client_secret: bytes,
+        worker_id: str,
+        on_set: OnSet | None = None,
+        on_delete: OnDelete | None = None,
+        heartbeat_timeout: float = 2.0,
+        snapshot_timeout: float | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.worker_id = worker_id
+        self.metrics = SubscriberMetrics(registry)
+        self._core = clone.CloneClient(
+            worker_id, heartbeat_timeout=heartbeat_timeout, snapshot_timeout=snapshot_timeout
+        )
+        self._io = _ClientIO(
+            snapshot_endpoint=snapshot_endpoint,
+            update_endpoint=update_endpoint,
+            ack_endpoint=ack_endpoint,
+            server_public=server_public,
+            client_public=client_public,
+            client_secret=client_secret,
+            core=self._core,
+            metrics=self.metrics,
+            on_set=on_set,
+            on_delete=on_delete,
+        )
+        self.ready: threading.Event = self._io.ready
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> dict[str, Record]:
+        return self._core.state
+
+    @property
+    def applied_seq(self) -> int:
+        return self._core.applied_seq
+
+    @property
+    def epoch(self) -> int | None:
+        return self._core.epoch
+
+    @property
+    def snapshots(self) -> int:
+        """Snapshots installed so far (the first one included)."""
+        return self._core.snapshots
+
+    def start(self) -> None:
+        self._io.open(time.monotonic())
+        self._thread = threading.Thread(
+            target=self._run, name=f"anywan-bus-sub-{self.worker_id}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            run_loop([self._io], self._stopping)
+        finally:
+            self._io.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
