@@ -273,12 +273,12 @@ class Publisher:
         self._serving = False
 
     def _mirror_install(self, epoch: int, seq: int, raw: dict[str, bytes]) -> None:
+        self._flush()  # what the old state's subscribers are owed, in order
         with self._lock:
             self.epoch = epoch
             self._seq = self._published = seq
             self._values = raw
             self._records = {}
-            self._outbox.clear()
             self._serving = True
             pending, self._pending_requests = self._pending_requests, []
         self.metrics.sequence.set(seq)

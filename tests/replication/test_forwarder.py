@@ -1,0 +1,115 @@
+"""A forwarder with workers behind it: same state, same sequences, acks reach control."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from replication.forwarder import Forwarder
+from replication.subscriber import Subscriber
+from tests.replication.conftest import (
+    Bus,
+    Keys,
+    Recorder,
+    converged,
+    make_route,
+    make_sa,
+    make_tunnel,
+    wait_until,
+)
+
+
+@pytest.fixture
+def forwarder(tcp_bus: Bus, keys: Keys) -> Iterator[Forwarder]:
+    pub = tcp_bus.publisher(heartbeat_interval=0.05)
+    pub.set(make_tunnel(1))
+    fwd = Forwarder(
+        upstream_snapshot=pub.snapshot_endpoint,
+        upstream_update=pub.update_endpoint,
+        upstream_ack=pub.ack_endpoint,
+        server_public=keys.server[0],
+        client_public=keys.clients[3][0],
+        client_secret=keys.clients[3][1],
+        worker_id="node-a",
+        snapshot_endpoint="tcp://127.0.0.1:*",
+        update_endpoint="tcp://127.0.0.1:*",
+        ack_endpoint="tcp://127.0.0.1:*",
+        local_public=keys.server[0],
+        local_secret=keys.server[1],
+        allowed_clients=[keys.clients[0][0], keys.clients[1][0]],
+        heartbeat_interval=0.05,
+        heartbeat_timeout=0.5,
+    )
+    fwd.start()
+    try:
+        yield fwd
+    finally:
+        fwd.stop()
+
+
+def local_worker(fwd: Forwarder, keys: Keys, n: int, rec: Recorder) -> Subscriber:
+    sub = Subscriber(
+        snapshot_endpoint=fwd.snapshot_endpoint,
+        update_endpoint=fwd.update_endpoint,
+        ack_endpoint=fwd.ack_endpoint,
+        server_public=keys.server[0],
+        client_public=keys.clients[n][0],
+        client_secret=keys.clients[n][1],
+        worker_id=f"node-a/w{n}",
+        on_set=rec.on_set,
+        on_delete=rec.on_delete,
+        heartbeat_timeout=0.5,
+    )
+    sub.start()
+    return sub
+
+
+def test_two_workers_behind_a_forwarder(tcp_bus: Bus, keys: Keys, forwarder: Forwarder) -> None:
+    pub = tcp_bus.started[0]
+    recs = [Recorder(), Recorder()]
+    workers = [local_worker(forwarder, keys, i, recs[i]) for i in range(2)]
+    try:
+        assert all(w.ready.wait(3) for w in workers)
+        assert wait_until(lambda: converged(pub, *workers))  # type: ignore[arg-type]
+        seqs = [pub.set(make_sa(0x9000 + i)) for i in range(20)]  # type: ignore[union-attr]
+        pub.delete(make_tunnel(1).key)  # type: ignore[union-attr]
+        assert wait_until(lambda: converged(pub, *workers))  # type: ignore[arg-type]
+        # The upstream sequence is preserved end to end.
+        assert all(w.applied_seq == pub.sequence for w in workers)  # type: ignore[union-attr]
+        assert all(w.epoch == pub.epoch for w in workers)  # type: ignore[union-attr]
+        # Control sees the workers' own acks through the forwarder.
+        names = {s.worker_id for s in pub.subscribers()}  # type: ignore[union-attr]
+        assert {"node-a/w0", "node-a/w1"} <= names
+        assert pub.wait_applied_sync(seqs[-1], timeout=3)  # type: ignore[union-attr]
+        for r in recs:
+            assert all(n == 1 for n in r.sets.values()) and r.deletes == {make_tunnel(1).key: 1}
+        # Upstream loss: the forwarder resyncs, and its workers follow.
+        pub.inject_loss(1)  # type: ignore[union-attr]
+        pub.set(make_route(5))  # type: ignore[union-attr]
+        pub.set(make_route(6))  # type: ignore[union-attr]
+        assert wait_until(lambda: converged(pub, *workers))  # type: ignore[arg-type]
+        assert forwarder.registry.get_sample_value("anywan_bus_gaps_total") == 1
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_forwarder_keeps_serving_through_control_restart(
+    tcp_bus: Bus, keys: Keys, forwarder: Forwarder
+) -> None:
+    pub = tcp_bus.started[0]
+    records = [make_tunnel(1), *(make_sa(0xA000 + i) for i in range(10))]
+    for r in records[1:]:
+        pub.set(r)  # type: ignore[union-attr]
+    rec = Recorder()
+    worker = local_worker(forwarder, keys, 0, rec)
+    try:
+        assert wait_until(lambda: converged(pub, worker))  # type: ignore[arg-type]
+        tcp_bus.stop(pub)  # type: ignore[arg-type]
+        assert wait_until(lambda: len(worker.state) == 11, timeout=1)
+        pub2 = tcp_bus.publisher(heartbeat_interval=0.05, initial=records)
+        assert wait_until(lambda: worker.epoch == pub2.epoch and converged(pub2, worker))
+        assert not rec.deletes and sum(rec.sets.values()) == 11
+    finally:
+        worker.stop()
