@@ -1,0 +1,100 @@
+"""Prometheus metrics of the control node, on an explicit registry.
+
+Names follow DESIGN §6 (``anywan_<component>_<thing>_<unit>``). Labels are
+bounded: API routes are the route *templates* (``/accounts/{account_id}/…``),
+never raw paths; per-account series are capped at ``max_accounts`` distinct
+accounts, the rest counted under ``account="_other"`` (issue 10). No metric
+carries a key, PSK or token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+OTHER_ACCOUNT = "_other"
+
+
+class ControlMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None, *, max_accounts: int = 500):
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.max_accounts = max_accounts
+        self._accounts: set[str] = set()
+        self.api_requests = Counter(
+            "anywan_control_api_requests",
+            "REST API requests by route template, method and HTTP status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.tunnels = Gauge(
+            "anywan_control_tunnels", "Configured tunnels by kind", ["kind"], registry=r
+        )
+        self.routes = Gauge("anywan_control_routes", "Configured static routes", registry=r)
+        self.account_tunnels = Gauge(
+            "anywan_control_account_tunnels",
+            "Configured tunnels per account (at most max_accounts accounts, then _other)",
+            ["account", "kind"],
+            registry=r,
+        )
+        # Registered here, driven by the IKE glue in control/service.py.
+        self.ike_sas = Gauge("anywan_control_ike_sas", "IKE SAs by state", ["state"], registry=r)
+        self.child_sas = Gauge(
+            "anywan_control_child_sas", "Child SAs by state", ["state"], registry=r
+        )
+        self.handshakes = Counter(
+            "anywan_control_ike_handshakes",
+            "IKE_SA_INIT/IKE_AUTH handshakes by result",
+            ["result"],
+            registry=r,
+        )
+        self.rekeys = Counter(
+            "anywan_control_child_sa_rekeys", "Child SA rekeys by result", ["result"], registry=r
+        )
+        self.deletes = Counter(
+            "anywan_control_sa_deletes", "IKE/Child SA deletions by kind", ["kind"], registry=r
+        )
+        self.dpd_failures = Counter(
+            "anywan_control_dpd_failures", "IKE SAs declared dead by DPD", registry=r
+        )
+        self.auth_failures = Counter(
+            "anywan_control_ike_auth_failures",
+            "IKE authentication failures by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.make_before_break_timeouts = Counter(
+            "anywan_control_rekey_apply_timeouts",
+            "Rekeys whose new SA was not acknowledged by every worker in time",
+            registry=r,
+        )
+        # Bus state, read from the publisher at scrape time.
+        self.bus_sequence = Gauge(
+            "anywan_control_bus_sequence", "Last sequence number published on the bus", registry=r
+        )
+        self.bus_workers = Gauge(
+            "anywan_control_bus_workers", "Workers currently subscribed to the bus", registry=r
+        )
+        self.bus_slowest_lag = Gauge(
+            "anywan_control_bus_slowest_worker_lag_updates",
+            "Updates the slowest live worker has not yet acknowledged",
+            registry=r,
+        )
+
+    def account_label(self, account_id: str) -> str:
+        if account_id in self._accounts:
+            return account_id
+        if len(self._accounts) < self.max_accounts:
+            self._accounts.add(account_id)
+            return account_id
+        return OTHER_ACCOUNT
+
+    def bind_bus(
+        self, sequence: Callable[[], float], workers: Callable[[], float], lag: Callable[[], float]
+    ) -> None:
+        self.bus_sequence.set_function(sequence)
+        self.bus_workers.set_function(workers)
+        self.bus_slowest_lag.set_function(lag)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,555 @@
+"""``anywan-control``'s glue: store + API + publisher + IKE engine in one process.
+
+Order of every change (issue 7, "nothing half-applied"): the API's SQLite
+transaction commits first, then :meth:`ControlService.committed` turns the
+change into replication records and publishes them. On startup everything in
+the store — tunnels, routes and the persisted (sealed) Child SA records — is
+republished, and bus keys the store no longer has are tombstoned, so a
+restarted control converges the workers without wiping live SAs.
+
+IKE glue: the engine's ``lookup`` is :meth:`ControlService.lookup` (peer ID →
+:class:`TunnelAuth` with the decrypted PSK, read from the store on every
+handshake so a regenerated PSK takes effect for the next negotiation), and
+engine events come to :meth:`ControlService.on_ike_event`:
+
+* ``ChildSaInstalled``/``ChildSaUpdated`` → sealed into the store, then
+  ``publisher.set(inbound)``, ``publisher.set(outbound)``;
+* ``ChildSaDeleted`` → tombstones; for a rekey (``reason == "rekeyed"``) only
+  after every live worker acknowledged the replacing SA (make-before-break,
+  bounded by ``rekey_apply_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from control.api.app import create_app, metrics_response
+from control.api.handlers import Api, Changes
+from control.api.openapi import build_openapi
+from control.config import ControlConfig, split_hostport
+from control.metrics import ControlMetrics
+from control.store import Store
+from replication.records import (
+    Record,
+    RecordError,
+    RouteRecord,
+    SaRecord,
+    TunnelKind,
+    TunnelRecord,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("anywan.control")
+
+SA_PREFIX = "sa/"
+OWNED_PREFIXES = ("tunnel/", "route/", "sa/")
+
+
+class PublisherLike(Protocol):
+    """``replication.publisher.Publisher`` as the glue uses it (see the contracts)."""
+
+    sequence: int
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def set(self, record: Record) -> int: ...
+    def delete(self, key: str) -> int: ...
+    def get(self, key: str) -> Record | None: ...
+    def items(self) -> dict[str, Record]: ...
+    def applied_everywhere(self, seq: int) -> bool: ...
+    async def wait_applied(self, seq: int, timeout: float) -> bool: ...
+    def subscribers(self) -> list[Any]: ...
+
+
+def _iso(unix: float) -> str | None:
+    if not unix:
+        return None
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def tunnel_record(row: dict[str, Any]) -> TunnelRecord:
+    if row["kind"] == "ipsec":
+        return TunnelRecord(
+            account_id=row["account_id"],
+            tunnel_id=row["id"],
+            kind=TunnelKind.IPSEC,
+            name=row["name"],
+            local_addr=row["cloudflare_endpoint"],
+            remote_addr=row["customer_endpoint"],
+            interface_address=row["interface_address"],
+            mtu=row["mtu"],
+            mss=row["mss"],
+            replay_protection=row["replay_protection"],
+            allow_null_cipher=row["allow_null_cipher"],
+        )
+    return TunnelRecord(
+        account_id=row["account_id"],
+        tunnel_id=row["id"],
+        kind=TunnelKind.GRE,
+        name=row["name"],
+        local_addr=row["cloudflare_gre_endpoint"],
+        remote_addr=row["customer_gre_endpoint"],
+        interface_address=row["interface_address"],
+        mtu=row["mtu"],
+        mss=row["mss"],
+        ttl=row["ttl"],
+    )
+
+
+def route_record(row: dict[str, Any]) -> RouteRecord:
+    return RouteRecord(
+        account_id=row["account_id"],
+        route_id=row["id"],
+        prefix=row["prefix"],
+        tunnel_id=row["tunnel_id"],
+        priority=row["priority"],
+        weight=row["weight"],
+    )
+
+
+def child_sa_view(rec: SaRecord) -> dict[str, Any]:
+    """What ``/sas`` shows of one SA: never a key or salt."""
+    return {
+        "spi": f"0x{rec.spi:08x}",
+        "direction": rec.direction.value,
+        "cipher": rec.cipher.value,
+        "integ": rec.integ.value,
+        "local_addr": rec.local_addr,
+        "remote_addr": rec.remote_addr,
+        "local_port": rec.local_port,
+        "remote_port": rec.remote_port,
+        "udp_encap": rec.udp_encap,
+        "created": _iso(rec.created),
+        "rekey_at": _iso(rec.rekey_at),
+        "expire_at": _iso(rec.expire_at),
+        "child_id": rec.child_id,
+        "generation": rec.generation,
+        "replay_window": rec.replay_window,
+        # Per-worker packet/byte counters are exported by the workers' own
+        # /metrics; control does not aggregate them (yet).
+        "packets": None,
+        "bytes": None,
+    }
+
+
+@dataclass
+class _IkeSaView:
+    account_id: str
+    tunnel_id: str
+    spi_i: int
+    spi_r: int
+    remote: tuple[str, int]
+    nat_detected: bool
+    udp_encap: bool
+    id_type: str
+    proposal: str
+    created: float
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "initiator_spi": f"{self.spi_i:016x}",
+            "responder_spi": f"{self.spi_r:016x}",
+            "state": "established",
+            "remote_addr": self.remote[0],
+            "remote_port": self.remote[1],
+            "nat_detected": self.nat_detected,
+            "udp_encap": self.udp_encap,
+            "id_type": self.id_type,
+            "proposal": self.proposal,
+            "created": _iso(self.created),
+        }
+
+
+class ControlService:
+    """Implements the API's :class:`~control.api.handlers.Hooks` and the IKE glue."""
+
+    def __init__(
+        self,
+        config: ControlConfig,
+        store: Store,
+        publisher: PublisherLike | Callable[[list[Record]], PublisherLike],
+        *,
+        metrics: ControlMetrics | None = None,
+        engine: Any = None,
+    ) -> None:
+        """``publisher`` is a publisher, or a factory that gets the store's records
+        to start with (``Publisher(initial=...)``): a restarted control then hands
+        the workers a snapshot equal to what they hold, and nothing churns."""
+        self.config = config
+        self.store = store
+        self.metrics = metrics or ControlMetrics(max_accounts=config.max_account_labels)
+        self.api = Api(store, self, id_suffix=config.id_suffix)
+        if callable(publisher) and not hasattr(publisher, "set"):
+            publisher = publisher(list(self.desired_records().values()))
+        self.publisher: PublisherLike = publisher  # type: ignore[assignment]
+        self.app = create_app(self.api, self.metrics, build_openapi())
+        self.engine = engine
+        self.transport: Any = None
+        self._ike_sas: dict[tuple[int, int], _IkeSaView] = {}
+        self._install_seq: dict[str, int] = {}
+        """tunnel_id -> bus sequence of its newest installed Child SA."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runners: list[web.AppRunner] = []
+        self.metrics.bind_bus(
+            lambda: float(self.publisher.sequence),
+            lambda: float(len(self._subscribers())),
+            self._slowest_lag,
+        )
+        self.metrics.ike_sas.labels("established").set_function(lambda: len(self._ike_sas))
+        self.metrics.child_sas.labels("installed").set_function(
+            lambda: sum(1 for k in self.publisher.items() if k.startswith("sa/in/"))
+        )
+        self._refresh_counts()
+
+    # -- hooks for the API ----------------------------------------------------
+
+    def committed(self, changes: Changes) -> None:
+        """Publish one committed API change (after COMMIT, never before)."""
+        for row in changes.tunnels_set:
+            self.publisher.set(tunnel_record(row))
+        for row in changes.routes_set:
+            self.publisher.set(route_record(row))
+        for _, route_id in changes.routes_deleted:
+            self._tombstone(f"route/{route_id}")
+        for _, tunnel_id in changes.tunnels_deleted:
+            self._delete_tunnel_sas(tunnel_id)
+            self._tombstone(f"tunnel/{tunnel_id}")
+        self._refresh_counts()
+
+    def psk_changed(self, account_id: str, tunnel_id: str) -> None:
+        # lookup() reads the PSK from the store on each handshake: the new PSK
+        # is used from the next negotiation on; existing SAs stay up (as in
+        # Magic WAN, a PSK change does not tear down a running tunnel).
+        log.info("PSK of tunnel %s (account %s) replaced", tunnel_id, account_id)
+
+    def tunnel_sas(self, account_id: str, tunnel_id: str) -> dict[str, Any]:
+        child = [
+            child_sa_view(r)
+            for r in self.publisher.items().values()
+            if isinstance(r, SaRecord) and r.tunnel_id == tunnel_id and r.account_id == account_id
+        ]
+        child.sort(key=lambda v: (v["child_id"], v["generation"], v["direction"]))
+        ike = [
+            v.view()
+            for v in self._ike_sas.values()
+            if v.tunnel_id == tunnel_id and v.account_id == account_id
+        ]
+        return {"ike_sas": ike, "child_sas": child}
+
+    def _subscribers(self) -> list[Any]:
+        """Live subscribers (workers) of the bus."""
+        try:
+            subs = list(self.publisher.subscribers())
+        except Exception:  # a scrape must not fail because the bus is stopping
+            return []
+        return [s for s in subs if getattr(s, "live", True)]
+
+    def _slowest_lag(self) -> float:
+        subs = self._subscribers()
+        return float(max((s.lag for s in subs), default=0))
+
+    def workers(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "worker_id": str(s.worker_id),
+                "applied_seq": int(s.applied_seq),
+                "lag": int(s.lag),
+                "last_seen_seconds_ago": round(max(0.0, now - s.last_seen), 3),
+            }
+            for s in self._subscribers()
+        ]
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "bus_sequence": int(self.publisher.sequence),
+            "workers": len(self._subscribers()),
+            "ike": "running" if self.transport is not None else "not listening",
+            "tunnels": self.store.count("ipsec") + self.store.count("gre"),
+        }
+
+    def _refresh_counts(self) -> None:
+        m = self.metrics
+        m.tunnels.labels("ipsec").set(self.store.count("ipsec"))
+        m.tunnels.labels("gre").set(self.store.count("gre"))
+        m.routes.set(self.store.count("route"))
+        per: dict[tuple[str, str], int] = {}
+        for kind in ("ipsec", "gre"):
+            for row in self.store.list(kind):
+                key = (m.account_label(row["account_id"]), kind)
+                per[key] = per.get(key, 0) + 1
+        m.account_tunnels.clear()
+        for (acct, kind), n in per.items():
+            m.account_tunnels.labels(acct, kind).set(n)
+
+    # -- publishing -----------------------------------------------------------
+
+    def _tombstone(self, key: str) -> None:
+        if self.publisher.get(key) is not None:
+            self.publisher.delete(key)
+
+    def desired_records(self) -> dict[str, Record]:
+        """Everything the store says the bus should hold."""
+        out: dict[str, Record] = {}
+        for kind in ("ipsec", "gre"):
+            for row in self.store.list(kind):
+                rec = tunnel_record({**row, "kind": kind})
+                out[rec.key] = rec
+        for row in self.store.list("route"):
+            tunnel_id = self.api._resolve_nexthop(row["account_id"], row["nexthop"])
+            if tunnel_id is None:  # cannot happen through the API (409 guards it)
+                log.warning("route %s has no tunnel for nexthop %s", row["id"], row["nexthop"])
+                continue
+            rec = route_record({**row, "tunnel_id": tunnel_id})
+            out[rec.key] = rec
+        now = time.time()
+        for key, blob in self.store.sealed_items(SA_PREFIX):
+            try:
+                sa = decode(blob)
+            except RecordError:
+                log.warning("dropping unreadable persisted SA record %s", key)
+                self._delete_sealed(key)
+                continue
+            live = isinstance(sa, SaRecord) and (sa.expire_at == 0 or sa.expire_at > now)
+            if live and f"tunnel/{sa.tunnel_id}" in out:
+                out[sa.key] = sa
+                continue
+            self._delete_sealed(key)
+        return out
+
+    def republish_all(self) -> int:
+        """Make the bus equal to the store; returns how many keys changed."""
+        desired = self.desired_records()
+        current = self.publisher.items()
+        changed = 0
+        for key, rec in desired.items():
+            if current.get(key) != rec:
+                self.publisher.set(rec)
+                changed += 1
+        for key in current:
+            if key.startswith(OWNED_PREFIXES) and key not in desired:
+                self.publisher.delete(key)
+                changed += 1
+        self._refresh_counts()
+        return changed
+
+    def _persist_sa(self, rec: SaRecord) -> None:
+        with self.store.transaction():
+            self.store.put_sealed(rec.key, encode(rec))
+
+    def _delete_sealed(self, key: str) -> None:
+        with self.store.transaction():
+            self.store.delete_sealed(key)
+
+    def _delete_tunnel_sas(self, tunnel_id: str) -> None:
+        """Tunnel deleted: tell the engine (DELETE to the peer), tombstone its SAs."""
+        if self.engine is not None:
+            try:
+                if self.transport is not None:
+                    self.transport.call(self.engine.delete_tunnel, tunnel_id)
+                else:
+                    self.engine.delete_tunnel(tunnel_id, time.monotonic())
+                    self._drain_engine_events()
+            except NotImplementedError:
+                log.warning("IKE engine cannot delete tunnels yet (not implemented)")
+        for key, rec in list(self.publisher.items().items()):
+            if isinstance(rec, SaRecord) and rec.tunnel_id == tunnel_id:
+                self.publisher.delete(key)
+        for key, blob in self.store.sealed_items(SA_PREFIX):
+            with contextlib.suppress(RecordError):
+                rec = decode(blob)
+                if isinstance(rec, SaRecord) and rec.tunnel_id == tunnel_id:
+                    self._delete_sealed(key)
+        self._ike_sas = {k: v for k, v in self._ike_sas.items() if v.tunnel_id != tunnel_id}
+
+    def _drain_engine_events(self) -> None:
+        while (ev := self.engine.next_event()) is not None:
+            self.on_ike_event(ev)
+
+    # -- IKE glue -------------------------------------------------------------
+
+    def lookup(self, identity: Any) -> Any:
+        """``IkeEngine`` lookup: a :class:`PeerIdentity` → :class:`TunnelAuth` or None."""
+        from control.ike.engine import TunnelAuth
+
+        if identity.kind == "ipv4":
+            rows = self.store.ipsec_by_endpoints(identity.local_addr, identity.address)
+            # The seeds: ID_IPV4_ADDR only when the pair is unique (here: across
+            # all accounts, since the identity does not name one).
+            if len(rows) != 1:
+                return None
+            row = rows[0]
+        else:
+            if identity.account_id is None or identity.tunnel_id is None:
+                return None
+            row = self.store.get("ipsec", identity.account_id, identity.tunnel_id)
+            if row is None:
+                return None
+        psk = self.store.get_psk(row["account_id"], row["id"])
+        if psk is None:
+            return None  # no PSK generated yet: nobody can authenticate
+        return TunnelAuth(
+            account_id=row["account_id"],
+            tunnel_id=row["id"],
+            psk=psk,
+            local_addr=row["cloudflare_endpoint"],
+            customer_endpoint=row["customer_endpoint"],
+            allow_null_cipher=row["allow_null_cipher"],
+            replay_protection=row["replay_protection"],
+        )
+
+    def on_ike_event(self, ev: object) -> None:
+        name = type(ev).__name__
+        handler = getattr(self, f"_on_{name}", None)
+        if handler is None:
+            log.debug("unhandled IKE event %s", name)
+            return
+        handler(ev)
+
+    def _on_IkeSaEstablished(self, ev: Any) -> None:
+        self.metrics.handshakes.labels("ok").inc()
+        self._ike_sas[(ev.spi_i, ev.spi_r)] = _IkeSaView(
+            ev.account_id,
+            ev.tunnel_id,
+            ev.spi_i,
+            ev.spi_r,
+            tuple(ev.remote),
+            ev.nat_detected,
+            ev.udp_encap,
+            ev.id_type,
+            ev.proposal,
+            time.time(),
+        )
+        log.info("IKE SA up: tunnel %s from %s:%d (%s)", ev.tunnel_id, *ev.remote, ev.id_type)
+
+    def _on_IkeSaRekeyed(self, ev: Any) -> None:
+        self.metrics.rekeys.labels("ike").inc()
+        old = self._ike_sas.pop((ev.old_spi_i, ev.old_spi_r), None)
+        if old is not None:
+            old.spi_i, old.spi_r, old.proposal = ev.spi_i, ev.spi_r, ev.proposal
+            self._ike_sas[(ev.spi_i, ev.spi_r)] = old
+
+    def _on_IkeSaDeleted(self, ev: Any) -> None:
+        self._ike_sas.pop((ev.spi_i, ev.spi_r), None)
+        self.metrics.deletes.labels("ike").inc()
+        if ev.reason == "dpd":
+            self.metrics.dpd_failures.inc()
+        log.info("IKE SA of tunnel %s deleted (%s)", ev.tunnel_id, ev.reason)
+
+    def _on_ChildSaInstalled(self, ev: Any) -> None:
+        for rec in (ev.inbound, ev.outbound):
+            self._persist_sa(rec)
+        self.publisher.set(ev.inbound)
+        self._install_seq[ev.tunnel_id] = self.publisher.set(ev.outbound)
+        if ev.replaces is not None:
+            self.metrics.rekeys.labels("child").inc()
+
+    def _on_ChildSaUpdated(self, ev: Any) -> None:
+        for rec in (ev.inbound, ev.outbound):
+            self._persist_sa(rec)
+        self.publisher.set(ev.inbound)
+        self._install_seq[ev.tunnel_id] = self.publisher.set(ev.outbound)
+
+    def _on_ChildSaDeleted(self, ev: Any) -> None:
+        self.metrics.deletes.labels("child").inc()
+        seq = self._install_seq.get(ev.tunnel_id)
+        if (
+            ev.reason == "rekeyed"
+            and seq is not None
+            and not self.publisher.applied_everywhere(seq)
+        ):
+            task = asyncio.get_running_loop().create_task(self._delete_after_apply(ev.sa_keys, seq))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
+        self._delete_sa_keys(ev.sa_keys)
+
+    async def _delete_after_apply(self, keys: Iterable[str], seq: int) -> None:
+        ok = await self.publisher.wait_applied(seq, self.config.rekey_apply_timeout)
+        if not ok:
+            self.metrics.make_before_break_timeouts.inc()
+            log.warning("rekey: not every worker applied seq %d in time; deleting old SA", seq)
+        self._delete_sa_keys(keys)
+
+    def _delete_sa_keys(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._tombstone(key)
+            self._delete_sealed(key)
+
+    def _on_AuthenticationFailed(self, ev: Any) -> None:
+        self.metrics.handshakes.labels(ev.reason).inc()
+        self.metrics.auth_failures.labels(ev.reason).inc()
+        log.info("IKE authentication failed from %s:%d (%s)", *ev.remote, ev.reason)
+
+    def _on_NegotiationFailed(self, ev: Any) -> None:
+        self.metrics.handshakes.labels(str(ev.notify).lower()).inc()
+
+    # -- running --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the bus, republish the store, serve the API (and IKE if configured)."""
+        self.publisher.start()
+        n = self.republish_all()
+        log.info("republished store: %d keys changed, bus sequence %d", n, self.publisher.sequence)
+        await self._serve(self.app, self.config.api_listen)
+        if self.config.metrics_listen:
+            mapp = web.Application()
+
+            async def metrics(_: web.Request) -> web.Response:
+                return metrics_response(self.metrics)
+
+            mapp.router.add_get("/metrics", metrics)
+            await self._serve(mapp, self.config.metrics_listen)
+        if self.engine is not None and self.config.ike_listen:
+            await self._start_ike()
+
+    async def _start_ike(self) -> None:
+        # INTEGRATION POINT (IKE): direct UDP listeners. The worker relay
+        # (replication.relay.RelayServer) is attached here once it exists, and
+        # persisted IKE SA state (engine export/import) is restored here once
+        # the engine offers it; until then a control restart keeps the Child SAs
+        # on the bus (republished above) but peers must renegotiate IKE.
+        from control.ike.transport import IkeTransport
+
+        self.transport = IkeTransport(self.engine, on_event=self.on_ike_event)
+        for addr in self.config.ike_listen:
+            await self.transport.listen(addr, [int(p) for p in self.config.ike_ports])
+
+    async def _serve(self, app: web.Application, listen: str) -> None:
+        host, port = split_hostport(listen)
+        runner = web.AppRunner(app, access_log=log if log.isEnabledFor(logging.DEBUG) else None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runners.append(runner)
+        log.info("listening on http://%s:%d", host, port)
+
+    @property
+    def bound_ports(self) -> list[int]:
+        ports = []
+        for r in self._runners:
+            for addr in r.addresses:
+                ports.append(int(addr[1]))
+        return ports
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        self.publisher.stop()
