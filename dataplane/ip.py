@@ -226,6 +226,26 @@ def set_udp_checksum(out: WBuffer, offset: int, length: int, src: bytes, dst: by
     return csum
 
 
+_V4_OUTER = struct.Struct("!BBHxxxxxBxxII")  # ver/IHL, TOS, total, proto, src, dst
+
+
+def parse_ipv4_header(packet: Buffer) -> tuple[int, int, int, int, int, int]:
+    """(header length, total length, protocol, TOS, src, dst) of an IPv4 packet.
+
+    For the outer header a raw socket hands over (Linux delivers it as on
+    the wire, already checksum-verified and reassembled): the payload is
+    ``packet[header_len:total_len]``, trailing bytes excluded. Addresses are
+    ints. ``Drop(MALFORMED)`` if it is not IPv4 or the lengths disagree.
+    """
+    if len(packet) < IPV4_HEADER_LEN:
+        raise Drop(DropReason.MALFORMED, "IPv4 header truncated")
+    b0, tos, total, proto, src, dst = _V4_OUTER.unpack_from(packet, 0)
+    ihl = (b0 & 0x0F) * 4
+    if b0 >> 4 != 4 or ihl < IPV4_HEADER_LEN or total < ihl or total > len(packet):
+        raise Drop(DropReason.MALFORMED, "IPv4 version or lengths")
+    return ihl, total, proto, tos, src, dst
+
+
 # -- flows -----------------------------------------------------------------------
 
 

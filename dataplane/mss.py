@@ -37,6 +37,12 @@ _H = struct.Struct("!H")
 _V4 = struct.Struct("!BxHxxHxB")  # version/IHL, total length, flags/offset, protocol
 
 
+def mss_for_mtu(mtu: int) -> tuple[int, int]:
+    """(IPv4, IPv6) MSS clamps for an inner MTU: RFC 6691 §2, MTU minus the
+    fixed IP (20 / 40) and TCP (20) headers; options come out of the MSS."""
+    return mtu - 40, mtu - 60
+
+
 def _tcp6_offset(packet: WBuffer, n: int) -> tuple[int, int] | None:
     """(TCP header offset, IP end) of an unfragmented IPv6 TCP segment, else None."""
     if n < IPV6_HEADER_LEN:

@@ -531,3 +531,58 @@ def test_icmp_builders_on_garbage_only_raise_drop(data: bytes, prefix: bytes) ->
             fn(prefix + data, 1280, src)
     with contextlib.suppress(Drop):
         ip.fragment_ipv4(prefix + data, 68)
+
+
+# -- outer header parsing, property round trips ----------------------------------
+
+
+def test_parse_ipv4_header_of_a_raw_socket_read() -> None:
+    pkt = IP(src="203.0.113.9", dst="203.0.113.1", tos=0xB9, options=[IPOption_RR()]) / (b"g" * 30)
+    pkt = IP(raw(pkt))
+    wire = raw(pkt) + b"\0" * 4  # trailing bytes are not payload
+    hlen, total, proto, tos, src, dst = ip.parse_ipv4_header(wire)
+    assert (hlen, total, tos) == (pkt.ihl * 4, pkt.len, 0xB9)
+    assert proto == pkt.proto
+    assert (src, dst) == (v4int("203.0.113.9"), v4int("203.0.113.1"))
+    assert wire[hlen:total] == b"g" * 30
+    for bad in (wire[:19], raw(IPv6()), wire[: total - 1], b"\x44" + wire[1:]):
+        with pytest.raises(Drop) as e:
+            ip.parse_ipv4_header(bad)
+        assert e.value.reason is DropReason.MALFORMED
+
+
+ports = st.integers(0, 0xFFFF)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    v6=st.booleans(),
+    src=st.integers(0, 2**128 - 1),
+    dst=st.integers(0, 2**128 - 1),
+    proto=st.sampled_from([6, 17, 1, 47, 50]),
+    sport=ports,
+    dport=ports,
+)
+def test_parse_flow_round_trip(
+    v6: bool, src: int, dst: int, proto: int, sport: int, dport: int
+) -> None:
+    if not v6:
+        src, dst = src >> 96, dst >> 96
+    l4 = {6: TCP(sport=sport, dport=dport), 17: UDP(sport=sport, dport=dport)}.get(proto, b"\0" * 8)
+    if v6:
+        pkt = IPv6(src=str(ipaddress.IPv6Address(src)), dst=str(ipaddress.IPv6Address(dst)))
+        pkt.nh = proto
+    else:
+        pkt = IP(src=str(ipaddress.IPv4Address(src)), dst=str(ipaddress.IPv4Address(dst)))
+        pkt.proto = proto
+    flow = ip.parse_flow(raw(pkt / l4))
+    has_ports = proto in (6, 17)
+    assert flow == (6 if v6 else 4, src, dst, proto, sport * has_ports, dport * has_ports)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=60), st.integers(0, 255))
+def test_apply_ecn_decap_on_garbage_only_raises_drop(data: bytes, outer: int) -> None:
+    for prefix in (b"\x45", b"\x60", b""):
+        with contextlib.suppress(Drop):
+            ip.apply_ecn_decap(bytearray(prefix + data), outer)

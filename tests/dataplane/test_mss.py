@@ -12,7 +12,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 
 from dataplane.drops import Drop, DropReason
-from dataplane.mss import clamp_mss
+from dataplane.mss import clamp_mss, mss_for_mtu
 
 V4_MAX, V6_MAX = 1360, 1340
 
@@ -240,3 +240,10 @@ def test_mutations_only_raise_drop(flips: list[tuple[int, int]], cut: int, ipv6:
         clamp_mss(wire, V4_MAX, V6_MAX)
     with contextlib.suppress(Drop):
         clamp_mss(memoryview(wire), V4_MAX, V6_MAX)
+
+
+@pytest.mark.parametrize("mtu", [1280, 1400, 1436, 1476])
+def test_mss_for_mtu_fills_the_mtu_exactly(mtu: int) -> None:
+    mss4, mss6 = mss_for_mtu(mtu)
+    assert len(raw(IP() / TCP() / (b"s" * mss4))) == mtu
+    assert len(raw(IPv6() / TCP() / (b"s" * mss6))) == mtu
