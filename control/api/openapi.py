@@ -268,23 +268,20 @@ def build_openapi() -> dict[str, Any]:
             "generation",
         ],
     )
-    schemas["IkeSa"] = {
-        "type": "object",
-        "properties": {
+    schemas["IkeSa"] = obj(
+        {
             "initiator_spi": STR,
             "responder_spi": STR,
             "state": STR,
             "remote_addr": STR,
             "remote_port": INT,
             "nat_detected": BOOL,
-            "encryption": STR,
-            "integrity": NSTR,
-            "prf": STR,
-            "dh_group": INT,
+            "udp_encap": BOOL,
+            "id_type": {"type": "string", "enum": ["rfc822", "fqdn", "key_id", "ipv4"]},
+            "proposal": STR,
             "created": TIME,
-        },
-        "required": ["state"],
-    }
+        }
+    )
     paths[ipsec + "/sas"] = {
         "parameters": [_param("account_id"), _param("id")],
         "get": {
@@ -345,6 +342,12 @@ def build_openapi() -> dict[str, Any]:
         "get": {
             "summary": "Liveness (no token needed)",
             "responses": {"200": _resp(health), "503": _resp(health, "Unhealthy")},
+        }
+    }
+    paths["/openapi.json"] = {
+        "get": {
+            "summary": "This document (no token needed)",
+            "responses": {"200": {"description": "OpenAPI 3 document"}},
         }
     }
     paths["/metrics"] = {
