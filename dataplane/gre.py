@@ -52,6 +52,7 @@ _MUST_BE_ZERO = 0x0C00  # bits 4-5: strict source route and Recur's top bit
 _VERSION = 0x0007
 
 _BASE = struct.Struct("!HH")
+_BASE_KEY = struct.Struct("!HHI")
 _I = struct.Struct("!I")
 _H = struct.Struct("!H")
 _PROTOCOLS = frozenset((ETH_P_IP, ETH_P_IPV6))
@@ -120,13 +121,28 @@ def encapsulate_into(
     must have room (a bytearray slice assignment past its end would grow it,
     so the length is checked).
     """
+    n = len(inner)
+    if seq is None and not checksum:  # the common shapes, one pack each
+        if key is None:
+            end = offset + 4 + n
+            if end > len(out):
+                raise ValueError("output buffer too small")
+            out[offset + 4 : end] = inner
+            _BASE.pack_into(out, offset, 0, protocol)
+            return 4 + n
+        end = offset + 8 + n
+        if end > len(out):
+            raise ValueError("output buffer too small")
+        out[offset + 8 : end] = inner
+        _BASE_KEY.pack_into(out, offset, FLAG_K, protocol, key)
+        return 8 + n
     hlen = header_len(key=key, seq=seq, checksum=checksum)
     start = offset + hlen
-    end = start + len(inner)
+    end = start + n
     if end > len(out):
         raise ValueError("output buffer too small")
     out[start:end] = inner
-    write_header(out, offset, protocol, len(inner), key=key, seq=seq, checksum=checksum)
+    write_header(out, offset, protocol, n, key=key, seq=seq, checksum=checksum)
     return end - offset
 
 
@@ -143,6 +159,11 @@ def decapsulate(packet: Buffer) -> tuple[int, int | None, int]:
     if n < 4:
         raise Drop(DropReason.MALFORMED, "GRE header truncated")
     flags, protocol = _BASE.unpack_from(packet, 0)
+    if protocol in _PROTOCOLS:  # the common shapes first
+        if not flags:
+            return protocol, None, 4
+        if flags == FLAG_K and n >= 8:
+            return protocol, _I.unpack_from(packet, 4)[0], 8
     if flags & (_VERSION | _MUST_BE_ZERO):
         raise Drop(DropReason.BAD_VERSION, "GRE version or reserved bits 4-5")
     if flags & FLAG_R:
