@@ -281,6 +281,9 @@ def ipv6_upper_layer(packet: Buffer, length: int) -> tuple[int, int, bool]:
     one longer than 8 headers ends with ``IPPROTO_NONE``-like uncertainty:
     the current header is returned as protocol with no ports.
     """
+    length = min(length, len(packet))
+    if length < IPV6_HEADER_LEN:
+        raise Drop(DropReason.MALFORMED, "IPv6 header truncated")
     nh = packet[6]
     off = IPV6_HEADER_LEN
     for _ in range(_MAX_EXT_HEADERS):

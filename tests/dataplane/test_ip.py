@@ -586,3 +586,11 @@ def test_apply_ecn_decap_on_garbage_only_raises_drop(data: bytes, outer: int) ->
     for prefix in (b"\x45", b"\x60", b""):
         with contextlib.suppress(Drop):
             ip.apply_ecn_decap(bytearray(prefix + data), outer)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=90), st.integers(0, 200))
+def test_ipv6_walk_never_reads_out_of_bounds(data: bytes, length: int) -> None:
+    with contextlib.suppress(Drop):
+        proto, off, _ = ip.ipv6_upper_layer(data, length)
+        assert off >= 40 and 0 <= proto < 256
