@@ -474,6 +474,7 @@ class Worker:
         self.ike_unrelayed = 0
         self._dirty_accounts: set[str] = set()
         self._created_netns: set[str] = set()
+        self._tun_routes: dict[str, set[str]] = {}
         self._live: list[int] = [config.index]
         self.raw_esp: socket.socket | None = None
         self.raw_gre: socket.socket | None = None
@@ -690,6 +691,7 @@ class Worker:
         net = dp.accounts.get(account)
         netns_name, tun_name = self._account_names(account)
         if not wanted:
+            self._tun_routes.pop(account, None)
             if net is not None:
                 del dp.accounts[account]
                 self._unregister(net.fd)
@@ -714,9 +716,18 @@ class Worker:
             self._register(fd, self._tun_drainer(net))
         addrs, prefixes = dp.account_config(account)
         dp.update_account(net, addrs)
+        before = self._tun_routes.get(account, set())
+        # The tunnel interface addresses are the worker's end of each tunnel,
+        # not the namespace's: they are routed into the TUN, not assigned to
+        # it (an address local to the namespace would make our ICMP errors
+        # from it martians there).
+        prefixes = sorted({*prefixes, *(str(ipaddress.ip_interface(a).network) for a in addrs)})
         tun.TunConfig(tun_name, netns_name=netns_name).apply(
-            mtu=self.cfg.tun_mtu, addresses=addrs, routes=prefixes
+            mtu=self.cfg.tun_mtu,
+            routes=prefixes,
+            remove_routes=sorted(before - set(prefixes)),
         )
+        self._tun_routes[account] = set(prefixes)
 
     def _tun_writer(self, fd: int) -> WriteFn:
         write = os.write
