@@ -80,7 +80,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as chmac
 from cryptography.hazmat.primitives.ciphers import Cipher as _Cipher
-from cryptography.hazmat.primitives.ciphers import CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dataplane.drops import Drop, DropReason
@@ -106,8 +106,13 @@ _IV = struct.Struct("!II")
 """GCM explicit IV: worker id, per-worker sequence number."""
 _CTR = struct.Struct("!IIQ")
 """CBC counter block: worker id, sequence number, zero."""
+_HDR_IV = struct.Struct("!IIII")
+"""SPI, sequence number and the GCM explicit IV in one write."""
 _PAD = bytes(range(1, 256))
 """RFC 4303 §2.4: default padding is 1, 2, 3, ... ."""
+_TRAILERS = tuple(tuple(_PAD[:pad] + bytes((pad, nh)) for nh in range(256)) for pad in range(16))
+"""Padding ‖ pad length ‖ next header for pad 0..15 and every next header:
+one table lookup and one slice assignment per packet."""
 
 _GCM_IV = 8
 _GCM_ICV = 16
@@ -185,18 +190,16 @@ class OutboundSa:
 
     Built once per SA when its record lands (DESIGN §7); holds the cipher
     context, the keyed HMAC, the packed SPI and a scratch buffer. See the
-    module docstring for the IV and sequence-number bounds.
+    module docstring for the IV and sequence-number bounds. Constructing
+    ``OutboundSa(rec)`` returns the subclass for the record's cipher (AES-GCM,
+    AES-CBC or NULL), each with a straight-line ``encapsulate_into``.
     """
 
     __slots__ = (
-        "_aead",
         "_align",
-        "_cbc",
+        "_fixed",
         "_iv_len",
-        "_kind",
-        "_mac",
-        "_nonce",
-        "_scratch",
+        "_out_view",
         "_scratch_view",
         "cipher",
         "icv_len",
@@ -205,6 +208,12 @@ class OutboundSa:
         "spi",
         "worker_id",
     )
+
+    def __new__(cls, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> OutboundSa:
+        if cls is OutboundSa:
+            cipher = Cipher(rec.cipher)
+            cls = _GcmOut if cipher in _GCM else _CbcOut if cipher in _CBC else _NullOut
+        return object.__new__(cls)
 
     def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
         if not 0 <= worker_id <= MAX_WORKER_ID:
@@ -219,32 +228,16 @@ class OutboundSa:
         self.seq: int = first_seq - 1
         """Last sequence number sent by this worker (0 before the first)."""
         self._iv_len, self._align, self.icv_len = _geometry(self.cipher, self.integ)
-        self._aead: AESGCM | None = None
-        self._cbc: CipherContext | None = None
-        self._mac: Integrity | None = None
-        self._nonce = bytearray(12)
-        if self.cipher in _GCM:
-            self._kind = 0
-            self._aead = AESGCM(rec.enc_key)
-            self._nonce[0:4] = rec.salt
-        elif self.cipher in _CBC:
-            self._kind = 1
-            # The initial chaining value only shapes the first IV (AES_K(ctr ⊕ it));
-            # any fixed value keeps the IVs unpredictable without the key.
-            self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).encryptor()
-            self._mac = Integrity(self.integ, rec.integ_key)
-        else:
-            self._kind = 2
-            self._mac = Integrity(self.integ, rec.integ_key)
+        self._fixed = ESP_HEADER_LEN + self._iv_len + self.icv_len
+        self._out_view = memoryview(b"")
         # Plaintext is assembled here (inner ‖ padding ‖ trailer), then encrypted
         # into the caller's buffer: one copy of the inner packet, no allocation.
-        self._scratch = bytearray(_CBC_BLOCK + MAX_INNER + 512)
-        self._scratch_view = memoryview(self._scratch)
+        self._scratch_view = memoryview(bytearray(_CBC_BLOCK + MAX_INNER + 512))
 
     @classmethod
     def from_record(cls, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> OutboundSa:
         """Build the SA's cipher state once; ``worker_id`` goes into every IV."""
-        return cls(rec, worker_id=worker_id, first_seq=first_seq)
+        return OutboundSa(rec, worker_id=worker_id, first_seq=first_seq)
 
     def overhead(self, inner_len: int) -> int:
         """Octets ESP adds to an inner packet of ``inner_len`` octets:
@@ -263,76 +256,30 @@ class OutboundSa:
 
         ``Drop(SEQ_EXHAUSTED)`` once this worker sent 2**32-1 packets on the SA.
         ``ValueError`` for caller bugs (buffer too small, inner > 65535 octets,
-        next header outside 0..255); nothing is consumed then.
+        next header outside 0..255); nothing is consumed then. AES-CBC may use
+        up to 15 octets after the packet in ``out`` as scratch space. The SA
+        keeps a memoryview of the last ``out`` it saw (a worker reuses one
+        buffer), so that bytearray cannot be resized while the SA lives.
         """
-        n = len(inner)
-        seq = self.seq + 1
-        if seq > MAX_SEQ:
+        raise NotImplementedError  # each cipher's subclass implements it
+
+    def _refuse(self, out: bytearray, offset: int, n: int, next_header: int, total: int) -> None:
+        """The slow path: say why a packet cannot be encapsulated."""
+        if self.seq >= MAX_SEQ:
             raise Drop(DropReason.SEQ_EXHAUSTED)
         if n > MAX_INNER or not 0 <= next_header <= 255:
             raise ValueError("inner packet too large or bad next header")
-        pad = -(n + 2) % self._align
-        ptlen = n + pad + 2
-        iv_len = self._iv_len
-        total = ESP_HEADER_LEN + iv_len + ptlen + self.icv_len
-        if offset < 0 or offset + total > len(out):
-            raise ValueError("output buffer too small for the ESP packet")
-        kind = self._kind
-        _HDR.pack_into(out, offset, self.spi, seq)
-        if kind == 0:
-            assert self._aead is not None
-            nonce = self._nonce
-            _IV.pack_into(nonce, 4, self.worker_id, seq)
-            _IV.pack_into(out, offset + 8, self.worker_id, seq)
-            sv = self._scratch_view
-            sv[0:n] = inner
-            scratch = self._scratch
-            scratch[n : n + pad] = _PAD[:pad]
-            scratch[n + pad] = pad
-            scratch[n + pad + 1] = next_header
-            ov = memoryview(out)
-            self._aead.encrypt_into(
-                nonce, sv[:ptlen], ov[offset : offset + 8], ov[offset + 16 : offset + total]
-            )
-        elif kind == 1:
-            assert self._cbc is not None and self._mac is not None
-            sv = self._scratch_view
-            scratch = self._scratch
-            _CTR.pack_into(scratch, 0, self.worker_id, seq, 0)
-            p = _CBC_BLOCK
-            sv[p : p + n] = inner
-            p += n
-            scratch[p : p + pad] = _PAD[:pad]
-            scratch[p + pad] = pad
-            scratch[p + pad + 1] = next_header
-            ov = memoryview(out)
-            start = offset + ESP_HEADER_LEN
-            data = sv[: _CBC_BLOCK + ptlen]
-            end = start + _CBC_BLOCK + ptlen
-            # update_into wants block_size-1 octets of slack after the output:
-            # the ICV area (16 octets for SHA2-256-128) usually provides it.
-            if len(out) - end >= _CBC_BLOCK - 1:
-                self._cbc.update_into(data, ov[start:])
-            else:
-                out[start:end] = self._cbc.update(data)
-            out[end : offset + total] = self._mac.icv(ov[offset:end])
-        else:
-            assert self._mac is not None
-            p = offset + ESP_HEADER_LEN
-            out[p : p + n] = inner
-            p += n
-            out[p : p + pad] = _PAD[:pad]
-            out[p + pad] = pad
-            out[p + pad + 1] = next_header
-            end = p + pad + 2
-            out[end : offset + total] = self._mac.icv(memoryview(out)[offset:end])
-        self.seq = seq
-        return total
+        raise ValueError("output buffer too small for the ESP packet")
+
+    def _view(self, out: bytearray) -> memoryview:
+        ov = self._out_view = memoryview(out)
+        return ov
 
     def encapsulate(self, inner: Buffer, next_header: int) -> bytes:
         """Convenience for tests and tools: a new ``bytes`` ESP packet."""
         out = bytearray(self.overhead(len(inner)) + len(inner) + _CBC_BLOCK)
         n = self.encapsulate_into(out, 0, inner, next_header)
+        self._out_view = memoryview(b"")  # do not pin the temporary buffer
         return bytes(out[:n])
 
     def __repr__(self) -> str:
@@ -342,29 +289,137 @@ class OutboundSa:
         )
 
 
+class _GcmOut(OutboundSa):
+    """AES-GCM-16 (RFC 4106): nonce = salt ‖ worker id ‖ seq, AAD = SPI ‖ seq."""
+
+    __slots__ = ("_aead", "_nonce")
+
+    def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
+        super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
+        self._aead = AESGCM(rec.enc_key)
+        self._nonce = bytearray(rec.salt + bytes(8))
+
+    def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
+        n = len(inner)
+        seq = self.seq + 1
+        pad = -(n + 2) & 3
+        ptlen = n + pad + 2
+        total = ptlen + (ESP_HEADER_LEN + _GCM_IV + _GCM_ICV)
+        if seq > MAX_SEQ or n > MAX_INNER or next_header & ~0xFF or offset < 0:
+            self._refuse(out, offset, n, next_header, total)
+        if offset + total > len(out):
+            self._refuse(out, offset, n, next_header, total)
+        ov = self._out_view
+        if ov.obj is not out:
+            ov = self._view(out)
+        wid = self.worker_id
+        _HDR_IV.pack_into(out, offset, self.spi, seq, wid, seq)
+        nonce = self._nonce
+        _IV.pack_into(nonce, 4, wid, seq)
+        sv = self._scratch_view
+        sv[:n] = inner
+        sv[n:ptlen] = _TRAILERS[pad][next_header]
+        self._aead.encrypt_into(
+            nonce, sv[:ptlen], ov[offset : offset + 8], ov[offset + 16 : offset + total]
+        )
+        self.seq = seq
+        return total
+
+
+class _CbcOut(OutboundSa):
+    """AES-CBC (RFC 3602) + HMAC; IVs from the chained counter block (module doc)."""
+
+    __slots__ = ("_cbc", "_mac")
+
+    def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
+        super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
+        # The initial chaining value only shapes the first IV (AES_K(ctr ⊕ it));
+        # any fixed value keeps the IVs unpredictable without the key.
+        self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).encryptor()
+        self._mac = Integrity(self.integ, rec.integ_key)
+
+    def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
+        n = len(inner)
+        seq = self.seq + 1
+        pad = -(n + 2) & 15
+        ptlen = n + pad + 2
+        total = self._fixed + ptlen
+        if seq > MAX_SEQ or n > MAX_INNER or next_header & ~0xFF or offset < 0:
+            self._refuse(out, offset, n, next_header, total)
+        if offset + total > len(out):
+            self._refuse(out, offset, n, next_header, total)
+        ov = self._out_view
+        if ov.obj is not out:
+            ov = self._view(out)
+        _HDR.pack_into(out, offset, self.spi, seq)
+        sv = self._scratch_view
+        _CTR.pack_into(sv, 0, self.worker_id, seq, 0)
+        p = _CBC_BLOCK + n
+        sv[_CBC_BLOCK:p] = inner
+        sv[p : p + pad + 2] = _TRAILERS[pad][next_header]
+        data = sv[: _CBC_BLOCK + ptlen]
+        start = offset + ESP_HEADER_LEN
+        end = start + _CBC_BLOCK + ptlen
+        # update_into wants block_size-1 octets of slack after its output; the
+        # ICV area (16 octets for SHA2-256-128) usually provides it.
+        if len(out) - end >= _CBC_BLOCK - 1:
+            self._cbc.update_into(data, ov[start:])
+        else:
+            out[start:end] = self._cbc.update(data)
+        out[end : offset + total] = self._mac.icv(ov[offset:end])
+        self.seq = seq
+        return total
+
+
+class _NullOut(OutboundSa):
+    """NULL encryption (RFC 2410) + HMAC: the payload travels in clear."""
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
+        super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
+        self._mac = Integrity(self.integ, rec.integ_key)
+
+    def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
+        n = len(inner)
+        seq = self.seq + 1
+        pad = -(n + 2) & 3
+        total = self._fixed + n + pad + 2
+        if seq > MAX_SEQ or n > MAX_INNER or next_header & ~0xFF or offset < 0:
+            self._refuse(out, offset, n, next_header, total)
+        if offset + total > len(out):
+            self._refuse(out, offset, n, next_header, total)
+        ov = self._out_view
+        if ov.obj is not out:
+            ov = self._view(out)
+        _HDR.pack_into(out, offset, self.spi, seq)
+        p = offset + ESP_HEADER_LEN
+        out[p : p + n] = inner
+        p += n
+        end = p + pad + 2
+        out[p:end] = _TRAILERS[pad][next_header]
+        out[end : offset + total] = self._mac.icv(ov[offset:end])
+        self.seq = seq
+        return total
+
+
 class InboundSa:
     """One inbound SA: verifies, replay-checks and decrypts ESP packets.
 
     Order (RFC 4303 §3.4): length checks → ICV (for CBC and NULL before any
     decryption; for GCM the tag check is part of decryption) → replay check and
     window update (only for an authentic packet, §3.4.3) → padding → next
-    header. Every refusal is a ``Drop`` with a countable reason.
+    header. Every refusal is a ``Drop`` with a countable reason. Constructing
+    ``InboundSa(rec)`` returns the subclass for the record's cipher.
     """
 
-    __slots__ = (
-        "_aead",
-        "_cbc",
-        "_iv_len",
-        "_kind",
-        "_mac",
-        "_min_len",
-        "_salt",
-        "cipher",
-        "icv_len",
-        "integ",
-        "replay",
-        "spi",
-    )
+    __slots__ = ("_iv_len", "_min_len", "cipher", "icv_len", "integ", "replay", "spi")
+
+    def __new__(cls, rec: SaRecord) -> InboundSa:
+        if cls is InboundSa:
+            cipher = Cipher(rec.cipher)
+            cls = _GcmIn if cipher in _GCM else _CbcIn if cipher in _CBC else _NullIn
+        return object.__new__(cls)
 
     def __init__(self, rec: SaRecord) -> None:
         _check_integ(rec)
@@ -376,29 +431,14 @@ class InboundSa:
             ReplayWindow(rec.replay_window) if rec.replay_window > 0 else None
         )
         """The anti-replay window, or None when the SA has replay protection off."""
-        self._aead: AESGCM | None = None
-        self._cbc: CipherContext | None = None
-        self._mac: Integrity | None = None
-        self._salt = rec.salt
-        if self.cipher in _GCM:
-            self._kind = 0
-            self._aead = AESGCM(rec.enc_key)
-            # header, IV, at least the 2-octet trailer, tag
-            self._min_len = ESP_HEADER_LEN + _GCM_IV + 2 + _GCM_ICV
-        elif self.cipher in _CBC:
-            self._kind = 1
-            self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).decryptor()
-            self._mac = Integrity(self.integ, rec.integ_key)
-            self._min_len = ESP_HEADER_LEN + _CBC_BLOCK + _CBC_BLOCK + self.icv_len
-        else:
-            self._kind = 2
-            self._mac = Integrity(self.integ, rec.integ_key)
-            self._min_len = ESP_HEADER_LEN + 2 + self.icv_len
+        # header, IV, at least the 2-octet trailer (a whole block for CBC), ICV
+        trailer = _CBC_BLOCK if self.cipher in _CBC else 2
+        self._min_len = ESP_HEADER_LEN + self._iv_len + trailer + self.icv_len
 
     @classmethod
     def from_record(cls, rec: SaRecord) -> InboundSa:
         """Build the SA's cipher state once, when its record lands."""
-        return cls(rec)
+        return InboundSa(rec)
 
     def open(self, packet: Buffer) -> tuple[int, memoryview]:
         """ESP processing without the tunnel-mode policy: (next header, payload).
@@ -414,38 +454,7 @@ class InboundSa:
         spi, seq = _HDR.unpack_from(mv, 0)
         if spi != self.spi:
             raise Drop(DropReason.UNKNOWN_SPI, "SPI does not match this SA")
-        kind = self._kind
-        pt: memoryview
-        if kind == 0:
-            assert self._aead is not None
-            nonce = self._salt + bytes(mv[8:16])
-            buf = bytearray(n - ESP_HEADER_LEN - _GCM_IV - _GCM_ICV)
-            try:
-                self._aead.decrypt_into(nonce, mv[16:n], mv[0:8], buf)
-            except InvalidTag:
-                raise Drop(DropReason.BAD_ICV) from None
-            pt = memoryview(buf)
-            self._replay(seq)
-        else:
-            assert self._mac is not None
-            icv_len = self.icv_len
-            end = n - icv_len
-            if not hmac.compare_digest(self._mac.icv(mv[0:end]), mv[end:n]):
-                raise Drop(DropReason.BAD_ICV)
-            if kind == 1:
-                assert self._cbc is not None
-                if (end - ESP_HEADER_LEN) % _CBC_BLOCK:
-                    # Authentic but not a whole number of blocks: sender bug.
-                    raise Drop(DropReason.MALFORMED, "CBC payload not block aligned")
-                self._replay(seq)
-                # Feed IV ‖ ciphertext; the first output block is discarded and
-                # leaves the chaining state at the packet's IV (module docstring).
-                buf = bytearray(end - ESP_HEADER_LEN + _CBC_BLOCK - 1)
-                m = self._cbc.update_into(mv[ESP_HEADER_LEN:end], buf)
-                pt = memoryview(buf)[_CBC_BLOCK:m]
-            else:
-                self._replay(seq)
-                pt = mv[ESP_HEADER_LEN:end]
+        pt = self._unprotect(mv, n, seq)
         m = len(pt)
         padlen = pt[m - 2]
         body = m - 2 - padlen
@@ -453,13 +462,15 @@ class InboundSa:
             raise Drop(DropReason.BAD_PAD)
         return pt[m - 1], pt[:body]
 
+    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
+        """Verify, replay-check and decrypt; the plaintext incl. its trailer."""
+        raise NotImplementedError  # each cipher's subclass implements it
+
     def _replay(self, seq: int) -> None:
         """RFC 4303 §3.4.3 after the ICV verified: refuse a replay, else slide."""
         window = self.replay
-        if window is not None:
-            if not window.check(seq):
-                raise Drop(DropReason.REPLAY)
-            window.update(seq)
+        if window is not None and not window.accept(seq):
+            raise Drop(DropReason.REPLAY)
 
     def decapsulate(self, packet: Buffer) -> tuple[int, memoryview]:
         """Tunnel mode: (next header 4 or 41, the inner packet).
@@ -480,3 +491,62 @@ class InboundSa:
             f"InboundSa(spi=0x{self.spi:08x}, cipher={self.cipher.value}, "
             f"integ={self.integ.value}, replay={self.replay!r})"
         )
+
+
+class _GcmIn(InboundSa):
+    __slots__ = ("_aead", "_salt")
+
+    def __init__(self, rec: SaRecord) -> None:
+        super().__init__(rec)
+        self._aead = AESGCM(rec.enc_key)
+        self._salt = rec.salt
+
+    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
+        buf = bytearray(n - (ESP_HEADER_LEN + _GCM_IV + _GCM_ICV))
+        try:
+            self._aead.decrypt_into(self._salt + mv[8:16], mv[16:n], mv[0:8], buf)
+        except InvalidTag:
+            raise Drop(DropReason.BAD_ICV) from None
+        if self.replay is not None:
+            self._replay(seq)
+        return memoryview(buf)
+
+
+class _CbcIn(InboundSa):
+    __slots__ = ("_cbc", "_mac")
+
+    def __init__(self, rec: SaRecord) -> None:
+        super().__init__(rec)
+        self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).decryptor()
+        self._mac = Integrity(self.integ, rec.integ_key)
+
+    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
+        end = n - self.icv_len
+        if not hmac.compare_digest(self._mac.icv(mv[:end]), mv[end:n]):
+            raise Drop(DropReason.BAD_ICV)
+        if (end - ESP_HEADER_LEN) & 15:
+            # Authentic but not a whole number of blocks: a sender bug.
+            raise Drop(DropReason.MALFORMED, "CBC payload not block aligned")
+        if self.replay is not None:
+            self._replay(seq)
+        # Feed IV ‖ ciphertext; the first output block is discarded and leaves
+        # the chaining state at the packet's IV (module docstring).
+        buf = bytearray(end - ESP_HEADER_LEN + _CBC_BLOCK - 1)
+        m = self._cbc.update_into(mv[ESP_HEADER_LEN:end], buf)
+        return memoryview(buf)[_CBC_BLOCK:m]
+
+
+class _NullIn(InboundSa):
+    __slots__ = ("_mac",)
+
+    def __init__(self, rec: SaRecord) -> None:
+        super().__init__(rec)
+        self._mac = Integrity(self.integ, rec.integ_key)
+
+    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
+        end = n - self.icv_len
+        if not hmac.compare_digest(self._mac.icv(mv[:end]), mv[end:n]):
+            raise Drop(DropReason.BAD_ICV)
+        if self.replay is not None:
+            self._replay(seq)
+        return mv[ESP_HEADER_LEN:end]

@@ -65,5 +65,22 @@ class ReplayWindow:
         else:
             self._bits |= 1 << (top - seq)
 
+    def accept(self, seq: int) -> bool:
+        """:meth:`check` and, if new, :meth:`update` in one call (the hot path);
+        call only for a packet whose ICV verified."""
+        top = self.top
+        if seq > top:
+            if seq > _MAX_SEQ:
+                return False
+            shift = seq - top
+            self._bits = ((self._bits << shift) | 1) & self._mask if shift < self.size else 1
+            self.top = seq
+            return True
+        diff = top - seq
+        if seq <= 0 or diff >= self.size or (self._bits >> diff) & 1:
+            return False
+        self._bits |= 1 << diff
+        return True
+
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, top={self.top})"

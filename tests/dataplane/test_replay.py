@@ -95,3 +95,16 @@ def test_matches_reference_model(size: int, seqs: list[int]) -> None:
         if expected:
             seen.add(s)
             top = max(top, s)
+
+
+@given(
+    size=st.integers(1, 300),
+    seqs=st.lists(st.integers(-1, 2000), max_size=200),
+)
+@settings(max_examples=200, deadline=None)
+def test_accept_equals_check_then_update(size: int, seqs: list[int]) -> None:
+    """The hot-path ``accept`` (used by InboundSa) behaves like check+update."""
+    a, b = ReplayWindow(size), ReplayWindow(size)
+    for s in seqs:
+        assert a.accept(s) == accept(b, s), s
+        assert (a.top, a.check(s)) == (b.top, b.check(s))
