@@ -396,6 +396,22 @@ class Namespace:
         self.topology._processes.append(proc)
         return proc
 
+    def capture(
+        self, ifname: str, path: str, bpf: Sequence[str] = ("udp",)
+    ) -> subprocess.Popen[Any]:
+        """Start ``tcpdump`` on ``ifname`` writing a pcap to ``path``; returns
+        once it is listening. Stop it with ``topology.stop(proc)``: packets
+        are written as they arrive (``--immediate-mode -U``), so nothing is
+        lost at SIGTERM. Runs as root (``-Z root``) so any path works."""
+        argv = ["tcpdump", "-i", ifname, "-U", "--immediate-mode", "-Z", "root", "-w", path]
+        proc = self.popen([*argv, *bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        if b"listening on" not in line:
+            self.topology.stop(proc)
+            raise NetnsError(f"{self}: tcpdump did not start: {line!r}")
+        return proc
+
     def run(
         self,
         argv: Sequence[str],

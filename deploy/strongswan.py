@@ -26,7 +26,10 @@ UDP-encapsulated. ``encap = yes`` in a connection says the same explicitly;
 the first message. Routes: with ``install_routes = yes`` kernel-netlink puts
 the remote traffic selectors into routing table 220 (with an ``ip rule``)
 pointing at ``ipsec0``, with a source address from the local traffic selector
-when the host owns one — so a site needs an address inside its ``local_ts``.
+when the host owns one — so a site needs an address inside its ``local_ts``:
+without one, libipsec's route install fails ("error installing route with
+policy"), the Child SA is not created and a strongSwan responder answers
+TS_UNACCEPTABLE.
 """
 
 from __future__ import annotations
@@ -223,6 +226,7 @@ def strongswan_conf(
 {extra}
 }}
 swanctl {{
+  load = random nonce openssl pem pkcs1 pkcs8 x509 pubkey
   socket = unix://{vici_socket}
 }}
 """
@@ -304,6 +308,36 @@ def ike_sas(text: str) -> list[dict[str, Any]]:
                 children.append(dict(child))
             sa["child-sas"] = children
             sas.append(sa)
+    return sas
+
+
+_KEY_LINE = re.compile(r"(Sk_\w+) secret => (\d+) bytes")
+_HEX_LINE = re.compile(r">\s+\d+: ((?:[0-9A-F]{2} ){1,16})")
+
+
+def parse_ike_keys(log: str) -> list[dict[str, bytes]]:
+    """Group the ``Sk_* secret`` hex dumps of a level-4 charon log into one
+    dict per IKE SA (``sk_d``, ``sk_ai``, ``sk_ar``, ``sk_ei``, ``sk_er``,
+    ``sk_pi``, ``sk_pr``); a new ``sk_d`` starts a new SA."""
+    lines = log.splitlines()
+    sas: list[dict[str, bytes]] = []
+    i = 0
+    while i < len(lines):
+        m = _KEY_LINE.search(lines[i])
+        i += 1
+        if not m:
+            continue
+        want, hexs = int(m.group(2)), ""
+        while len(hexs) < 2 * want and i < len(lines):
+            hm = _HEX_LINE.search(lines[i])
+            if not hm:
+                break
+            hexs += hm.group(1).replace(" ", "")
+            i += 1
+        name = m.group(1).lower()
+        if name == "sk_d" or not sas:
+            sas.append({})
+        sas[-1][name] = bytes.fromhex(hexs)
     return sas
 
 
@@ -461,11 +495,15 @@ class Charon:
             args += ["--ike", ike]
         self._swanctl(args, timeout=timeout + 5)
 
-    def log(self) -> str:
-        """charon's log so far (and its stderr, if it wrote any)."""
+    def log(self, *, raw: bool = False) -> str:
+        """charon's log so far (and its stderr, if it wrote any). Hex dumps
+        (level 4: keys, the PSK, message bytes) are removed unless ``raw``,
+        so the text is safe to print in a test report."""
         text = ""
         with contextlib.suppress(FileNotFoundError):
             text = self.log_path.read_text(errors="replace")
+        if not raw:
+            text = "\n".join(line for line in text.splitlines() if not _HEX_LINE.search(line))
         with contextlib.suppress(FileNotFoundError):
             err = (self.dir / "charon.stderr").read_text(errors="replace")
             if err.strip():
@@ -475,6 +513,13 @@ class Charon:
     def log_lines(self, pattern: str) -> list[str]:
         rx = re.compile(pattern)
         return [line for line in self.log().splitlines() if rx.search(line)]
+
+    def ike_keys(self) -> list[dict[str, bytes]]:
+        """SK_* of every IKE SA derived so far, oldest first, read from the
+        log's hex dumps — needs ``log_levels={"ike": 4}`` (charon's
+        keymat_v2 logs ``Sk_ei secret => 36 bytes`` at level 4). For tests
+        only: the keys decrypt that charon's IKE traffic (tshark)."""
+        return parse_ike_keys(self.log(raw=True))
 
     def wait_for(
         self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1

@@ -163,3 +163,35 @@ def test_start_on_4500_and_stop_by_pid(netns_topology) -> None:
         cb.stop()
     assert ca.proc is not None and ca.proc.poll() is not None
     assert not ca.dir.exists()
+
+
+LEVEL4_LOG = """\
+02:00:39 08[IKE] <t1|1> Sk_d secret => 20 bytes @ 0x7f1
+02:00:39 08[IKE] <t1|1>    0: 00 01 02 03 04 05 06 07 08 09 0A 0B 0C 0D 0E 0F  ................
+02:00:39 08[IKE] <t1|1>   16: 10 11 12 13                                      ....
+02:00:39 08[IKE] <t1|1> Sk_ei secret => 4 bytes @ 0x7f2
+02:00:39 08[IKE] <t1|1>    0: DE AD BE EF                                      ....
+02:00:39 08[IKE] <t1|1> secret => 4 bytes @ 0x7f3
+02:00:39 08[IKE] <t1|1>    0: 70 73 6B 21                                      psk!
+02:00:40 11[IKE] <t1|2> Sk_d secret => 2 bytes @ 0x7f4
+02:00:40 11[IKE] <t1|2>    0: AB CD                                            ..
+"""
+
+
+def test_parse_ike_keys_groups_per_sa_and_log_hides_hex_dumps(tmp_path) -> None:
+    from deploy.strongswan import parse_ike_keys
+
+    first, second = parse_ike_keys(LEVEL4_LOG)
+    assert first["sk_d"] == bytes(range(20)) and first["sk_ei"] == bytes.fromhex("deadbeef")
+    assert "secret" not in first  # the PSK dump is not a key of ours to return
+    assert second == {"sk_d": b"\xab\xcd"}
+
+    class NoNs:
+        name = "none"
+
+    charon = Charon(NoNs(), tmp_path, name="offline")  # type: ignore[arg-type]
+    charon.log_path.write_text(LEVEL4_LOG)
+    assert "psk!" not in charon.log() and "70 73 6B 21" not in charon.log()
+    assert "Sk_ei secret => 4 bytes" in charon.log()
+    assert "70 73 6B 21" in charon.log(raw=True)
+    assert charon.ike_keys()[0]["sk_ei"] == bytes.fromhex("deadbeef")

@@ -1,0 +1,844 @@
+"""Our IKEv2 responder (IkeEngine + IkeTransport) against strongSwan initiators.
+
+Topology (netns prefix ``awt-i-x-``)::
+
+    site 192.0.2.1 ──── 192.0.2.254 gw (203.0.113.1 on lo: our responder)
+                                     │ 198.51.100.254
+    natsite 10.10.0.2 ── 10.10.0.1 nat 198.51.100.1 (nftables masquerade)
+
+Each test starts its own charon (kernel-libipsec, so ESP would be UDP
+encapsulated and a 500 initiator always floats to 4500) and its own engine +
+transport, running on an event loop in a thread that joined the ``gw``
+namespace. Pass/fail comes from strongSwan's own view (``swanctl --list-sas``:
+ESTABLISHED / INSTALLED with the expected algorithms and SPIs) and from our
+engine's events. ESP data is not exercised here (control carries no ESP; the
+data-path interop test is the worker's).
+
+On failure pytest prints charon's log and our events (captured teardown output).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from deploy.netns import LoopThread, Namespace, Topology, cleanup_prefix
+from deploy.strongswan import Charon, Child, Connection
+
+pytestmark = [pytest.mark.netns, pytest.mark.strongswan]
+
+engine_mod = pytest.importorskip("control.ike.engine")
+events_mod = pytest.importorskip("control.ike.events")
+from control.ike.transport import IkeTransport  # noqa: E402
+
+IkeConfig = engine_mod.IkeConfig
+IkeEngine = engine_mod.IkeEngine
+TunnelAuth = engine_mod.TunnelAuth
+ev = events_mod
+
+
+def _engine_is_implemented() -> bool:
+    try:
+        IkeEngine(IkeConfig(), lambda ident: None).get_timer()
+    except NotImplementedError:
+        return False
+    return True
+
+
+PREFIX = "awt-i-x-"
+SUFFIX = "ipsec.anywan.example"
+ANYCAST = "203.0.113.1"
+SITE_ADDR = "192.0.2.1"
+NAT_OUTER = "198.51.100.1"
+PSK = b"\x11" * 8 + b"interop-psk-0123456789"
+SITE_TS = "10.1.0.0/24"
+CORE_TS = "10.200.0.0/16"
+
+# strongSwan's names for what a swanctl proposal keyword selects.
+ENCR = {
+    "aes128gcm16": ("AES_GCM_16", "128"),
+    "aes256gcm16": ("AES_GCM_16", "256"),
+    "aes128": ("AES_CBC", "128"),
+    "aes256": ("AES_CBC", "256"),
+    "null": ("NULL", None),
+}
+INTEG = {"sha256": "HMAC_SHA2_256_128", "sha1": "HMAC_SHA1_96"}
+PRF = {
+    "prfsha256": "PRF_HMAC_SHA2_256",
+    "prfsha384": "PRF_HMAC_SHA2_384",
+    "prfsha512": "PRF_HMAC_SHA2_512",
+}
+DH = {"ecp384": "ECP_384", "modp2048": "MODP_2048", "modp1536": "MODP_1536"}
+# Our SaRecord's integ names for the same.
+RECORD_INTEG = {"sha256": "sha256_128", "sha1": "sha1_96", None: "none"}
+
+
+def fqdn(account: str, tunnel: str) -> str:
+    return f"{tunnel}.{account}.{SUFFIX}"
+
+
+# --- fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def topo() -> Iterator[Topology]:
+    cleanup_prefix(PREFIX)
+    t = Topology(PREFIX)
+    try:
+        gw, site = t.namespace("gw"), t.namespace("site")
+        nat, natsite = t.namespace("nat"), t.namespace("natsite")
+        t.veth(site, "s0", gw, "g1", addr_a=f"{SITE_ADDR}/24", addr_b="192.0.2.254/24")
+        t.veth(nat, "n0", gw, "g2", addr_a=f"{NAT_OUTER}/24", addr_b="198.51.100.254/24")
+        t.veth(natsite, "s0", nat, "n1", addr_a="10.10.0.2/24", addr_b="10.10.0.1/24")
+        gw.addr("lo", f"{ANYCAST}/32")
+        gw.addr("lo", "10.200.0.1/32")  # for the strongSwan-responder baseline's routes
+        site.addr("lo", "10.1.0.1/32")
+        natsite.addr("lo", "10.1.1.1/32")
+        site.route(f"{ANYCAST}/32", via="192.0.2.254")
+        natsite.route("default", via="10.10.0.1")
+        nat.route(f"{ANYCAST}/32", via="198.51.100.254")
+        nat.enable_forwarding()
+        nat.nft(
+            "table ip awnat {\n chain post {\n  type nat hook postrouting priority 100;\n"
+            '  oifname "n0" masquerade\n }\n}\n'
+        )
+        yield t
+    finally:
+        t.close()
+
+
+@dataclass
+class Store:
+    """The tunnels our lookup knows (what control's store would answer)."""
+
+    tunnels: list[Any] = field(default_factory=list)
+
+    def add(self, account: str, tunnel: str, psk: bytes = PSK, **kw: Any) -> Any:
+        auth = TunnelAuth(account_id=account, tunnel_id=tunnel, psk=psk, local_addr=ANYCAST, **kw)
+        self.tunnels.append(auth)
+        return auth
+
+    def lookup(self, ident: Any) -> Any:
+        if ident.kind == "ipv4":
+            found = [
+                t
+                for t in self.tunnels
+                if t.customer_endpoint == ident.address and t.local_addr == ident.local_addr
+            ]
+            return found[0] if len(found) == 1 else None
+        for t in self.tunnels:
+            if (t.account_id, t.tunnel_id) == (ident.account_id, ident.tunnel_id):
+                return t
+        return None
+
+
+class Responder:
+    """Engine + transport on a loop thread inside ``gw``."""
+
+    def __init__(self, ns: Namespace, store: Store, config: Any) -> None:
+        self.store = store
+        self.engine = IkeEngine(config, store.lookup)
+        self.events: list[object] = []
+        self.lt: LoopThread = ns.loop_thread()
+        self.transport = IkeTransport(self.engine, on_event=self.events.append, loop=self.lt.loop)
+        self.lt.run(self.transport.listen(ANYCAST))
+
+    def of(self, cls: type, **match: Any) -> list[Any]:
+        return [
+            e
+            for e in list(self.events)
+            if isinstance(e, cls) and all(getattr(e, k) == v for k, v in match.items())
+        ]
+
+    def wait(self, cls: type, timeout: float = 10.0, count: int = 1, **match: Any) -> list[Any]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            found = self.of(cls, **match)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(
+            f"no {count}x {cls.__name__}({match}) within {timeout}s; events: "
+            f"{[type(e).__name__ for e in self.events]}; transport: {dict(self.transport.stats)}"
+        )
+
+    def call(self, func: Callable[..., Any], *args: Any) -> Any:
+        return self.lt.call(self.transport.call, func, *args)
+
+    def close(self) -> None:
+        self.lt.call(self.transport.close)
+        self.lt.stop()
+
+
+def default_config(**kw: Any) -> Any:
+    base: dict[str, Any] = {
+        "id_suffix": SUFFIX,
+        "retransmit_timeout": 0.5,
+        "retransmit_tries": 3,
+        "rekey_delete_delay": 0.2,
+    }
+    base.update(kw)
+    return IkeConfig(**base)
+
+
+@pytest.fixture
+def make_responder(topo: Topology) -> Iterator[Callable[..., Responder]]:
+    made: list[Responder] = []
+
+    def make(store: Store, **config: Any) -> Responder:
+        # Until control/ike/engine.py has a body there is nothing to test
+        # against; the strongSwan-responder baselines need no engine.
+        if not _engine_is_implemented():
+            pytest.skip("control/ike/engine.py: IkeEngine is not implemented yet")
+        r = Responder(topo.namespaces["gw"], store, default_config(**config))
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        print(f"--- our events ({len(r.events)}):")
+        for e in r.events:
+            print("  ", e)
+        print("--- transport stats:", dict(r.transport.stats))
+        r.close()
+
+
+@pytest.fixture
+def charons(topo: Topology) -> Iterator[Callable[[str], Charon]]:
+    made: list[Charon] = []
+
+    def start(site: str = "site") -> Charon:
+        c = Charon(topo.namespaces[site], name=site, log_levels={"ike": 2, "enc": 1, "net": 2})
+        made.append(c)
+        c.start()
+        return c
+
+    yield start
+    for c in made:
+        print(f"--- charon {c.name} log (tail):")
+        print("\n".join(c.log().splitlines()[-120:]))
+        c.stop()
+
+
+def site_conn(
+    name: str,
+    local_id: str,
+    *,
+    proposals: str = "aes256gcm16-prfsha384-ecp384",
+    esp: str = "aes256gcm16",
+    psk: bytes = PSK,
+    local_addr: str = SITE_ADDR,
+    port: int = 500,
+    remote_id: str = "%any",
+    local_ts: str = SITE_TS,
+    remote_ts: str = CORE_TS,
+    **kw: Any,
+) -> Connection:
+    return Connection(
+        name,
+        local_addr,
+        ANYCAST,
+        local_id,
+        remote_id,
+        psk,
+        proposals=[proposals],
+        children=[Child("net", [local_ts], [remote_ts], [esp])],
+        local_port=port,
+        remote_port=port,
+        **kw,
+    )
+
+
+def only_sa(charon: Charon, name: str) -> dict[str, Any]:
+    sas = charon.established(name)
+    assert len(sas) == 1, f"expected one ESTABLISHED {name}: {charon.list_sas()}"
+    return sas[0]
+
+
+def installed_children(sa: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in sa["child-sas"] if c.get("state") == "INSTALLED"]
+
+
+def check_child_matches_records(child: dict[str, Any], installed: Any) -> None:
+    """strongSwan's Child SA and our ChildSaInstalled describe the same pair."""
+    assert int(child["spi-in"], 16) == installed.outbound.spi
+    assert int(child["spi-out"], 16) == installed.inbound.spi
+    assert installed.inbound.udp_encap and installed.outbound.udp_encap  # libipsec forces it
+
+
+# --- proposals: a covering matrix -----------------------------------------------
+
+# IKE: every encryption × PRF, encryption × DH and PRF × DH pair (a Latin square).
+IKE_CASES = [
+    "aes128gcm16-prfsha256-ecp384",
+    "aes128gcm16-prfsha384-modp2048",
+    "aes128gcm16-prfsha512-modp1536",
+    "aes256gcm16-prfsha256-modp2048",
+    "aes256gcm16-prfsha384-modp1536",
+    "aes256gcm16-prfsha512-ecp384",
+    "aes256-sha256-prfsha256-modp1536",
+    "aes256-sha256-prfsha384-ecp384",
+    "aes256-sha256-prfsha512-modp2048",
+]
+# Child: every cipher × integrity, each cipher family with each PFS choice.
+CHILD_CASES = [
+    ("aes128gcm16", None, None),
+    ("aes256gcm16", None, "modp2048"),
+    ("aes128", "sha256", "modp1536"),
+    ("aes128", "sha1", None),
+    ("aes256", "sha256", "modp2048"),
+    ("aes256", "sha1", "modp1536"),
+    ("aes128gcm16", None, "modp1536"),
+    ("aes256gcm16", None, None),
+    ("aes256", "sha1", "modp2048"),
+]
+
+
+def esp_string(cipher: str, integ: str | None, pfs: str | None) -> str:
+    return "-".join(p for p in (cipher, integ, pfs) if p)
+
+
+def ike_expectation(proposal: str) -> dict[str, str]:
+    parts = proposal.split("-")
+    encr, keysize = ENCR[parts[0]]
+    want = {
+        "encr-alg": encr,
+        "encr-keysize": keysize or "",
+        "prf-alg": PRF[parts[-2]],
+        "dh-group": DH[parts[-1]],
+    }
+    if len(parts) == 4:
+        want["integ-alg"] = INTEG[parts[1]]
+    return want
+
+
+@pytest.mark.parametrize(
+    ("ike", "child"),
+    list(zip(IKE_CASES, CHILD_CASES, strict=True)),
+    ids=[f"{i}+{esp_string(*c)}" for i, c in zip(IKE_CASES, CHILD_CASES, strict=True)],
+)
+def test_proposal_matrix(make_responder, charons, ike: str, child: tuple) -> None:
+    """strongSwan offers exactly one IKE and one ESP proposal; both sides agree
+    on it; with PFS, a rekey by strongSwan runs CREATE_CHILD_SA with that group."""
+    cipher, integ, pfs = child
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"), proposals=ike, esp=esp_string(*child))])
+    site.initiate(child="net")
+
+    sa = only_sa(site, "t1")
+    for key, value in ike_expectation(ike).items():
+        assert sa.get(key, "") == value, (key, sa)
+    (kid,) = installed_children(sa)
+    encr, keysize = ENCR[cipher]
+    assert (kid["encr-alg"], kid.get("encr-keysize", "")) == (encr, keysize or "")
+    assert kid.get("integ-alg") == (INTEG[integ] if integ else None)
+    (est,) = ours.wait(ev.IkeSaEstablished, tunnel_id="t1")
+    assert est.proposal == ike or set(est.proposal.split("-")) >= set(ike.split("-")), est
+    (inst,) = ours.wait(ev.ChildSaInstalled, tunnel_id="t1")
+    check_child_matches_records(kid, inst)
+    assert inst.inbound.cipher.value == cipher
+    assert inst.inbound.integ.value == RECORD_INTEG[integ]
+
+    if pfs:
+        site.rekey(child="net")
+        (_, new) = ours.wait(ev.ChildSaInstalled, count=2, tunnel_id="t1")
+        assert new.replaces == (inst.inbound.spi, inst.outbound.spi)
+
+        def rekeyed() -> Any:
+            kids = installed_children(only_sa(site, "t1"))
+            return kids if kids and kids[0]["spi-in"] != kid["spi-in"] else None
+
+        kids = site.wait_for(rekeyed, timeout=10)
+        assert kids, site.list_sas()
+        assert kids[0].get("dh-group") == DH[pfs], kids
+        check_child_matches_records(kids[0], new)
+        ours.wait(ev.ChildSaDeleted, inbound_spi=inst.inbound.spi)
+
+
+def test_null_encryption_only_when_the_tunnel_allows_it(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "null-ok", allow_null_cipher=True)
+    store.add("acct1", "null-no")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load(
+        [
+            site_conn("ok", fqdn("acct1", "null-ok"), esp="null-sha256"),
+            site_conn("no", fqdn("acct1", "null-no"), esp="null-sha256"),
+        ]
+    )
+    site.initiate(child="net", ike="ok")
+    (kid,) = installed_children(only_sa(site, "ok"))
+    assert kid["encr-alg"] == "NULL" and kid["integ-alg"] == "HMAC_SHA2_256_128"
+    (inst,) = ours.wait(ev.ChildSaInstalled, tunnel_id="null-ok")
+    assert inst.inbound.cipher.value == "null"
+
+    with pytest.raises(Exception, match=r"failed|NO_PROPOSAL_CHOSEN"):
+        site.initiate(child="net", ike="no", timeout=8)
+    ours.wait(ev.NegotiationFailed, notify="NO_PROPOSAL_CHOSEN", sent=True)
+    assert not ours.of(ev.ChildSaInstalled, tunnel_id="null-no")
+    assert site.log_lines("NO_PROPOSAL_CHOSEN")
+
+
+def test_unacceptable_traffic_selectors(make_responder, charons) -> None:
+    """The customer's side claims a subnet the tunnel does not allow."""
+    from replication.records import TrafficSelector
+
+    store = Store()
+    store.add("acct1", "ts", remote_ts=(TrafficSelector("10.1.0.0", "10.1.0.255"),))
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("ts", fqdn("acct1", "ts"), local_ts="10.77.0.0/24")])
+    with pytest.raises(Exception, match="failed"):
+        site.initiate(child="net", timeout=8)
+    assert site.log_lines("TS_UNACCEPTABLE")
+    ours.wait(ev.NegotiationFailed, notify="TS_UNACCEPTABLE", sent=True)
+    assert not ours.of(ev.ChildSaInstalled)
+
+
+# --- identities -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "local_id", "remote_id"),
+    [
+        ("fqdn", fqdn("acct7", "tun-f"), "%any"),
+        ("rfc822", "ipsec@" + fqdn("acct7", "tun-r"), "%any"),
+        ("key_id", "keyid:acct7_tun-k", "%any"),
+        ("ipv4", SITE_ADDR, ANYCAST),
+    ],
+    ids=["fqdn", "rfc822", "keyid", "ipv4"],
+)
+def test_identity_types(make_responder, charons, kind: str, local_id: str, remote_id: str) -> None:
+    store = Store()
+    tunnel = {"fqdn": "tun-f", "rfc822": "tun-r", "key_id": "tun-k", "ipv4": "tun-4"}[kind]
+    store.add("acct7", tunnel, customer_endpoint=SITE_ADDR if kind == "ipv4" else None)
+    # A second tunnel with a different customer endpoint does not make ipv4 ambiguous.
+    store.add("acct7", "other", customer_endpoint="192.0.2.99")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("id", local_id, remote_id=remote_id)])
+    site.initiate(child="net")
+    sa = only_sa(site, "id")
+    assert installed_children(sa)
+    (est,) = ours.wait(ev.IkeSaEstablished)
+    assert (est.tunnel_id, est.account_id, est.id_type) == (tunnel, "acct7", kind)
+    if remote_id != "%any":
+        # strongSwan checked our IDr against what it expects.
+        assert sa["remote-id"] == remote_id
+
+
+def test_ipv4_identity_refused_when_ambiguous(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct7", "dup1", customer_endpoint=SITE_ADDR)
+    store.add("acct7", "dup2", customer_endpoint=SITE_ADDR)
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("id", SITE_ADDR)])
+    with pytest.raises(Exception, match="failed"):
+        site.initiate(child="net", timeout=8)
+    assert site.log_lines("AUTHENTICATION_FAILED")
+    ours.wait(ev.AuthenticationFailed, reason="unknown_id")
+    assert not ours.of(ev.IkeSaEstablished)
+
+
+def test_wrong_psk_and_unknown_id(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load(
+        [
+            site_conn("bad", fqdn("acct1", "t1"), psk=b"wrong-psk-wrong-psk-wrong"),
+            site_conn("unk", fqdn("acct1", "nope")),
+        ]
+    )
+    with pytest.raises(Exception, match="failed"):
+        site.initiate(child="net", ike="bad", timeout=8)
+    assert site.log_lines("received AUTHENTICATION_FAILED notify error")
+    (fail,) = ours.wait(ev.AuthenticationFailed, reason="bad_auth")
+    assert fail.remote[0] == SITE_ADDR
+    with pytest.raises(Exception, match="failed"):
+        site.initiate(child="net", ike="unk", timeout=8)
+    ours.wait(ev.AuthenticationFailed, reason="unknown_id")
+    assert not ours.of(ev.IkeSaEstablished) and not ours.of(ev.ChildSaInstalled)
+    # Nothing is left behind: the engine has no timer for these peers beyond housekeeping,
+    # and a correct PSK afterwards works.
+    site.load([site_conn("good", fqdn("acct1", "t1"))])
+    site.initiate(child="net", ike="good")
+    assert only_sa(site, "good")
+    text = "\n".join(str(e) for e in ours.events)
+    assert PSK.hex() not in text and "interop-psk" not in text
+
+
+# --- ports and NAT --------------------------------------------------------------
+
+
+def test_start_on_500_floats_to_4500(make_responder, charons) -> None:
+    """kernel-libipsec makes charon fake a NAT, so it moves to 4500 after
+    IKE_SA_INIT (RFC 7296 §2.23); we follow and encapsulate ESP."""
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    out = site.initiate(child="net")
+    assert f"to {ANYCAST}[500]" in out and f"to {ANYCAST}[4500]" in out
+    sa = only_sa(site, "t1")
+    assert (sa["local-port"], sa["remote-port"]) == ("4500", "4500")
+    (inst,) = ours.wait(ev.ChildSaInstalled)
+    rec = inst.outbound
+    assert (rec.remote_addr, rec.remote_port, rec.local_port, rec.udp_encap) == (
+        SITE_ADDR,
+        4500,
+        4500,
+        True,
+    )
+
+
+def test_start_on_4500(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"), port=4500)])
+    out = site.initiate(child="net")
+    assert f"to {ANYCAST}[500]" not in out
+    assert "IKE_SA_INIT" in out and f"to {ANYCAST}[4500]" in out
+    (est,) = ours.wait(ev.IkeSaEstablished)
+    assert est.udp_encap and est.local[1] == 4500 and est.remote[1] == 4500
+    (inst,) = ours.wait(ev.ChildSaInstalled)
+    check_child_matches_records(installed_children(only_sa(site, "t1"))[0], inst)
+
+
+@pytest.mark.parametrize("port", [500, 4500], ids=["float-500-4500", "start-4500"])
+def test_behind_masquerade_nat(make_responder, charons, port: int) -> None:
+    """strongSwan behind an nftables masquerade: both sides detect the NAT,
+    and our Child SA records point at the NAT's public address and port."""
+    store = Store()
+    store.add("acct2", "nat")
+    ours = make_responder(store)
+    site = charons("natsite")
+    site.load([site_conn("nat", fqdn("acct2", "nat"), local_addr="10.10.0.2", port=port)])
+    site.initiate(child="net")
+    sa = only_sa(site, "nat")
+    assert sa.get("nat-local") == "yes", sa  # charon sees itself behind NAT
+    (est,) = ours.wait(ev.IkeSaEstablished)
+    assert est.nat_detected and est.udp_encap and est.remote[0] == NAT_OUTER
+    (inst,) = ours.wait(ev.ChildSaInstalled)
+    rec = inst.outbound
+    assert rec.remote_addr == NAT_OUTER and rec.udp_encap and rec.local_port == 4500
+    assert rec.remote_port == est.remote[1]
+    check_child_matches_records(installed_children(sa)[0], inst)
+    if port == 500:
+        # The float: IKE_SA_INIT on 500, then IKE_AUTH on 4500 through the NAT.
+        assert site.log_lines(r"sending packet: from 10\.10\.0\.2\[500\]")
+        assert site.log_lines(r"sending packet: from 10\.10\.0\.2\[4500\]")
+
+
+# --- rekeying -------------------------------------------------------------------
+
+
+def test_child_rekey_by_strongswan(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"), esp="aes128-sha256-modp2048")])
+    site.initiate(child="net")
+    (old,) = installed_children(only_sa(site, "t1"))
+    (first,) = ours.wait(ev.ChildSaInstalled)
+    site.rekey(child="net")
+    (_, new) = ours.wait(ev.ChildSaInstalled, count=2)
+    assert new.replaces == (first.inbound.spi, first.outbound.spi)
+    ours.wait(ev.ChildSaDeleted, inbound_spi=first.inbound.spi)
+    kids = site.wait_for(
+        lambda: [c for c in installed_children(only_sa(site, "t1")) if c["spi-in"] != old["spi-in"]]
+    )
+    assert kids and len(installed_children(only_sa(site, "t1"))) == 1
+    check_child_matches_records(kids[0], new)
+
+
+def test_child_rekey_by_us(make_responder, charons) -> None:
+    """Our Child SA lifetime runs out first: we start CREATE_CHILD_SA (with
+    the negotiated PFS group), strongSwan installs the new SA, and we delete
+    the old one after publishing the new (make-before-break)."""
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store, child_lifetime=2.0, rekey_jitter=0.0)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"), esp="aes256gcm16-modp2048")])
+    site.initiate(child="net")
+    (old,) = installed_children(only_sa(site, "t1"))
+    (first,) = ours.wait(ev.ChildSaInstalled)
+    (_, new) = ours.wait(ev.ChildSaInstalled, count=2, timeout=8)
+    assert new.replaces == (first.inbound.spi, first.outbound.spi)
+    ours.wait(ev.ChildSaDeleted, inbound_spi=first.inbound.spi)
+    assert site.log_lines(r"parsed CREATE_CHILD_SA request")
+    kids = site.wait_for(
+        lambda: [c for c in installed_children(only_sa(site, "t1")) if c["spi-in"] != old["spi-in"]]
+    )
+    assert kids, site.list_sas()
+    assert kids[0].get("dh-group") == "MODP_2048"
+    check_child_matches_records(kids[0], new)
+    assert site.wait_for(lambda: len(installed_children(only_sa(site, "t1"))) == 1)
+
+
+def test_ike_rekey_by_strongswan(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"), proposals="aes256-sha256-prfsha256-modp2048")])
+    site.initiate(child="net")
+    before = only_sa(site, "t1")
+    site.rekey(ike="t1")
+    (rk,) = ours.wait(ev.IkeSaRekeyed)
+    after = site.wait_for(
+        lambda: [s for s in site.established("t1") if s["initiator-spi"] != before["initiator-spi"]]
+    )
+    assert after, site.list_sas()
+    assert int(after[0]["initiator-spi"], 16) == rk.spi_i
+    assert int(after[0]["responder-spi"], 16) == rk.spi_r
+    assert int(before["initiator-spi"], 16) == rk.old_spi_i
+    # The Child SA survived the IKE rekey, untouched.
+    assert installed_children(after[0])[0]["spi-in"] == installed_children(before)[0]["spi-in"]
+    assert not ours.of(ev.ChildSaDeleted)
+    # The new IKE SA works: a Child rekey over it.
+    site.rekey(child="net")
+    ours.wait(ev.ChildSaInstalled, count=2)
+
+
+def test_ike_rekey_by_us(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store, ike_lifetime=2.0, rekey_jitter=0.0)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.initiate(child="net")
+    before = only_sa(site, "t1")
+    (rk,) = ours.wait(ev.IkeSaRekeyed, timeout=8)
+    after = site.wait_for(
+        lambda: [s for s in site.established("t1") if s["initiator-spi"] != before["initiator-spi"]]
+    )
+    assert after, site.list_sas()
+    # We started this rekey, so we are the initiator of the new IKE SA (§2.18).
+    assert after[0].get("initiator") != "yes", after[0]
+    assert int(after[0]["initiator-spi"], 16) == rk.spi_i
+    assert int(after[0]["responder-spi"], 16) == rk.spi_r
+    assert installed_children(after[0])
+    assert not ours.of(ev.IkeSaDeleted, reason="dpd")
+
+
+# --- liveness and deletes -------------------------------------------------------
+
+
+def test_dpd_both_ways_and_dead_peer(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store, dpd_interval=1.0, retransmit_timeout=0.3, retransmit_tries=2)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"), dpd_delay="1s")])
+    site.initiate(child="net")
+    (inst,) = ours.wait(ev.ChildSaInstalled)
+    # strongSwan's DPD gets answered, ours gets answered by strongSwan.
+    assert site.wait_for(lambda: site.log_lines(r"parsed INFORMATIONAL response \d+ \[ \]"), 6)
+    assert site.wait_for(lambda: site.log_lines(r"parsed INFORMATIONAL request \d+ \[ \]"), 6)
+    assert only_sa(site, "t1") and not ours.of(ev.IkeSaDeleted)
+    # The peer dies silently: after our retransmissions we delete its SAs.
+    site.stop()
+    (gone,) = ours.wait(ev.IkeSaDeleted, timeout=10)
+    assert gone.reason in ("dpd", "timeout")
+    ours.wait(ev.ChildSaDeleted, inbound_spi=inst.inbound.spi)
+
+
+def test_delete_child_and_ike_from_strongswan(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.initiate(child="net")
+    (inst,) = ours.wait(ev.ChildSaInstalled)
+    site.terminate(child="net")
+    (deleted,) = ours.wait(ev.ChildSaDeleted)
+    assert (deleted.inbound_spi, deleted.outbound_spi) == (inst.inbound.spi, inst.outbound.spi)
+    assert deleted.sa_keys and all(k.startswith("sa/") for k in deleted.sa_keys)
+    site.terminate(ike="t1")
+    (gone,) = ours.wait(ev.IkeSaDeleted)
+    assert gone.reason == "peer_delete"
+    assert not site.list_sas()
+
+
+def test_delete_tunnel_from_our_side(make_responder, charons) -> None:
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.initiate(child="net")
+    ours.wait(ev.ChildSaInstalled)
+    ours.call(ours.engine.delete_tunnel, "t1")
+    ours.wait(ev.IkeSaDeleted, reason="local_delete")
+    ours.wait(ev.ChildSaDeleted)
+    assert site.wait_for(lambda: not site.list_sas(), timeout=8), site.list_sas()
+    assert site.log_lines(r"received DELETE for IKE_SA t1")
+
+
+def test_initial_contact_clears_old_sas(make_responder, charons) -> None:
+    """A restarted router connects again with INITIAL_CONTACT: the SAs of its
+    previous life are deleted on our side (RFC 7296 §2.4)."""
+    store = Store()
+    store.add("acct1", "t1")
+    ours = make_responder(store)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.initiate(child="net")
+    (first,) = ours.wait(ev.ChildSaInstalled)
+    site.stop()  # dies without DELETE
+    site2 = charons("site")
+    site2.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site2.initiate(child="net")
+    ours.wait(ev.ChildSaInstalled, count=2)
+    ours.wait(ev.ChildSaDeleted, inbound_spi=first.inbound.spi)
+    ours.wait(ev.IkeSaDeleted, reason="initial_contact")
+
+
+# --- tshark: an independent decoder for our IKE_AUTH ----------------------------
+
+# tshark 4.0's names in the ikev2_decryption_table UAT (packet-isakmp.c value strings).
+TSHARK_ENCR = {
+    "aes128gcm16": "AES-GCM-128 with 16 octet ICV [RFC5282]",
+    "aes256gcm16": "AES-GCM-256 with 16 octet ICV [RFC5282]",
+    "aes256": "AES-CBC-256 [RFC3602]",
+}
+TSHARK_INTEG = {None: "NONE [RFC4306]", "sha256": "HMAC_SHA2_256_128 [RFC4868]"}
+
+
+def tshark_uat_line(spi_i: str, spi_r: str, keys: dict[str, bytes], proposal: str) -> str:
+    parts = proposal.split("-")
+    integ = parts[1] if len(parts) == 4 else None
+    return ",".join(
+        [
+            spi_i,
+            spi_r,
+            keys["sk_ei"].hex(),
+            keys["sk_er"].hex(),
+            f'"{TSHARK_ENCR[parts[0]]}"',
+            keys.get("sk_ai", b"").hex(),
+            keys.get("sk_ar", b"").hex(),
+            f'"{TSHARK_INTEG[integ]}"',
+        ]
+    )
+
+
+def tshark_ike_auth(pcap: str, uat: str) -> list[dict[str, Any]]:
+    """Decrypt and dissect the IKE_AUTH messages of ``pcap`` (``tshark -V``):
+    one dict per message with its source address, whether the SK payload was
+    decrypted, the integrity check verdict, and the dissection text."""
+    import re
+    import subprocess
+
+    res = subprocess.run(
+        [
+            "tshark",
+            "-r",
+            pcap,
+            "-o",
+            f"uat:ikev2_decryption_table:{uat}",
+            "-Y",
+            "isakmp.exchangetype == 35",
+            "-V",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    out = []
+    for frame in re.split(r"(?m)^Frame \d+:", res.stdout)[1:]:
+        src = re.search(r"Internet Protocol Version 4, Src: ([\d.]+)", frame)
+        out.append(
+            {
+                "src": src.group(1) if src else None,
+                "decrypted": "Decrypted Data" in frame,
+                "icd_ok": bool(re.search(r"Integrity Checksum Data: .*\[correct\]", frame)),
+                "icd_bad": "[incorrect" in frame,
+                "text": frame,
+            }
+        )
+    return out
+
+
+@pytest.mark.tshark
+@pytest.mark.parametrize("responder", ["strongswan", "anywan"])
+@pytest.mark.parametrize(
+    "proposal", ["aes256gcm16-prfsha384-ecp384", "aes256-sha256-prfsha256-modp2048"]
+)
+def test_tshark_decrypts_ike_auth(
+    topo: Topology, make_responder, charons, tmp_path, responder: str, proposal: str
+) -> None:
+    """tshark, given the SK_* keys, decrypts both IKE_AUTH messages and
+    finds the integrity check correct and the payloads well formed. The
+    keys come from strongSwan's level-4 log (independent of our engine); the
+    strongSwan-responder run proves the harness, the anywan run checks our
+    encoder, padding, ICV and key derivation."""
+    gw = topo.namespaces["gw"]
+    store = Store()
+    store.add("acct1", "t1")
+    if responder == "anywan":
+        ours = make_responder(store)
+    else:
+        theirs = Charon(gw, name="gw-strongswan")
+        theirs.start()
+        gw_ts = Child("net", [CORE_TS], [SITE_TS])
+        theirs.load(
+            [
+                Connection(
+                    "t1",
+                    ANYCAST,
+                    SITE_ADDR,
+                    ANYCAST,
+                    fqdn("acct1", "t1"),
+                    PSK,
+                    proposals=[proposal],
+                    children=[gw_ts],
+                )
+            ]
+        )
+    site = Charon(topo.namespaces["site"], name="site-keys", log_levels={"ike": 4})
+    pcap = str(tmp_path / "ike.pcap")
+    cap = gw.capture("g1", pcap, ["udp", "port", "500", "or", "udp", "port", "4500"])
+    try:
+        site.start()
+        site.load([site_conn("t1", fqdn("acct1", "t1"), proposals=proposal)])
+        site.initiate(child="net")
+        sa = only_sa(site, "t1")
+        (keys,) = site.ike_keys()
+        time.sleep(0.2)
+    finally:
+        topo.stop(cap)
+        print("--- site charon log (tail):\n" + "\n".join(site.log().splitlines()[-60:]))
+        site.stop()
+        if responder == "strongswan":
+            print("--- gw strongSwan log (tail):\n" + "\n".join(theirs.log().splitlines()[-60:]))
+            theirs.stop()
+    uat = tshark_uat_line(sa["initiator-spi"], sa["responder-spi"], keys, proposal)
+    request, response = tshark_ike_auth(pcap, uat)
+    assert request["src"] == SITE_ADDR and response["src"] == ANYCAST
+    for msg in (request, response):
+        assert msg["decrypted"] and msg["icd_ok"] and not msg["icd_bad"], msg["text"][:3000]
+    text = response["text"]
+    assert "Authentication Method" in text and "Shared Key Message Integrity Code" in text
+    assert "10.200.0.0" in text and "10.1.0.0" in text  # TSr / TSi
+    assert "Malformed" not in text and "Expert Info (Error" not in text
+    if responder == "anywan":
+        (est,) = ours.wait(ev.IkeSaEstablished)
+        assert f"{est.spi_i:016x}" == sa["initiator-spi"]
