@@ -562,7 +562,10 @@ class Worker:
             from replication.relay import RelayClient
 
             self._relay = RelayClient(
-                **cfg.relay, worker_id=cfg.worker_id, on_reply=self._on_relay_reply
+                **cfg.relay,
+                worker_id=cfg.worker_id,
+                on_reply=self._on_relay_reply,
+                registry=self.metrics.registry,
             )
             self._relay.start()
         if cfg.bus is not None:

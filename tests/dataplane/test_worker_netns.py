@@ -156,6 +156,8 @@ class Lab:
         self.workers: dict[int, subprocess.Popen[Any]] = {}
         self.sites: dict[str, subprocess.Popen[Any]] = {}
         self.publisher: Any = None
+        self.relay: Any = None
+        self.relayed: list[Any] = []
         self.bus_args: list[str] = []
 
     def ns(self, name: str) -> Any:
@@ -258,7 +260,26 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         lab.publisher.start()
         for rec in records():
             lab.publisher.set(rec)
-        lab.bus_args = [
+        from replication.relay import IkeDatagram, RelayServer
+
+        lab.relay = RelayServer(
+            endpoint=f"ipc://{tmp}/relay.sock", server_public=srv_pub, server_secret=srv_sec,
+            allowed_clients=[wrk_pub],
+        )  # fmt: skip
+
+        def on_ike(d: Any) -> None:  # control's side: answer every datagram
+            lab.relayed.append(d)
+            lab.relay.send(
+                IkeDatagram(
+                    worker_id=d.worker_id, data=b"reply:" + d.data, local_addr=d.local_addr,
+                    local_port=d.local_port, remote_addr=d.remote_addr,
+                    remote_port=d.remote_port,
+                )
+            )  # fmt: skip
+
+        lab.relay.on_datagram = on_ike
+        lab.relay.start()
+        lab.bus_args = ["--relay-endpoint", f"ipc://{tmp}/relay.sock",
             "--bus-snapshot", eps[0], "--bus-updates", eps[1], "--bus-acks", eps[2],
             "--bus-server-key", str(keydir / "control.pub"),
             "--bus-client-key", str(keydir / "worker.key"),
@@ -301,9 +322,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         time.sleep(1.0)  # routes on the site TUNs
         yield lab
     finally:
-        if lab.publisher is not None:
-            with contextlib.suppress(Exception):
-                lab.publisher.stop()
+        for thing in (lab.publisher, lab.relay):
+            if thing is not None:
+                with contextlib.suppress(Exception):
+                    thing.stop()
         topo.close()
         cleanup_prefix(PREFIX)
         for p in sorted(tmp.glob("*.log")):
@@ -554,6 +576,34 @@ def test_account_b_network_never_sees_account_a_traffic(lab: Lab) -> None:
         lab.topo.stop(cap, grace=0.5)
     data = (lab.tmp / "b.pcap").read_bytes() if (lab.tmp / "b.pcap").exists() else b""
     assert len(data) <= 24, "a packet appeared on account B's TUN"  # pcap header only
+
+
+# ---- IKE relay -----------------------------------------------------------------
+
+IKE_HEADER = bytes(8) + bytes(8) + bytes([0x21, 0x20, 0x22, 0x08]) + bytes(4) + (28).to_bytes(4)
+
+
+@pytest.mark.parametrize("port", [500, 4500])
+def test_ike_is_relayed_to_control_and_answered_from_the_anycast_address(
+    lab: Lab, port: int
+) -> None:
+    marker = b"\x00\x00\x00\x00" if port == 4500 else b""
+    with tun.in_netns(lab.ns("site-esp").name):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((SITES["esp"], port))
+        s.settimeout(5)
+        try:
+            s.sendto(marker + IKE_HEADER, (ANYCAST, port))
+            data, src = s.recvfrom(2048)
+        finally:
+            s.close()
+    assert src == (ANYCAST, port)  # the reply left from the worker's anycast socket
+    assert data == marker + b"reply:" + IKE_HEADER  # marker stripped to control, re-added
+    d = lab.relayed[-1]
+    assert (d.remote_addr, d.remote_port, d.local_addr, d.local_port) == (
+        SITES["esp"], port, ANYCAST, port,
+    )  # fmt: skip
+    assert d.worker_id.startswith("n1/")
 
 
 # ---- two workers, SIGKILL one ----------------------------------------------------
