@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from control.ike.transport import IkeTransport, classify_4500
-from deploy.netns import Topology
+from deploy.netns import LoopThread, Topology
 
 Address = tuple[str, int]
 IKE_MSG = bytes(range(28)) + b"payload"  # 28-octet header + body, not all zero
@@ -197,3 +197,52 @@ def test_relay_datagrams_reach_engine_and_replies_go_back_through_relay(netns_to
     lt.call(transport_without_relay.flush)
     assert transport_without_relay.stats["drop_no_route"] == 1
     lt.call(transport.close)
+
+
+def test_real_relay_round_trip(tmp_path) -> None:
+    """With the bus engineer's RelayServer/RelayClient over CURVE (loopback TCP):
+    a worker's datagram reaches the engine, the answer and the engine's own
+    timer-driven request go back to that worker."""
+    from replication.curve import generate_keypair, load_secret
+    from replication.relay import IkeDatagram, RelayClient, RelayServer
+
+    server_pub, server_sec = load_secret(generate_keypair(tmp_path, "control")[1])
+    worker_pub, worker_sec = load_secret(generate_keypair(tmp_path, "worker")[1])
+    relay = RelayServer(
+        endpoint="tcp://127.0.0.1:*",
+        server_public=server_pub,
+        server_secret=server_sec,
+        allowed_clients=[worker_pub],
+    )
+    engine = EchoEngine()
+    lt = LoopThread(None).start()
+    transport = IkeTransport(engine, loop=lt.loop)
+    lt.call(transport.attach_relay, relay)
+    replies: list[IkeDatagram] = []
+    relay.start()
+    worker = RelayClient(
+        endpoint=relay.endpoint,
+        server_public=server_pub,
+        client_public=worker_pub,
+        client_secret=worker_sec,
+        worker_id="node1-w0",
+        on_reply=replies.append,
+        ping_interval=0.1,
+    )
+    worker.start()
+    try:
+        sent = IkeDatagram("node1-w0", IKE_MSG, "203.0.113.1", 4500, "198.51.100.7", 61000)
+        worker.forward(sent)
+        assert wait_until(lambda: len(replies) >= 2, timeout=5), (replies, transport.stats)
+        answer, timer_msg = replies[:2]
+        assert answer == IkeDatagram(
+            "node1-w0", b"R" + IKE_MSG, "203.0.113.1", 4500, "198.51.100.7", 61000
+        )
+        assert timer_msg.data == b"T" and timer_msg.remote_port == 61000
+        assert engine.received[0][:3] == (IKE_MSG, ("203.0.113.1", 4500), ("198.51.100.7", 61000))
+        assert engine.thread_ids == {lt._thread.ident}
+    finally:
+        worker.stop()
+        relay.stop()
+        lt.call(transport.close)
+        lt.stop()
