@@ -12,10 +12,44 @@ Datagrams are IKE messages WITHOUT the RFC 3948 non-ESP marker; the port in
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import ipaddress
+import re
 import secrets
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from control.ike import dh as dhmod
+from control.ike import messages as wire
+from control.ike.connection import IkeSa, nat_hash
+from control.ike.crypto import Prf, derive_ike_keys, skeyseed
+from control.ike.events import IkeEvent, NegotiationFailed
+from control.ike.payloads import (
+    ExchangeType,
+    IdPayload,
+    IdType,
+    KePayload,
+    NoncePayload,
+    Notify,
+    NotifyPayload,
+    Payload,
+    PayloadType,
+    SaPayload,
+)
+from control.ike.proposals import (
+    ALL_CHILD_SUITES,
+    ALL_IKE_SUITES,
+    ChildSuite,
+    IkeSuite,
+    NoProposalChosen,
+    ike_groups_offered,
+    ike_sa_payload,
+    select_ike,
+)
+from control.ike.state import Dropped, IkeState
 from replication.records import TrafficSelector
 
 Address = tuple[str, int]
@@ -66,8 +100,8 @@ class IkeConfig:
     unix_time_offset: float = 0.0
     """Added to ``now`` for the Unix times in SaRecords (created, rekey_at, …);
     the transport sets ``time.time() - time.monotonic()`` when ``now`` is monotonic."""
-    nat_keepalive: bool = False
-    """Reserved; NAT keepalives are the peer's job behind its NAT (RFC 3948 §4)."""
+    strict: bool = False
+    """Tests only: let an internal error (a bug) raise instead of being counted."""
 
 
 @dataclass(frozen=True)
@@ -113,11 +147,20 @@ class PeerIdentity:
 Lookup = Callable[[PeerIdentity], TunnelAuth | None]
 
 
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
+_ZERO_SPI = bytes(8)
+
+
 class IkeEngine:
     """Every IKE SA of this node, both roles.
 
     Responder for customers; initiator for rekeys/DPD/deletes of SAs it holds,
-    and (``initiate``) for a whole IKE SA — used by the tests and the benchmark.
+    and (:meth:`initiate`) for a whole IKE SA — used by the tests and the benchmark.
+
+    Hostile input never raises out of :meth:`receive_datagram`: a message that
+    is not acceptable is dropped and counted in :attr:`drops` under a trigger
+    label (tests assert these), or answered with the Notify RFC 7296 asks for.
     """
 
     def __init__(self, config: IkeConfig, lookup: Lookup, *, rng: Rng | None = None) -> None:
@@ -126,27 +169,554 @@ class IkeEngine:
         self.config = config
         self.lookup = lookup
         self.rng: Rng = rng if rng is not None else secrets.token_bytes
+        self.sas: dict[bytes, IkeSa] = {}
+        """Every IKE SA by OUR SPI (SPIr as responder, SPIi as initiator)."""
+        self.half_open: dict[tuple[bytes, str, int], IkeSa] = {}
+        """Responder SAs between IKE_SA_INIT and IKE_AUTH, by (SPIi, peer IP, port)."""
+        self.half_open_per_ip: Counter[str] = Counter()
+        self.by_tunnel: dict[str, set[bytes]] = {}
+        self.spis_in_use: set[int] = set()
+        self.drops: Counter[str] = Counter()
+        """Why messages were dropped or what happened, by trigger label."""
+        self._out: list[tuple[bytes, Address, Address]] = []
+        self._events: deque[IkeEvent] = deque()
+        self._timers: list[tuple[float, int, bytes]] = []
+        self._timer_seq = 0
+        self._cookie_secret = self.rng(32)
+        self._cookie_version = 0
+
+    # ------------------------------------------------------------ the sans-IO API
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> None:
         """Feed one IKE message (without non-ESP marker). Never raises on bad input."""
-        raise NotImplementedError
+        sa: IkeSa | None = None
+        try:
+            sa = self._receive(bytes(data), local, remote, now)
+        except Dropped as exc:
+            self.drops[exc.trigger] += 1
+        except Exception:
+            if self.config.strict:
+                raise
+            self.drops["internal_error"] += 1
+        if sa is not None:
+            self._schedule(sa)
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address, Address]]:
         """(data, local, remote) to send now; data without non-ESP marker."""
-        raise NotImplementedError
+        out, self._out = self._out, []
+        return out
 
     def get_timer(self) -> float | None:
         """The next absolute deadline (retransmit, DPD, rekey, expiry), or None."""
-        raise NotImplementedError
+        heap = self._timers
+        while heap:
+            when, _, spi = heap[0]
+            sa = self.sas.get(spi)
+            if sa is None or sa.scheduled != when:
+                heapq.heappop(heap)
+                continue
+            return when
+        return None
 
     def handle_timer(self, now: float) -> None:
         """Run everything due at ``now``."""
-        raise NotImplementedError
+        heap = self._timers
+        due: list[IkeSa] = []
+        while heap and heap[0][0] <= now:
+            when, _, spi = heapq.heappop(heap)
+            sa = self.sas.get(spi)
+            if sa is not None and sa.scheduled == when:
+                sa.scheduled = None
+                due.append(sa)
+        for sa in due:
+            try:
+                sa.on_timer(now)
+            except Exception:
+                if self.config.strict:
+                    raise
+                self.drops["internal_error"] += 1
+            if sa.state is not IkeState.CLOSED:
+                self._schedule(sa)
+            for spi in self.by_tunnel.get(sa.tunnel_id or "", set()).copy():
+                other = self.sas.get(spi)
+                if other is not None and other.scheduled is None:
+                    self._schedule(other)
 
-    def next_event(self) -> object | None:
+    def next_event(self) -> IkeEvent | None:
         """The next :mod:`control.ike.events` event, or None."""
-        raise NotImplementedError
+        return self._events.popleft() if self._events else None
 
     def delete_tunnel(self, tunnel_id: str, now: float) -> None:
         """Delete every IKE SA of the tunnel: DELETE to the peer, events out now."""
-        raise NotImplementedError
+        for spi in list(self.by_tunnel.get(tunnel_id, ())):
+            sa = self.sas.get(spi)
+            if sa is not None:
+                sa.local_delete(now)
+                self._schedule(sa)
+
+    # ------------------------------------------------------------ more control
+
+    def ike_sas(self, tunnel_id: str | None = None) -> list[IkeSa]:
+        """Established (or rekeyed/deleting) IKE SAs, optionally of one tunnel."""
+        if tunnel_id is not None:
+            spis = self.by_tunnel.get(tunnel_id, set())
+            return [self.sas[s] for s in spis if s in self.sas]
+        return [sa for sa in self.sas.values() if sa.tunnel is not None]
+
+    def _active(self, tunnel_id: str) -> IkeSa | None:
+        for sa in self.ike_sas(tunnel_id):
+            if sa.state is IkeState.ESTABLISHED:
+                return sa
+        return None
+
+    def rekey_child(self, tunnel_id: str, now: float, spi_in: int | None = None) -> bool:
+        """Start a Child SA rekey now (tests, operators). False if nothing to rekey."""
+        sa = self._active(tunnel_id)
+        if sa is None:
+            return False
+        live = [c for c in sa.children.values() if not c.rekeyed and not c.deleting]
+        if spi_in is not None:
+            live = [c for c in live if c.spi_in == spi_in]
+        if not live:
+            return False
+        sa.request("rekey_child", live[0].spi_in)
+        sa.pump(now)
+        self._schedule(sa)
+        return True
+
+    def rekey_ike(self, tunnel_id: str, now: float) -> bool:
+        sa = self._active(tunnel_id)
+        if sa is None:
+            return False
+        sa.request("rekey_ike", None)
+        sa.pump(now)
+        self._schedule(sa)
+        return True
+
+    def create_child(
+        self,
+        tunnel_id: str,
+        now: float,
+        suites: list[ChildSuite] | None = None,
+        pfs_group: int | None = None,
+    ) -> bool:
+        """An additional Child SA over an established IKE SA (§1.3.1)."""
+        sa = self._active(tunnel_id)
+        if sa is None:
+            return False
+        sa.request("new_child", (suites or ALL_CHILD_SUITES[:6], pfs_group))
+        sa.pump(now)
+        self._schedule(sa)
+        return True
+
+    def delete_child(self, tunnel_id: str, spi_in: int, now: float) -> bool:
+        sa = self._active(tunnel_id)
+        if sa is None or spi_in not in sa.children:
+            return False
+        sa.children[spi_in].deleting = True
+        sa.request("delete_child", (spi_in, "local_delete"))
+        sa.pump(now)
+        self._schedule(sa)
+        return True
+
+    def send_dpd(self, tunnel_id: str, now: float) -> bool:
+        sa = self._active(tunnel_id)
+        if sa is None:
+            return False
+        sa.request("dpd", None)
+        sa.pump(now)
+        self._schedule(sa)
+        return True
+
+    def initiate(
+        self,
+        tunnel: TunnelAuth,
+        *,
+        local: Address,
+        remote: Address,
+        now: float,
+        id_kind: str = "fqdn",
+        ike_suites: list[IkeSuite] | None = None,
+        child_suites: list[ChildSuite] | None = None,
+        ke_group: int | None = None,
+        initial_contact: bool = True,
+    ) -> bytes:
+        """Start an IKE SA as initiator with a PSK (tests and bench). Returns SPIi.
+
+        ``local`` with port 4500 starts on 4500 (RFC 3948 non-ESP marker is the
+        transport's job). ``ke_group`` lets a test send a KE the responder does
+        not prefer (→ INVALID_KE_PAYLOAD and a retry)."""
+        suites = ike_suites or ALL_IKE_SUITES
+        sa = IkeSa(self, initiator=True, spi_i=self.allocate_ike_spi(), spi_r=_ZERO_SPI, now=now)
+        sa.tunnel = tunnel
+        sa.local, sa.remote = local, remote
+        sa.ni = self.rng(32)
+        sa.kex = dhmod.generate(ke_group or suites[0].dh)
+        sa.auth_ctx = {
+            "id_kind": id_kind,
+            "ike_suites": suites,
+            "child_suites": child_suites or ALL_CHILD_SUITES[:18],
+            "initial_contact": initial_contact,
+        }
+        self.sas[sa.our_spi] = sa
+        sa.send_init(now)
+        self._schedule(sa)
+        return sa.spi_i
+
+    # ------------------------------------------------------------ hooks for IkeSa
+
+    def send(self, data: bytes, local: Address, remote: Address) -> None:
+        self._out.append((data, local, remote))
+
+    def emit(self, event: IkeEvent) -> None:
+        self._events.append(event)
+
+    def count(self, trigger: str) -> None:
+        self.drops[trigger] += 1
+
+    def allocate_spi(self) -> int:
+        """A fresh inbound ESP SPI (≥ 256, RFC 4303 §2.1), unique on this node."""
+        while True:
+            spi = int.from_bytes(self.rng(4), "big")
+            if spi >= 256 and spi not in self.spis_in_use:
+                self.spis_in_use.add(spi)
+                return spi
+
+    def release_spi(self, spi: int) -> None:
+        self.spis_in_use.discard(spi)
+
+    def allocate_ike_spi(self) -> bytes:
+        while True:
+            spi = self.rng(8)
+            if spi != _ZERO_SPI and spi not in self.sas:
+                return spi
+
+    def new_child_id(self) -> int:
+        return int.from_bytes(self.rng(6), "big")
+
+    def register(self, sa: IkeSa) -> None:
+        self.sas[sa.our_spi] = sa
+        self._schedule(sa)
+
+    def established(self, sa: IkeSa) -> None:
+        self._leave_half_open(sa)
+        if sa.tunnel is not None:
+            self.by_tunnel.setdefault(sa.tunnel.tunnel_id, set()).add(sa.our_spi)
+
+    def _leave_half_open(self, sa: IkeSa) -> None:
+        if sa.init_key is not None and self.half_open.get(sa.init_key) is sa:
+            del self.half_open[sa.init_key]
+            ip = sa.init_key[1]
+            self.half_open_per_ip[ip] -= 1
+            if self.half_open_per_ip[ip] <= 0:
+                del self.half_open_per_ip[ip]
+        sa.init_key = None
+
+    def discard(self, sa: IkeSa, reason: str) -> None:
+        """Forget an IKE SA without events (its owner sent the ones due)."""
+        self._leave_half_open(sa)
+        for c in sa.children.values():
+            self.release_spi(c.spi_in)
+        sa.children = {}
+        sa.state = IkeState.CLOSED
+        sa.pending = None
+        sa.queue.clear()
+        if self.sas.get(sa.our_spi) is sa:
+            del self.sas[sa.our_spi]
+        if sa.tunnel is not None:
+            spis = self.by_tunnel.get(sa.tunnel.tunnel_id)
+            if spis is not None:
+                spis.discard(sa.our_spi)
+                if not spis:
+                    del self.by_tunnel[sa.tunnel.tunnel_id]
+
+    def initial_contact(self, sa: IkeSa, now: float) -> None:
+        """§2.4 INITIAL_CONTACT: every other IKE SA of this tunnel is stale."""
+        assert sa.tunnel is not None
+        for spi in list(self.by_tunnel.get(sa.tunnel.tunnel_id, ())):
+            other = self.sas.get(spi)
+            if other is not None and other is not sa:
+                other.close("initial_contact")
+
+    def parse_identity(
+        self, idp: IdPayload, local_addr: str, remote_addr: str
+    ) -> PeerIdentity | None:
+        """The seeds' ID forms (DESIGN §3) → PeerIdentity; None if none fits."""
+        suffix = "." + self.config.id_suffix.lower()
+        try:
+            if idp.id_type == IdType.IPV4_ADDR:
+                if len(idp.data) != 4:
+                    return None
+                addr = str(ipaddress.IPv4Address(idp.data))
+                return PeerIdentity("ipv4", None, None, addr, local_addr, remote_addr)
+            text = idp.data.decode("ascii").lower()
+        except (UnicodeDecodeError, ValueError):
+            return None
+        kind = ""
+        rest = ""
+        if idp.id_type == IdType.RFC822_ADDR and text.startswith("ipsec@"):
+            kind, rest = "rfc822", text[len("ipsec@") :]
+        elif idp.id_type == IdType.FQDN:
+            kind, rest = "fqdn", text
+        elif idp.id_type == IdType.KEY_ID:
+            account, sep, tunnel = idp.data.decode("ascii", "replace").rpartition("_")
+            tunnel = tunnel.lower()
+            if sep and _ACCOUNT.match(account) and _HEX32.match(tunnel):
+                return PeerIdentity("key_id", account, tunnel, None, local_addr, remote_addr)
+            return None
+        if kind and rest.endswith(suffix):
+            tunnel, dot, account = rest[: -len(suffix)].partition(".")
+            # The account part keeps the case the peer sent (records are case-sensitive).
+            raw = idp.data.decode("ascii")
+            start = raw.lower().index(account, len(raw) - len(suffix) - len(account))
+            account = raw[start : start + len(account)]
+            if dot and _HEX32.match(tunnel) and _ACCOUNT.match(account):
+                return PeerIdentity(kind, account, tunnel, None, local_addr, remote_addr)
+        return None
+
+    def make_identity(self, tunnel: TunnelAuth, kind: str, local_addr: str) -> IdPayload:
+        """Our IDi as an initiator, in one of the seeds' forms."""
+        t, a, sfx = tunnel.tunnel_id, tunnel.account_id, self.config.id_suffix
+        if kind == "rfc822":
+            return IdPayload(IdType.RFC822_ADDR, f"ipsec@{t}.{a}.{sfx}".encode())
+        if kind == "key_id":
+            return IdPayload(IdType.KEY_ID, f"{a}_{t}".encode())
+        if kind == "ipv4":
+            return IdPayload(IdType.IPV4_ADDR, ipaddress.IPv4Address(local_addr).packed)
+        return IdPayload(IdType.FQDN, f"{t}.{a}.{sfx}".encode())
+
+    # ------------------------------------------------------------ internals
+
+    def _schedule(self, sa: IkeSa) -> None:
+        if sa.state is IkeState.CLOSED or self.sas.get(sa.our_spi) is not sa:
+            return
+        when = sa.next_deadline()
+        if when is None or when == sa.scheduled:
+            return
+        sa.scheduled = when
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, sa.our_spi))
+
+    def _receive(self, data: bytes, local: Address, remote: Address, now: float) -> IkeSa | None:
+        if len(data) < wire.HEADER_LEN:
+            raise Dropped("short")
+        try:
+            header = wire.decode_header(data)
+        except wire.MessageError:
+            raise Dropped("bad_length") from None
+        if header.version >> 4 != 2:
+            if (
+                header.exchange == ExchangeType.IKE_SA_INIT
+                and not header.is_response
+                and header.version >> 4 > 2
+            ):
+                # §1.5 / §2.5: tell the peer the highest version we speak.
+                self._reply_unprotected(header, Notify.INVALID_MAJOR_VERSION, b"", local, remote)
+            raise Dropped("version")
+        if header.exchange not in _EXCHANGES:
+            raise Dropped("unknown_exchange")
+        if (
+            header.exchange == ExchangeType.IKE_SA_INIT
+            and header.from_initiator
+            and not header.is_response
+        ):
+            if header.spi_r != _ZERO_SPI or header.message_id != 0:
+                raise Dropped("bad_init")
+            return self._on_init_request(data, header, local, remote, now)
+        our_spi = header.spi_r if header.from_initiator else header.spi_i
+        sa = self.sas.get(our_spi)
+        if sa is None:
+            raise Dropped("unknown_spi")
+        if sa.spi_i != header.spi_i or (
+            sa.spi_r != header.spi_r and sa.state is not IkeState.INIT_SENT
+        ):
+            raise Dropped("unknown_spi")
+        if header.from_initiator == sa.initiator:
+            raise Dropped("bad_initiator_flag")  # our own role's message reflected back
+        sa.receive(data, local, remote, now)
+        return sa
+
+    def _reply_unprotected(
+        self,
+        header: wire.Header,
+        notify: int,
+        data: bytes,
+        local: Address,
+        remote: Address,
+    ) -> None:
+        """An unencrypted IKE_SA_INIT error response (§2.21.1); keeps no state."""
+        out = wire.encode(
+            spi_i=header.spi_i,
+            spi_r=_ZERO_SPI,
+            exchange=ExchangeType.IKE_SA_INIT,
+            flags=wire.FLAG_RESPONSE,
+            message_id=0,
+            payloads=[Payload(PayloadType.NOTIFY, NotifyPayload(notify, data))],
+        )
+        self.send(out, local, remote)
+
+    def _cookie(self, ni: bytes, remote: Address, spi_i: bytes) -> bytes:
+        """§2.6: <VersionIDofSecret> | Hash(Ni | IPi | SPIi | <secret>)."""
+        ip = ipaddress.ip_address(remote[0]).packed
+        digest = hashlib.sha256(ni + ip + spi_i + self._cookie_secret).digest()[:16]
+        return bytes([self._cookie_version]) + digest
+
+    def _on_init_request(
+        self, data: bytes, header: wire.Header, local: Address, remote: Address, now: float
+    ) -> IkeSa | None:
+        """§1.2 messages 1 → 2, responder side; state is kept only on success."""
+        key = (header.spi_i, remote[0], remote[1])
+        existing = self.half_open.get(key)
+        if existing is not None:
+            if existing.init_request == data:
+                # §2.1: retransmitted IKE_SA_INIT → same response, no new state.
+                self.count("retransmit_answered")
+                self.send(existing.init_response, local, remote)
+                return None
+            raise Dropped("init_spi_reuse")
+        cfg = self.config
+        if len(self.half_open) >= cfg.max_half_open:
+            raise Dropped("half_open_limit")
+        if self.half_open_per_ip[remote[0]] >= cfg.max_half_open_per_peer:
+            raise Dropped("half_open_peer_limit")
+        try:
+            msg = wire.decode(data)
+        except wire.MessageError:
+            raise Dropped("malformed") from None
+        if msg.sk_offset is not None:
+            raise Dropped("malformed")
+        if msg.unknown_critical is not None:
+            self._reply_unprotected(
+                header,
+                Notify.UNSUPPORTED_CRITICAL_PAYLOAD,
+                bytes([msg.unknown_critical & 0xFF]),
+                local,
+                remote,
+            )
+            raise Dropped("unsupported_critical")
+        sa_p, ke, nonce = (
+            msg.get(PayloadType.SA),
+            msg.get(PayloadType.KE),
+            msg.get(PayloadType.NONCE),
+        )
+        if not (
+            isinstance(sa_p, SaPayload)
+            and isinstance(ke, KePayload)
+            and isinstance(nonce, NoncePayload)
+        ):
+            self._reply_unprotected(header, Notify.INVALID_SYNTAX, b"", local, remote)
+            raise Dropped("init_missing_payloads")
+        # §2.6: above the threshold, demand a cookie before spending a DH on it.
+        if len(self.half_open) >= cfg.cookie_threshold:
+            first = msg.payloads[0].body if msg.payloads else None
+            want = self._cookie(nonce.nonce, remote, header.spi_i)
+            if not (
+                isinstance(first, NotifyPayload)
+                and first.type == Notify.COOKIE
+                and first.data == want
+            ):
+                self._reply_unprotected(header, Notify.COOKIE, want, local, remote)
+                raise Dropped("cookie_sent")
+        try:
+            _, suite = select_ike(sa_p)
+        except NoProposalChosen:
+            self._reply_unprotected(header, Notify.NO_PROPOSAL_CHOSEN, b"", local, remote)
+            self.emit(NegotiationFailed(remote, None, "NO_PROPOSAL_CHOSEN", True))
+            raise Dropped("no_proposal_chosen") from None
+        if ke.group != suite.dh:
+            # §1.2/§3.10.1: INVALID_KE_PAYLOAD carries the group we want.
+            groups = ike_groups_offered(sa_p)
+            want_group = suite.dh if suite.dh in groups else groups[0]
+            self._reply_unprotected(
+                header, Notify.INVALID_KE_PAYLOAD, want_group.to_bytes(2, "big"), local, remote
+            )
+            self.emit(NegotiationFailed(remote, None, "INVALID_KE_PAYLOAD", True))
+            raise Dropped("invalid_ke")
+        kex = dhmod.generate(suite.dh)
+        try:
+            g_ir = kex.shared(ke.data)
+        except dhmod.DhError:
+            raise Dropped("bad_ke") from None
+        spi_r = self.allocate_ike_spi()
+        sa = IkeSa(self, initiator=False, spi_i=header.spi_i, spi_r=spi_r, now=now)
+        sa.local, sa.remote = local, remote
+        sa.ni = nonce.nonce
+        sa.nr = self.rng(32)
+        prf = Prf(suite.prf)
+        keys = derive_ike_keys(
+            prf,
+            skeyseed(prf, sa.ni, sa.nr, g_ir),
+            sa.ni,
+            sa.nr,
+            sa.spi_i,
+            sa.spi_r,
+            enc_len=suite.enc_key_len,
+            integ_len=suite.integ_key_len,
+        )
+        sa.set_keys(suite, keys)
+        out: list[Payload] = [
+            Payload(PayloadType.SA, ike_sa_payload(suite, _chosen_num(sa_p, suite))),
+            Payload(PayloadType.KE, KePayload(suite.dh, kex.public)),
+            Payload(PayloadType.NONCE, NoncePayload(sa.nr)),
+        ]
+        # §2.23 NAT detection: hashes over what each side sees.
+        src = [n.data for n in msg.notifies() if n.type == Notify.NAT_DETECTION_SOURCE_IP]
+        dst = [n.data for n in msg.notifies() if n.type == Notify.NAT_DETECTION_DESTINATION_IP]
+        if src or dst:
+            peer_ok = nat_hash(sa.spi_i, _ZERO_SPI, remote) in src
+            we_ok = nat_hash(sa.spi_i, _ZERO_SPI, local) in dst
+            sa.nat_detected = not (peer_ok and we_ok)
+            out.append(
+                Payload(
+                    PayloadType.NOTIFY,
+                    NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, nat_hash(sa.spi_i, spi_r, local)),
+                )
+            )
+            out.append(
+                Payload(
+                    PayloadType.NOTIFY,
+                    NotifyPayload(
+                        Notify.NAT_DETECTION_DESTINATION_IP, nat_hash(sa.spi_i, spi_r, remote)
+                    ),
+                )
+            )
+        # RFC 3948 / seeds: started on 4500 → ESP in UDP even without NAT.
+        sa.udp_encap = sa.nat_detected or local[1] == 4500
+        response = wire.encode(
+            spi_i=sa.spi_i,
+            spi_r=spi_r,
+            exchange=ExchangeType.IKE_SA_INIT,
+            flags=wire.FLAG_RESPONSE,
+            message_id=0,
+            payloads=out,
+        )
+        sa.init_request = data
+        sa.init_response = response
+        sa.peer_next = 1
+        sa.last_response = response
+        sa.init_key = key
+        self.half_open[key] = sa
+        self.half_open_per_ip[remote[0]] += 1
+        self.sas[spi_r] = sa
+        self.send(response, local, remote)
+        return sa
+
+
+_EXCHANGES = frozenset(int(e) for e in ExchangeType)
+
+
+def _chosen_num(sa: SaPayload, suite: IkeSuite) -> int:
+    """The peer's number of the proposal :func:`select_ike` picked (§3.3.1)."""
+    proposal, _ = select_ike(sa)
+    return proposal.num
+
+
+__all__ = [
+    "Address",
+    "Any",
+    "IkeConfig",
+    "IkeEngine",
+    "Lookup",
+    "PeerIdentity",
+    "TunnelAuth",
+]

@@ -1,0 +1,1445 @@
+"""One IKE SA and its Child SAs, in either role — sans-IO.
+
+The engine routes a datagram here by our SPI; this class checks Message IDs
+(§2.3, window size 1), re-sends the cached response to a retransmitted request,
+opens the SK payload, rejects what :mod:`control.ike.state` does not allow, and
+runs the handler. Our own requests (DPD, rekeys, deletes) go one at a time
+from a queue and are retransmitted with backoff until given up (§2.4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from hmac import compare_digest
+from typing import TYPE_CHECKING, Any
+
+from control.ike import dh as dhmod
+from control.ike import messages as wire
+from control.ike.crypto import (
+    ChildKeys,
+    CryptoError,
+    IkeKeys,
+    Prf,
+    SkCipher,
+    child_keymat,
+    derive_ike_keys,
+    psk_auth,
+    rekey_skeyseed,
+    signed_octets,
+    skeyseed,
+)
+from control.ike.events import (
+    AuthenticationFailed,
+    ChildSaDeleted,
+    ChildSaInstalled,
+    ChildSaUpdated,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaRekeyed,
+    NegotiationFailed,
+)
+from control.ike.payloads import (
+    AuthMethod,
+    AuthPayload,
+    DeletePayload,
+    ExchangeType,
+    IdPayload,
+    IdType,
+    KePayload,
+    NoncePayload,
+    Notify,
+    NotifyPayload,
+    Payload,
+    PayloadType,
+    Proposal,
+    Protocol,
+    SaPayload,
+    Selector,
+    TransformType,
+    TsPayload,
+    TsType,
+    notify_name,
+)
+from control.ike.proposals import (
+    ChildSuite,
+    IkeSuite,
+    NoProposalChosen,
+    child_offer,
+    child_sa_payload,
+    ike_offer,
+    ike_sa_payload,
+    select_child,
+    select_ike,
+)
+from control.ike.state import (
+    REQUESTS,
+    RESPONSES,
+    AuthenticationFailedError,
+    ChildSaNotFound,
+    Dropped,
+    IkeError,
+    IkeState,
+    InvalidKePayload,
+    InvalidSyntax,
+    NoAdditionalSas,
+    NoProposalChosenError,
+    TemporaryFailure,
+    TsUnacceptable,
+    UnsupportedCriticalPayload,
+)
+from replication.records import Direction, SaRecord, TrafficSelector
+
+if TYPE_CHECKING:
+    from control.ike.engine import IkeEngine, TunnelAuth
+
+Address = tuple[str, int]
+NONCE_LEN = 32
+
+
+def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
+    """§2.23: SHA-1(SPIi | SPIr | IP | Port)."""
+    ip = ipaddress.ip_address(addr[0]).packed
+    return hashlib.sha1(spi_i + spi_r + ip + addr[1].to_bytes(2, "big")).digest()
+
+
+def id_text(p: IdPayload) -> str:
+    """The identity as text, for events and logs (not secret)."""
+    try:
+        if p.id_type == IdType.IPV4_ADDR and len(p.data) == 4:
+            return str(ipaddress.IPv4Address(p.data))
+        if p.id_type == IdType.IPV6_ADDR and len(p.data) == 16:
+            return str(ipaddress.IPv6Address(p.data))
+        return p.data.decode("utf-8", "replace")[:255]
+    except ValueError:
+        return p.data.hex()[:255]
+
+
+# --------------------------------------------------------------- selectors
+
+
+def _to_selector(ts: TrafficSelector) -> Selector:
+    a, b = ipaddress.ip_address(ts.start), ipaddress.ip_address(ts.end)
+    tt = TsType.IPV4_ADDR_RANGE if a.version == 4 else TsType.IPV6_ADDR_RANGE
+    return Selector(tt, ts.protocol, ts.start_port, ts.end_port, a, b)
+
+
+def _to_record(s: Selector) -> TrafficSelector:
+    return TrafficSelector(str(s.start), str(s.end), s.protocol, s.start_port, s.end_port)
+
+
+def narrow(offered: list[Selector], allowed: tuple[TrafficSelector, ...]) -> list[Selector]:
+    """§2.9: the intersection of what the peer proposes with what the tunnel allows."""
+    out: list[Selector] = []
+    for o in offered:
+        for t in allowed:
+            a = _to_selector(t)
+            if a.ts_type != o.ts_type:
+                continue
+            lo = max(int(o.start), int(a.start))
+            hi = min(int(o.end), int(a.end))
+            if lo > hi:
+                continue
+            start = (
+                ipaddress.ip_address(lo)
+                if o.ts_type == TsType.IPV4_ADDR_RANGE
+                else (ipaddress.IPv6Address(lo))
+            )
+            end = (
+                ipaddress.ip_address(hi)
+                if o.ts_type == TsType.IPV4_ADDR_RANGE
+                else (ipaddress.IPv6Address(hi))
+            )
+            if o.protocol and a.protocol and o.protocol != a.protocol:
+                continue
+            proto = o.protocol or a.protocol
+            sp, ep = max(o.start_port, a.start_port), min(o.end_port, a.end_port)
+            if sp > ep:
+                continue
+            s = Selector(o.ts_type, proto, sp, ep, start, end)
+            if s not in out:
+                out.append(s)
+    return out
+
+
+# --------------------------------------------------------------- Child SA
+
+
+@dataclass(slots=True)
+class ChildSa:
+    spi_in: int
+    """Our SPI: the peer sends ESP to it."""
+    spi_out: int
+    suite: ChildSuite
+    keys_in: tuple[bytes, bytes]
+    """(encryption key incl. GCM salt, integrity key) for inbound ESP."""
+    keys_out: tuple[bytes, bytes]
+    ts_local: tuple[TrafficSelector, ...]
+    ts_remote: tuple[TrafficSelector, ...]
+    child_id: int
+    generation: int
+    created: float
+    rekey_at: float
+    expire_at: float
+    pfs_hint: int | None = None
+    """PFS group to offer when we rekey (the peer's proposal listed it)."""
+    replaces: tuple[int, int] | None = None
+    rekeyed: bool = False
+    """Superseded by a newer Child SA; only waits for its DELETE."""
+    delete_at: float | None = None
+    """Make-before-break: when we send DELETE for this superseded SA."""
+    deleting: bool = False
+    records: tuple[SaRecord, SaRecord] | None = None
+
+    def __repr__(self) -> str:
+        return f"ChildSa(in=0x{self.spi_in:08x}, out=0x{self.spi_out:08x}, {self.suite.name})"
+
+
+@dataclass(slots=True)
+class OutRequest:
+    """Our request in flight: its bytes are built once and re-sent as they are."""
+
+    kind: str
+    exchange: int
+    message_id: int
+    data: bytes
+    sent_at: float
+    next_retransmit: float
+    tries: int = 0
+    ctx: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- IKE SA
+
+
+class IkeSa:
+    """One IKE SA. ``initiator`` is the ORIGINAL initiator role (§2.2, the I flag)."""
+
+    def __init__(
+        self, engine: IkeEngine, *, initiator: bool, spi_i: bytes, spi_r: bytes, now: float
+    ) -> None:
+        self.engine = engine
+        self.initiator = initiator
+        self.spi_i = spi_i
+        self.spi_r = spi_r
+        self.state = IkeState.INIT_SENT if initiator else IkeState.HALF_OPEN
+        self.created = now
+        self.local: Address = ("0.0.0.0", 500)
+        self.remote: Address = ("0.0.0.0", 500)
+        self.nat_detected = False
+        self.udp_encap = False
+        self.tunnel: TunnelAuth | None = None
+        self.id_kind = ""
+        self.suite: IkeSuite | None = None
+        self.prf: Prf | None = None
+        self.keys: IkeKeys | None = None
+        self.sk_in: SkCipher | None = None
+        self.sk_out: SkCipher | None = None
+        self.children: dict[int, ChildSa] = {}
+        # handshake material, dropped once established
+        self.ni = b""
+        self.nr = b""
+        self.init_request = b""
+        self.init_response = b""
+        self.kex: dhmod.KeyExchange | None = None
+        self.auth_ctx: dict[str, Any] = {}
+        # message IDs, §2.3 (window 1)
+        self.peer_next = 0
+        self.last_response: bytes = b""
+        self.our_next = 0
+        self.pending: OutRequest | None = None
+        self.queue: deque[tuple[str, Any]] = deque()
+        self.iv_counter = 0
+        # timers
+        self.last_heard = now
+        self.half_open_deadline = now + engine.config.half_open_timeout
+        self.ike_rekey_at = 0.0
+        self.linger_until = 0.0
+        self.scheduled: float | None = None
+        self.init_key: tuple[bytes, str, int] | None = None
+
+    # ------------------------------------------------------------- helpers
+
+    @property
+    def our_spi(self) -> bytes:
+        return self.spi_i if self.initiator else self.spi_r
+
+    def __repr__(self) -> str:
+        return f"IkeSa({self.spi_i.hex()}/{self.spi_r.hex()}, {self.state.value})"
+
+    def _flags(self, response: bool) -> int:
+        f = wire.FLAG_INITIATOR if self.initiator else 0
+        return f | (wire.FLAG_RESPONSE if response else 0)
+
+    def _iv(self) -> bytes:
+        """Unique per message under one key (RFC 5282 §3.1: a counter is fine)."""
+        assert self.sk_out is not None
+        self.iv_counter += 1
+        if self.sk_out.gcm:
+            return self.iv_counter.to_bytes(8, "big")
+        return self.engine.rng(16)
+
+    def _encode(
+        self, exchange: int, message_id: int, payloads: list[Payload], response: bool
+    ) -> bytes:
+        return wire.encode(
+            spi_i=self.spi_i,
+            spi_r=self.spi_r,
+            exchange=exchange,
+            flags=self._flags(response),
+            message_id=message_id,
+            payloads=payloads,
+            cipher=self.sk_out,
+            iv=self._iv() if self.sk_out is not None else b"",
+        )
+
+    def _send(self, data: bytes) -> None:
+        self.engine.send(data, self.local, self.remote)
+
+    def _emit(self, event: Any) -> None:
+        self.engine.emit(event)
+
+    @property
+    def tunnel_id(self) -> str | None:
+        return self.tunnel.tunnel_id if self.tunnel else None
+
+    def _unix(self, t: float) -> float:
+        return max(0.0, t + self.engine.config.unix_time_offset) if t else 0.0
+
+    def _jittered(self, lifetime: float) -> float:
+        cfg = self.engine.config
+        r = int.from_bytes(self.engine.rng(2), "big") / 65535.0
+        return lifetime * (1.0 - cfg.rekey_jitter * r)
+
+    def set_keys(self, suite: IkeSuite, keys: IkeKeys) -> None:
+        self.suite = suite
+        self.prf = Prf(suite.prf)
+        self.keys = keys
+        integ = suite.integ
+        if self.initiator:
+            self.sk_out = SkCipher(suite.encr, keys.sk_ei, integ, keys.sk_ai)
+            self.sk_in = SkCipher(suite.encr, keys.sk_er, integ, keys.sk_ar)
+        else:
+            self.sk_out = SkCipher(suite.encr, keys.sk_er, integ, keys.sk_ar)
+            self.sk_in = SkCipher(suite.encr, keys.sk_ei, integ, keys.sk_ai)
+
+    # ------------------------------------------------------------- receive
+
+    def receive(self, data: bytes, local: Address, remote: Address, now: float) -> None:
+        header = wire.decode_header(data)
+        if header.is_response:
+            self._receive_response(data, header, local, remote, now)
+        else:
+            self._receive_request(data, header, local, remote, now)
+
+    def _open(self, data: bytes) -> wire.Message:
+        try:
+            msg = wire.decode(data)
+        except wire.MessageError:
+            raise Dropped("malformed") from None
+        if msg.header.exchange != ExchangeType.IKE_SA_INIT:
+            if msg.sk_offset is None or self.sk_in is None:
+                raise Dropped("not_encrypted")
+            try:
+                wire.open_sk(msg, self.sk_in)
+            except CryptoError:
+                raise Dropped("bad_icv") from None
+            except wire.MessageError:
+                # integrity verified, so the peer really sent garbage: INVALID_SYNTAX
+                msg.payloads.clear()
+                msg.unknown_critical = -1
+        return msg
+
+    def _note_address(self, local: Address, remote: Address) -> None:
+        """§2.23: with NAT, follow the address of the latest authenticated message;
+        moving to 4500 (the float) turns UDP encapsulation on."""
+        if (local, remote) == (self.local, self.remote):
+            return
+        if self.state not in (IkeState.HALF_OPEN, IkeState.AUTH_SENT, IkeState.INIT_SENT) and (
+            not self.nat_detected and local[1] != 4500
+        ):
+            return
+        self.local, self.remote = local, remote
+        if local[1] == 4500 and not self.udp_encap:
+            self.udp_encap = True
+        if self.state is IkeState.ESTABLISHED:
+            for child in self.children.values():
+                self._publish(child, updated=True)
+
+    def _receive_request(
+        self, data: bytes, header: wire.Header, local: Address, remote: Address, now: float
+    ) -> None:
+        if header.message_id == self.peer_next - 1 and self.last_response:
+            # §2.1: a retransmitted request gets the same response again.
+            self.engine.count("retransmit_answered")
+            self.engine.send(self.last_response, local, remote)
+            return
+        if header.message_id != self.peer_next:
+            raise Dropped("message_id")
+        msg = self._open(data)
+        self.last_heard = now
+        self._note_address(local, remote)
+        handler = REQUESTS.get((self.state, ExchangeType(header.exchange)))
+        if handler is None:
+            raise Dropped("unexpected_exchange")
+        response: list[Payload]
+        after: Callable[[], None] | None = None
+        try:
+            if msg.unknown_critical == -1:
+                raise InvalidSyntax("inner payloads do not parse")
+            if msg.unknown_critical is not None:
+                # §2.5: data is the unknown critical payload's type (1 octet)
+                raise UnsupportedCriticalPayload(data=bytes([msg.unknown_critical & 0xFF]))
+            response, after = getattr(self, handler)(msg, now)
+        except IkeError as exc:
+            response = [Payload(PayloadType.NOTIFY, NotifyPayload(exc.notify, exc.data))]
+            after = self._after_error(exc, handler)
+        out = self._encode(header.exchange, header.message_id, response, response=True)
+        self.peer_next += 1
+        self.last_response = out
+        self._send(out)
+        if after is not None:
+            after()
+
+    def _after_error(self, exc: IkeError, handler: str) -> Callable[[], None] | None:
+        if not isinstance(exc, AuthenticationFailedError):
+            self._emit(NegotiationFailed(self.remote, self.tunnel_id, exc.notify.name, sent=True))
+        if handler == "on_ike_auth" and isinstance(exc, AuthenticationFailedError | InvalidSyntax):
+            # §2.21.2: no IKE SA after a failed IKE_AUTH; nothing kept.
+            return lambda: self.engine.discard(self, "auth_failed")
+        return None
+
+    def _receive_response(
+        self, data: bytes, header: wire.Header, local: Address, remote: Address, now: float
+    ) -> None:
+        req = self.pending
+        if req is None or header.message_id != req.message_id or header.exchange != req.exchange:
+            raise Dropped("unexpected_response")
+        msg = self._open(data)
+        self.last_heard = now
+        self.pending = None
+        handler = RESPONSES.get((self.state, ExchangeType(header.exchange)))
+        if handler is None:
+            raise Dropped("unexpected_response")
+        if req.exchange != ExchangeType.IKE_SA_INIT:
+            self._note_address(local, remote)
+        getattr(self, handler)(msg, req, now)
+        self.pump(now)
+
+    # ------------------------------------------------------------- requests out
+
+    def request(self, kind: str, arg: Any = None) -> None:
+        self.queue.append((kind, arg))
+
+    def pump(self, now: float) -> None:
+        """Send the next queued request if none is outstanding (window size 1)."""
+        while self.pending is None and self.queue and self.state is not IkeState.CLOSED:
+            kind, arg = self.queue.popleft()
+            built = getattr(self, "build_" + kind)(arg, now)
+            if built is None:
+                continue
+            exchange, payloads, ctx = built
+            mid = self.our_next
+            self.our_next += 1
+            data = self._encode(exchange, mid, payloads, response=False)
+            self._start(kind, exchange, mid, data, now, ctx)
+
+    def _start(
+        self, kind: str, exchange: int, mid: int, data: bytes, now: float, ctx: dict[str, Any]
+    ) -> None:
+        cfg = self.engine.config
+        self.pending = OutRequest(
+            kind, exchange, mid, data, now, now + cfg.retransmit_timeout, 0, ctx
+        )
+        self._send(data)
+
+    def next_deadline(self) -> float | None:
+        cands: list[float] = []
+        if self.pending is not None:
+            cands.append(self.pending.next_retransmit)
+        if self.state is IkeState.HALF_OPEN:
+            cands.append(self.half_open_deadline)
+        elif self.state is IkeState.ESTABLISHED:
+            if self.pending is None and not self.queue:
+                cands.append(self.last_heard + self.engine.config.dpd_interval)
+            if self.ike_rekey_at:
+                cands.append(self.ike_rekey_at)
+            for c in self.children.values():
+                if c.deleting:
+                    continue
+                if c.rekeyed:
+                    if c.delete_at is not None:
+                        cands.append(c.delete_at)
+                    cands.append(c.expire_at)
+                else:
+                    cands.append(c.rekey_at)
+                    cands.append(c.expire_at)
+        elif self.state is IkeState.REKEYED and self.linger_until:
+            cands.append(self.linger_until)
+        return min(cands) if cands else None
+
+    def on_timer(self, now: float) -> None:
+        cfg = self.engine.config
+        req = self.pending
+        if req is not None and now >= req.next_retransmit:
+            if req.tries >= cfg.retransmit_tries:
+                # §2.4: no answer after several retransmissions → the peer is gone.
+                self.engine.count("gave_up")
+                self.close("dpd" if req.kind == "dpd" else "timeout")
+                return
+            req.tries += 1
+            req.next_retransmit = now + cfg.retransmit_timeout * cfg.retransmit_base**req.tries
+            self.engine.count("retransmitted")
+            self._send(req.data)
+        if self.state is IkeState.HALF_OPEN and now >= self.half_open_deadline:
+            self.engine.count("half_open_timeout")
+            self.engine.discard(self, "half_open_timeout")
+            return
+        if self.state is IkeState.REKEYED and self.linger_until and now >= self.linger_until:
+            self.engine.discard(self, "rekeyed")
+            return
+        if self.state is not IkeState.ESTABLISHED:
+            return
+        queued = {k for k, _ in self.queue}
+        busy = self.pending is not None or bool(self.queue)
+        for c in list(self.children.values()):
+            if c.deleting:
+                continue
+            if now >= c.expire_at:
+                self._queue_child_delete(c, "expired")
+            elif c.rekeyed and c.delete_at is not None and now >= c.delete_at:
+                c.delete_at = None
+                self._queue_child_delete(c, "rekeyed")
+            elif not c.rekeyed and now >= c.rekey_at and "rekey_child" not in queued:
+                c.rekey_at = now + 60.0  # retry later if this attempt fails
+                self.request("rekey_child", c.spi_in)
+        if self.ike_rekey_at and now >= self.ike_rekey_at and "rekey_ike" not in queued:
+            self.ike_rekey_at = now + 60.0
+            self.request("rekey_ike", None)
+        if not busy and not self.queue and now >= self.last_heard + cfg.dpd_interval:
+            self.request("dpd", None)
+        self.pump(now)
+
+    def _queue_child_delete(self, c: ChildSa, reason: str) -> None:
+        c.deleting = True
+        self.request("delete_child", (c.spi_in, reason))
+
+    # ------------------------------------------------------------- close
+
+    def close(self, reason: str) -> None:
+        """Forget this IKE SA and every Child SA of it, with events."""
+        if self.state is IkeState.CLOSED:
+            return
+        established = self.state is IkeState.ESTABLISHED
+        for c in list(self.children.values()):
+            self._child_gone(c, reason)
+        if established and self.tunnel is not None:
+            self._emit(
+                IkeSaDeleted(
+                    self.tunnel.tunnel_id,
+                    self.tunnel.account_id,
+                    int.from_bytes(self.spi_i, "big"),
+                    int.from_bytes(self.spi_r, "big"),
+                    reason,
+                )
+            )
+        self.engine.discard(self, reason)
+
+    def _child_gone(self, c: ChildSa, reason: str) -> None:
+        self.children.pop(c.spi_in, None)
+        self.engine.release_spi(c.spi_in)
+        if c.records is not None and self.tunnel is not None:
+            self._emit(
+                ChildSaDeleted(
+                    self.tunnel.tunnel_id,
+                    self.tunnel.account_id,
+                    c.spi_in,
+                    c.spi_out,
+                    (c.records[0].key, c.records[1].key),
+                    reason,
+                )
+            )
+
+    def local_delete(self, now: float) -> None:
+        """Tell the peer the IKE SA is gone; events go out now (engine.delete_tunnel)."""
+        if self.state is not IkeState.ESTABLISHED:
+            self.close("local_delete")
+            return
+        for c in list(self.children.values()):
+            self._child_gone(c, "local_delete")
+        assert self.tunnel is not None
+        self._emit(
+            IkeSaDeleted(
+                self.tunnel.tunnel_id,
+                self.tunnel.account_id,
+                int.from_bytes(self.spi_i, "big"),
+                int.from_bytes(self.spi_r, "big"),
+                "local_delete",
+            )
+        )
+        self.state = IkeState.DELETING
+        self.queue.clear()
+        if self.pending is not None:
+            self.pending = None
+        self.request("delete_ike", None)
+        self.pump(now)
+
+    # ------------------------------------------------------------- Child SA install
+
+    def make_child(
+        self,
+        *,
+        suite: ChildSuite,
+        spi_in: int,
+        spi_out: int,
+        keys: ChildKeys,
+        we_initiated_exchange: bool,
+        ts_local: list[Selector],
+        ts_remote: list[Selector],
+        now: float,
+        old: ChildSa | None = None,
+        pfs_hint: int | None = None,
+    ) -> ChildSa:
+        cfg = self.engine.config
+        i2r = (keys.enc_i2r, keys.integ_i2r)
+        r2i = (keys.enc_r2i, keys.integ_r2i)
+        keys_out, keys_in = (i2r, r2i) if we_initiated_exchange else (r2i, i2r)
+        rekey_at = now + self._jittered(cfg.child_lifetime)
+        child = ChildSa(
+            spi_in=spi_in,
+            spi_out=spi_out,
+            suite=suite,
+            keys_in=keys_in,
+            keys_out=keys_out,
+            ts_local=tuple(_to_record(s) for s in ts_local),
+            ts_remote=tuple(_to_record(s) for s in ts_remote),
+            child_id=old.child_id if old else self.engine.new_child_id(),
+            generation=old.generation + 1 if old else 0,
+            created=now,
+            rekey_at=rekey_at,
+            expire_at=now + cfg.child_lifetime * (1 + cfg.expire_margin),
+            pfs_hint=pfs_hint if pfs_hint is not None else (old.pfs_hint if old else None),
+            replaces=(old.spi_in, old.spi_out) if old else None,
+        )
+        if old is not None:
+            old.rekeyed = True
+        self.children[spi_in] = child
+        self._publish(child, updated=False)
+        return child
+
+    def _records(self, c: ChildSa) -> tuple[SaRecord, SaRecord]:
+        assert self.tunnel is not None
+        t = self.tunnel
+        replay = self.engine.config.replay_window if t.replay_protection else 0
+        encap = self.udp_encap
+
+        def rec(direction: Direction, spi: int, keys: tuple[bytes, bytes], old: int) -> SaRecord:
+            enc, integ = keys
+            salt = b""
+            if c.suite.encr == 20:
+                enc, salt = enc[:-4], enc[-4:]
+            return SaRecord(
+                account_id=t.account_id,
+                tunnel_id=t.tunnel_id,
+                spi=spi,
+                direction=direction,
+                local_addr=self.local[0],
+                remote_addr=self.remote[0],
+                udp_encap=encap,
+                local_port=self.local[1] if encap else 0,
+                remote_port=self.remote[1] if encap else 0,
+                cipher=c.suite.cipher,
+                integ=c.suite.integ_alg,
+                enc_key=enc,
+                salt=salt,
+                integ_key=integ,
+                replay_window=replay,
+                ts_local=c.ts_local,
+                ts_remote=c.ts_remote,
+                child_id=c.child_id,
+                generation=c.generation,
+                created=self._unix(c.created),
+                rekey_at=self._unix(c.rekey_at),
+                expire_at=self._unix(c.expire_at),
+                replaces=old,
+            )
+
+        return (
+            rec(Direction.IN, c.spi_in, c.keys_in, c.replaces[0] if c.replaces else 0),
+            rec(Direction.OUT, c.spi_out, c.keys_out, c.replaces[1] if c.replaces else 0),
+        )
+
+    def _publish(self, c: ChildSa, *, updated: bool) -> None:
+        assert self.tunnel is not None
+        c.records = self._records(c)
+        t = self.tunnel
+        if updated:
+            self._emit(ChildSaUpdated(t.tunnel_id, t.account_id, *c.records))
+        else:
+            self._emit(ChildSaInstalled(t.tunnel_id, t.account_id, *c.records, c.replaces))
+
+    # ------------------------------------------------------------- establishment
+
+    def _established(self, now: float) -> None:
+        assert self.tunnel is not None and self.suite is not None
+        self.state = IkeState.ESTABLISHED
+        self.ike_rekey_at = now + self._jittered(self.engine.config.ike_lifetime)
+        self.last_heard = now
+        self.engine.established(self)
+        self._emit(
+            IkeSaEstablished(
+                self.tunnel.tunnel_id,
+                self.tunnel.account_id,
+                int.from_bytes(self.spi_i, "big"),
+                int.from_bytes(self.spi_r, "big"),
+                self.initiator,
+                self.local,
+                self.remote,
+                self.nat_detected,
+                self.udp_encap,
+                self.id_kind,
+                self.suite.name,
+            )
+        )
+
+    def _forget_handshake(self) -> None:
+        self.ni = self.nr = self.init_request = self.init_response = b""
+        self.kex = None
+        self.auth_ctx = {}
+
+    # ------------------------------------------------------------- responder: IKE_AUTH
+
+    def on_ike_auth(self, msg: wire.Message, now: float) -> tuple[list[Payload], None]:
+        """§1.2 message 3 → 4: identity, PSK AUTH (§2.15), first Child SA."""
+        assert self.prf is not None and self.keys is not None
+        idi = msg.get(PayloadType.IDI)
+        auth = msg.get(PayloadType.AUTH)
+        if not isinstance(idi, IdPayload) or not isinstance(auth, AuthPayload):
+            raise InvalidSyntax("IKE_AUTH without IDi or AUTH")
+        ident = self.engine.parse_identity(idi, self.local[0], self.remote[0])
+        tunnel = self.engine.lookup(ident) if ident is not None else None
+        if ident is None or tunnel is None:
+            self._emit(AuthenticationFailed(self.remote, "unknown_id", id_text(idi)))
+            self.engine.count("auth_unknown_id")
+            raise AuthenticationFailedError("unknown_id")
+        expected = psk_auth(
+            self.prf,
+            tunnel.psk,
+            signed_octets(self.prf, self.init_request, self.nr, self.keys.sk_pi, idi.body),
+        )
+        if auth.method != AuthMethod.PSK or not compare_digest(expected, auth.data):
+            self._emit(AuthenticationFailed(self.remote, "bad_auth", id_text(idi)))
+            self.engine.count("auth_bad_psk")
+            raise AuthenticationFailedError("bad_auth")
+        self.tunnel = tunnel
+        self.id_kind = ident.kind
+        # Our IDr: echo the one the peer asked for, else mirror its IDi's form.
+        idr_req = msg.get(PayloadType.IDR)
+        if isinstance(idr_req, IdPayload):
+            idr = IdPayload(idr_req.id_type, idr_req.data)
+        elif idi.id_type == IdType.IPV4_ADDR:
+            idr = IdPayload(IdType.IPV4_ADDR, ipaddress.ip_address(self.local[0]).packed)
+        else:
+            idr = IdPayload(idi.id_type, idi.data)
+        our_auth = psk_auth(
+            self.prf,
+            tunnel.psk,
+            signed_octets(self.prf, self.init_response, self.ni, self.keys.sk_pr, idr.body),
+        )
+        if msg.notify(Notify.INITIAL_CONTACT) is not None:
+            # §2.4: the peer has no other IKE SA with us: drop older ones of this tunnel.
+            self.engine.initial_contact(self, now)
+        out: list[Payload] = [
+            Payload(PayloadType.IDR, idr),
+            Payload(PayloadType.AUTH, AuthPayload(AuthMethod.PSK, our_auth)),
+        ]
+        ni, nr = self.ni, self.nr
+        self._established(now)
+        try:
+            out += self._respond_child(msg, now, ni=ni, nr=nr, pfs=False, old=None)
+        except IkeError as exc:
+            # §1.2: the IKE SA stands even if the first Child SA is refused.
+            self._emit(NegotiationFailed(self.remote, self.tunnel_id, exc.notify.name, True))
+            out.append(Payload(PayloadType.NOTIFY, NotifyPayload(exc.notify, exc.data)))
+        self._forget_handshake()
+        return out, None
+
+    def _respond_child(
+        self,
+        msg: wire.Message,
+        now: float,
+        *,
+        ni: bytes,
+        nr: bytes,
+        pfs: bool,
+        old: ChildSa | None,
+    ) -> list[Payload]:
+        """Select, narrow and install a Child SA requested by the peer (§1.3.1, §2.17)."""
+        assert self.tunnel is not None and self.prf is not None and self.keys is not None
+        sa = msg.get(PayloadType.SA)
+        tsi = msg.get(PayloadType.TSI)
+        tsr = msg.get(PayloadType.TSR)
+        if not isinstance(sa, SaPayload) or not isinstance(tsi, TsPayload):
+            raise InvalidSyntax("Child SA request without SA or TSi")
+        if not isinstance(tsr, TsPayload):
+            raise InvalidSyntax("Child SA request without TSr")
+        if (
+            len([c for c in self.children.values() if not c.rekeyed])
+            >= (self.engine.config.max_child_sas)
+            and old is None
+        ):
+            raise NoAdditionalSas()
+        try:
+            proposal, suite = select_child(sa, allow_null=self.tunnel.allow_null_cipher, pfs=pfs)
+        except NoProposalChosen:
+            raise NoProposalChosenError() from None
+        g_ir: bytes | None = None
+        ke_out: list[Payload] = []
+        if suite.dh is not None:
+            ke = msg.get(PayloadType.KE)
+            if not isinstance(ke, KePayload) or ke.group != suite.dh:
+                raise InvalidKePayload(data=suite.dh.to_bytes(2, "big"))
+            kex = dhmod.generate(suite.dh)
+            try:
+                g_ir = kex.shared(ke.data)
+            except dhmod.DhError:
+                raise InvalidSyntax("bad KE") from None
+            ke_out = [Payload(PayloadType.KE, KePayload(suite.dh, kex.public))]
+        remote_sel = narrow(tsi.selectors, self.tunnel.remote_ts)
+        local_sel = narrow(tsr.selectors, self.tunnel.local_ts)
+        if not remote_sel or not local_sel:
+            raise TsUnacceptable()
+        keys = child_keymat(
+            self.prf,
+            self.keys.sk_d,
+            ni,
+            nr,
+            enc_len=suite.enc_key_len,
+            integ_len=suite.integ_key_len,
+            g_ir=g_ir,
+        )
+        spi_in = self.engine.allocate_spi()
+        hint = None
+        if not pfs:
+            groups = {t.id for t in proposal.transforms if t.type == TransformType.DH}
+            hint = next((g for g in (14, 5) if g in groups), None)
+        self.make_child(
+            suite=suite,
+            spi_in=spi_in,
+            spi_out=int.from_bytes(proposal.spi, "big"),
+            keys=keys,
+            we_initiated_exchange=False,
+            ts_local=local_sel,
+            ts_remote=remote_sel,
+            now=now,
+            old=old,
+            pfs_hint=hint if not pfs else suite.dh,
+        )
+        num = proposal.num
+        return [
+            Payload(PayloadType.SA, child_sa_payload(suite, spi_in.to_bytes(4, "big"), num)),
+            *([Payload(PayloadType.NONCE, NoncePayload(nr))] if old is not None or pfs else []),
+            *ke_out,
+            Payload(PayloadType.TSI, TsPayload(remote_sel)),
+            Payload(PayloadType.TSR, TsPayload(local_sel)),
+        ]
+
+    # ------------------------------------------------------------- responder: CREATE_CHILD_SA
+
+    def on_create_child_sa(self, msg: wire.Message, now: float) -> tuple[list[Payload], None]:
+        """§1.3: new Child SA, Child SA rekey (REKEY_SA) or IKE SA rekey (§1.3.2)."""
+        sa = msg.get(PayloadType.SA)
+        nonce = msg.get(PayloadType.NONCE)
+        if not isinstance(sa, SaPayload) or not isinstance(nonce, NoncePayload):
+            raise InvalidSyntax("CREATE_CHILD_SA without SA or Ni")
+        if sa.proposals and sa.proposals[0].protocol == Protocol.IKE:
+            return self._respond_ike_rekey(msg, sa, nonce.nonce, now), None
+        old: ChildSa | None = None
+        rekey = msg.notify(Notify.REKEY_SA)
+        if rekey is not None:
+            spi = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else -1
+            old = next((c for c in self.children.values() if c.spi_out == spi), None)
+            if old is None or old.deleting:
+                raise ChildSaNotFound(data=b"")
+            if old.rekeyed:
+                # §2.8.1: already rekeyed (collision we lost or a late duplicate)
+                raise TemporaryFailure()
+        nr = self.engine.rng(NONCE_LEN)
+        payloads = self._respond_child(msg, now, ni=nonce.nonce, nr=nr, pfs=True, old=old)
+        return payloads, None
+
+    def _respond_ike_rekey(
+        self, msg: wire.Message, sa: SaPayload, ni: bytes, now: float
+    ) -> list[Payload]:
+        """§2.18: the new IKE SA's keys come from the old SK_d and a fresh DH."""
+        assert self.prf is not None and self.keys is not None
+        try:
+            proposal, suite = select_ike(sa)
+        except NoProposalChosen:
+            raise NoProposalChosenError() from None
+        if len(proposal.spi) != 8:
+            raise InvalidSyntax("IKE rekey proposal without an 8-octet SPI")
+        ke = msg.get(PayloadType.KE)
+        if not isinstance(ke, KePayload) or ke.group != suite.dh:
+            raise InvalidKePayload(data=suite.dh.to_bytes(2, "big"))
+        kex = dhmod.generate(suite.dh)
+        try:
+            g_ir = kex.shared(ke.data)
+        except dhmod.DhError:
+            raise InvalidSyntax("bad KE") from None
+        nr = self.engine.rng(NONCE_LEN)
+        new_spi = self.engine.allocate_ike_spi()
+        self._successor(
+            suite, g_ir, ni, nr, spi_i=proposal.spi, spi_r=new_spi, initiator=False, now=now
+        )
+        return [
+            Payload(PayloadType.SA, ike_sa_payload(suite, proposal.num, new_spi)),
+            Payload(PayloadType.NONCE, NoncePayload(nr)),
+            Payload(PayloadType.KE, KePayload(suite.dh, kex.public)),
+        ]
+
+    def _successor(
+        self,
+        suite: IkeSuite,
+        g_ir: bytes,
+        ni: bytes,
+        nr: bytes,
+        *,
+        spi_i: bytes,
+        spi_r: bytes,
+        initiator: bool,
+        now: float,
+    ) -> IkeSa:
+        """Build the rekeyed IKE SA, move the Child SAs to it, retire this one."""
+        assert self.prf is not None and self.keys is not None and self.suite is not None
+        seed = rekey_skeyseed(self.prf, self.keys.sk_d, g_ir, ni, nr)
+        keys = derive_ike_keys(
+            Prf(suite.prf),
+            seed,
+            ni,
+            nr,
+            spi_i,
+            spi_r,
+            enc_len=suite.enc_key_len,
+            integ_len=suite.integ_key_len,
+        )
+        new = IkeSa(self.engine, initiator=initiator, spi_i=spi_i, spi_r=spi_r, now=now)
+        new.local, new.remote = self.local, self.remote
+        new.nat_detected, new.udp_encap = self.nat_detected, self.udp_encap
+        new.tunnel, new.id_kind = self.tunnel, self.id_kind
+        new.set_keys(suite, keys)
+        new.children = self.children
+        self.children = {}
+        new.state = IkeState.ESTABLISHED
+        new.last_heard = now
+        new.ike_rekey_at = now + new._jittered(self.engine.config.ike_lifetime)
+        self.state = IkeState.REKEYED
+        self.linger_until = now + 4 * self.engine.config.retransmit_timeout * 8
+        self.engine.register(new)
+        self.engine.established(new)
+        assert self.tunnel is not None
+        self._emit(
+            IkeSaRekeyed(
+                self.tunnel.tunnel_id,
+                self.tunnel.account_id,
+                int.from_bytes(self.spi_i, "big"),
+                int.from_bytes(self.spi_r, "big"),
+                int.from_bytes(spi_i, "big"),
+                int.from_bytes(spi_r, "big"),
+                suite.name,
+            )
+        )
+        return new
+
+    def on_busy(self, msg: wire.Message, now: float) -> tuple[list[Payload], None]:
+        """§2.25: this IKE SA is being rekeyed or deleted; try again later."""
+        raise TemporaryFailure()
+
+    # ------------------------------------------------------------- responder: INFORMATIONAL
+
+    def on_informational(
+        self, msg: wire.Message, now: float
+    ) -> tuple[list[Payload], Callable[[], None] | None]:
+        """§1.4: DELETE of Child SAs or of this IKE SA; empty = liveness check."""
+        out_spis: list[bytes] = []
+        delete_ike = False
+        for body in msg.all(PayloadType.DELETE):
+            assert isinstance(body, DeletePayload)
+            if body.protocol == Protocol.IKE:
+                delete_ike = True
+            elif body.protocol == Protocol.ESP:
+                for raw in body.spis:
+                    spi = int.from_bytes(raw, "big")
+                    c = next((c for c in self.children.values() if c.spi_out == spi), None)
+                    if c is None:
+                        continue  # §3.11: unknown SPIs are ignored
+                    out_spis.append(c.spi_in.to_bytes(4, "big"))
+                    self._child_gone(c, "rekeyed" if c.rekeyed else "peer_delete")
+        if delete_ike:
+            # §1.4.1: answer with an empty INFORMATIONAL, then the IKE SA is gone.
+            reason = "rekeyed" if self.state is IkeState.REKEYED else "peer_delete"
+            return [], lambda: self.close(reason)
+        if out_spis:
+            return [Payload(PayloadType.DELETE, DeletePayload(Protocol.ESP, out_spis))], None
+        return [], None
+
+    # ------------------------------------------------------------- our requests
+
+    def build_dpd(self, arg: None, now: float) -> tuple[int, list[Payload], dict[str, Any]]:
+        return ExchangeType.INFORMATIONAL, [], {}
+
+    def build_delete_ike(self, arg: None, now: float) -> tuple[int, list[Payload], dict[str, Any]]:
+        return (
+            ExchangeType.INFORMATIONAL,
+            [Payload(PayloadType.DELETE, DeletePayload(Protocol.IKE, []))],
+            {},
+        )
+
+    def build_delete_child(
+        self, arg: tuple[int, str], now: float
+    ) -> tuple[int, list[Payload], dict[str, Any]] | None:
+        spi_in, reason = arg
+        c = self.children.get(spi_in)
+        if c is None:
+            return None
+        payload = DeletePayload(Protocol.ESP, [spi_in.to_bytes(4, "big")])
+        return (
+            ExchangeType.INFORMATIONAL,
+            [Payload(PayloadType.DELETE, payload)],
+            {"spi_in": spi_in, "reason": reason},
+        )
+
+    def build_rekey_child(
+        self, arg: int | tuple[int, int | None], now: float
+    ) -> tuple[int, list[Payload], dict[str, Any]] | None:
+        """§1.3.3: CREATE_CHILD_SA with N(REKEY_SA) carrying our inbound SPI."""
+        if isinstance(arg, tuple):
+            spi_in, group = arg
+        else:
+            spi_in, group = arg, -1
+        c = self.children.get(spi_in)
+        if c is None or c.rekeyed or c.deleting:
+            return None
+        if group == -1:
+            group = c.suite.dh if c.suite.dh is not None else c.pfs_hint
+        return self._child_request(
+            c.suite, group, now, old=c, ts_local=c.ts_local, ts_remote=c.ts_remote
+        )
+
+    def build_new_child(
+        self, arg: tuple[list[ChildSuite], int | None], now: float
+    ) -> tuple[int, list[Payload], dict[str, Any]] | None:
+        assert self.tunnel is not None
+        suites, group = arg
+        return self._child_request(
+            suites,
+            group,
+            now,
+            old=None,
+            ts_local=self.tunnel.local_ts,
+            ts_remote=self.tunnel.remote_ts,
+        )
+
+    def _child_request(
+        self,
+        suites: ChildSuite | list[ChildSuite],
+        group: int | None,
+        now: float,
+        *,
+        old: ChildSa | None,
+        ts_local: tuple[TrafficSelector, ...],
+        ts_remote: tuple[TrafficSelector, ...],
+    ) -> tuple[int, list[Payload], dict[str, Any]]:
+        ni = self.engine.rng(NONCE_LEN)
+        spi_in = self.engine.allocate_spi()
+        offer_list = suites if isinstance(suites, list) else [suites]
+        offers = [ChildSuite(s.encr, s.key_bits, s.integ, group) for s in offer_list]
+        payloads: list[Payload] = []
+        if old is not None:
+            payloads.append(
+                Payload(
+                    PayloadType.NOTIFY,
+                    NotifyPayload(
+                        Notify.REKEY_SA, b"", Protocol.ESP, old.spi_in.to_bytes(4, "big")
+                    ),
+                )
+            )
+        payloads.append(Payload(PayloadType.SA, child_offer(offers, spi_in.to_bytes(4, "big"))))
+        payloads.append(Payload(PayloadType.NONCE, NoncePayload(ni)))
+        kex = None
+        if group:
+            kex = dhmod.generate(group)
+            payloads.append(Payload(PayloadType.KE, KePayload(group, kex.public)))
+        payloads.append(Payload(PayloadType.TSI, TsPayload([_to_selector(t) for t in ts_local])))
+        payloads.append(Payload(PayloadType.TSR, TsPayload([_to_selector(t) for t in ts_remote])))
+        ctx = {
+            "ni": ni,
+            "spi_in": spi_in,
+            "kex": kex,
+            "old": old.spi_in if old else None,
+            "suites": offer_list,
+            "group": group,
+            "retried": False,
+        }
+        return ExchangeType.CREATE_CHILD_SA, payloads, ctx
+
+    def build_rekey_ike(
+        self, arg: int | None, now: float
+    ) -> tuple[int, list[Payload], dict[str, Any]] | None:
+        """§1.3.2: SA (IKE, new SPIi), Ni, KEi."""
+        assert self.suite is not None
+        group = arg or self.suite.dh
+        suite = IkeSuite(
+            self.suite.encr, self.suite.key_bits, self.suite.integ, self.suite.prf, group
+        )
+        ni = self.engine.rng(NONCE_LEN)
+        new_spi = self.engine.allocate_ike_spi()
+        kex = dhmod.generate(group)
+        payloads = [
+            Payload(PayloadType.SA, ike_sa_payload(suite, 1, new_spi)),
+            Payload(PayloadType.NONCE, NoncePayload(ni)),
+            Payload(PayloadType.KE, KePayload(group, kex.public)),
+        ]
+        ctx = {"ni": ni, "spi": new_spi, "kex": kex, "suite": suite}
+        return ExchangeType.CREATE_CHILD_SA, payloads, ctx
+
+    # ------------------------------------------------------------- responses to ours
+
+    def _error_notify(self, msg: wire.Message) -> NotifyPayload | None:
+        for n in msg.notifies():
+            if n.type < 16384:
+                return n
+        return None
+
+    def on_informational_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:
+        if req.kind == "delete_ike":
+            self.engine.discard(self, "local_delete")
+            return
+        if req.kind == "delete_child":
+            c = self.children.get(req.ctx["spi_in"])
+            if c is not None:
+                self._child_gone(c, req.ctx["reason"])
+        # dpd: hearing back is all we wanted (last_heard already moved)
+
+    def on_create_child_sa_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:
+        err = self._error_notify(msg)
+        if req.kind == "rekey_ike":
+            if err is not None:
+                self._child_request_failed(err, req)
+                return
+            self._finish_ike_rekey(msg, req, now)
+            return
+        ctx = req.ctx
+        if err is not None:
+            self.engine.release_spi(ctx["spi_in"])
+            if (
+                err.type == Notify.INVALID_KE_PAYLOAD
+                and len(err.data) == 2
+                and not ctx["retried"]
+                and int.from_bytes(err.data, "big") in (14, 5)
+            ):
+                group = int.from_bytes(err.data, "big")
+                if req.kind == "rekey_child" and ctx["old"] is not None:
+                    self.queue.appendleft(("rekey_child", (ctx["old"], group)))
+                else:
+                    self.queue.appendleft(("new_child", (ctx["suites"], group)))
+                return
+            self._child_request_failed(err, req)
+            return
+        try:
+            self._finish_child(msg, req, now)
+        except (IkeError, NoProposalChosen, dhmod.DhError):
+            self.engine.release_spi(ctx["spi_in"])
+            self.engine.count("bad_child_response")
+
+    def _child_request_failed(self, err: NotifyPayload, req: OutRequest) -> None:
+        self._emit(NegotiationFailed(self.remote, self.tunnel_id, notify_name(err.type), False))
+
+    def _finish_child(self, msg: wire.Message, req: OutRequest, now: float) -> None:
+        assert self.prf is not None and self.keys is not None and self.tunnel is not None
+        ctx = req.ctx
+        sa = msg.get(PayloadType.SA)
+        nonce = msg.get(PayloadType.NONCE)
+        tsi, tsr = msg.get(PayloadType.TSI), msg.get(PayloadType.TSR)
+        if not (
+            isinstance(sa, SaPayload)
+            and isinstance(nonce, NoncePayload)
+            and isinstance(tsi, TsPayload)
+            and isinstance(tsr, TsPayload)
+            and len(sa.proposals) == 1
+        ):
+            raise InvalidSyntax("bad CREATE_CHILD_SA response")
+        proposal, suite = select_child(sa, allow_null=True, pfs=True)
+        g_ir = None
+        if suite.dh is not None:
+            ke = msg.get(PayloadType.KE)
+            kex = ctx["kex"]
+            if not isinstance(ke, KePayload) or kex is None or ke.group != kex.group:
+                raise InvalidSyntax("KE missing or of another group")
+            g_ir = kex.shared(ke.data)
+        keys = child_keymat(
+            self.prf,
+            self.keys.sk_d,
+            ctx["ni"],
+            nonce.nonce,
+            enc_len=suite.enc_key_len,
+            integ_len=suite.integ_key_len,
+            g_ir=g_ir,
+        )
+        old = self.children.get(ctx["old"]) if ctx["old"] is not None else None
+        child = self.make_child(
+            suite=suite,
+            spi_in=ctx["spi_in"],
+            spi_out=int.from_bytes(proposal.spi, "big"),
+            keys=keys,
+            we_initiated_exchange=True,
+            ts_local=tsi.selectors,
+            ts_remote=tsr.selectors,
+            now=now,
+            old=old,
+            pfs_hint=ctx["group"],
+        )
+        if old is not None:
+            # make-before-break: the old SA goes after the new one had time to spread
+            old.delete_at = now + self.engine.config.rekey_delete_delay
+        del child
+
+    def _finish_ike_rekey(self, msg: wire.Message, req: OutRequest, now: float) -> None:
+        ctx = req.ctx
+        sa = msg.get(PayloadType.SA)
+        nonce = msg.get(PayloadType.NONCE)
+        ke = msg.get(PayloadType.KE)
+        if not (
+            isinstance(sa, SaPayload)
+            and isinstance(nonce, NoncePayload)
+            and isinstance(ke, KePayload)
+            and len(sa.proposals) == 1
+            and len(sa.proposals[0].spi) == 8
+        ):
+            self.engine.count("bad_rekey_response")
+            return
+        try:
+            _, suite = select_ike(sa)
+            g_ir = ctx["kex"].shared(ke.data)
+        except (NoProposalChosen, dhmod.DhError):
+            self.engine.count("bad_rekey_response")
+            return
+        new = self._successor(
+            suite,
+            g_ir,
+            ctx["ni"],
+            nonce.nonce,
+            spi_i=ctx["spi"],
+            spi_r=sa.proposals[0].spi,
+            initiator=True,
+            now=now,
+        )
+        del new
+        self.queue.clear()
+        self.request("delete_ike", None)
+
+    # ------------------------------------------------------------- initiator: handshake
+
+    def send_init(self, now: float, cookie: bytes | None = None) -> None:
+        """§1.2 message 1 (and its retry with a COOKIE or another KE group)."""
+        assert self.kex is not None
+        ctx = self.auth_ctx
+        zero = bytes(8)
+        payloads: list[Payload] = []
+        if cookie is not None:
+            payloads.append(Payload(PayloadType.NOTIFY, NotifyPayload(Notify.COOKIE, cookie)))
+        payloads += [
+            Payload(PayloadType.SA, ike_offer(ctx["ike_suites"])),
+            Payload(PayloadType.KE, KePayload(self.kex.group, self.kex.public)),
+            Payload(PayloadType.NONCE, NoncePayload(self.ni)),
+            Payload(
+                PayloadType.NOTIFY,
+                NotifyPayload(
+                    Notify.NAT_DETECTION_SOURCE_IP, nat_hash(self.spi_i, zero, self.local)
+                ),
+            ),
+            Payload(
+                PayloadType.NOTIFY,
+                NotifyPayload(
+                    Notify.NAT_DETECTION_DESTINATION_IP, nat_hash(self.spi_i, zero, self.remote)
+                ),
+            ),
+        ]
+        ctx["cookie"] = cookie
+        data = wire.encode(
+            spi_i=self.spi_i,
+            spi_r=zero,
+            exchange=ExchangeType.IKE_SA_INIT,
+            flags=wire.FLAG_INITIATOR,
+            message_id=0,
+            payloads=payloads,
+        )
+        self.init_request = data
+        self.our_next = 1
+        self._start("init", ExchangeType.IKE_SA_INIT, 0, data, now, {})
+
+    def _fail(self, notify: str) -> None:
+        self._emit(NegotiationFailed(self.remote, self.tunnel_id, notify, False))
+        self.engine.discard(self, "failed")
+
+    def on_init_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:
+        ctx = self.auth_ctx
+        assert self.tunnel is not None and self.kex is not None
+        cookie = msg.notify(Notify.COOKIE)
+        if cookie is not None:
+            ctx["cookie_tries"] = ctx.get("cookie_tries", 0) + 1
+            if ctx["cookie_tries"] > 3:
+                self._fail("COOKIE")
+                return
+            self.send_init(now, cookie.data)  # §2.6: same message with the cookie first
+            return
+        err = self._error_notify(msg)
+        if err is not None:
+            if err.type == Notify.INVALID_KE_PAYLOAD and len(err.data) == 2:
+                group = int.from_bytes(err.data, "big")
+                offered = {s.dh for s in ctx["ike_suites"]}
+                if group in offered and group != self.kex.group and not ctx.get("ke_retried"):
+                    ctx["ke_retried"] = True
+                    self.kex = dhmod.generate(group)  # §1.2: retry with the wanted group
+                    self.send_init(now, ctx.get("cookie"))
+                    return
+            self._fail(notify_name(err.type))
+            return
+        sa, ke, nonce = msg.get(PayloadType.SA), msg.get(PayloadType.KE), msg.get(PayloadType.NONCE)
+        if not (
+            isinstance(sa, SaPayload)
+            and isinstance(ke, KePayload)
+            and isinstance(nonce, NoncePayload)
+            and len(sa.proposals) == 1
+        ):
+            self._fail("INVALID_SYNTAX")
+            return
+        try:
+            _, suite = select_ike(sa)
+            if suite.dh != self.kex.group:
+                raise NoProposalChosen
+            g_ir = self.kex.shared(ke.data)
+        except (NoProposalChosen, dhmod.DhError):
+            self._fail("NO_PROPOSAL_CHOSEN")
+            return
+        self.spi_r = msg.header.spi_r
+        self.nr = nonce.nonce
+        self.init_response = msg.raw
+        prf = Prf(suite.prf)
+        keys = derive_ike_keys(
+            prf,
+            skeyseed(prf, self.ni, self.nr, g_ir),
+            self.ni,
+            self.nr,
+            self.spi_i,
+            self.spi_r,
+            enc_len=suite.enc_key_len,
+            integ_len=suite.integ_key_len,
+        )
+        self.set_keys(suite, keys)
+        # §2.23: compare the responder's NAT_DETECTION hashes with what we see.
+        src = [n.data for n in msg.notifies() if n.type == Notify.NAT_DETECTION_SOURCE_IP]
+        dst = [n.data for n in msg.notifies() if n.type == Notify.NAT_DETECTION_DESTINATION_IP]
+        if src or dst:
+            peer_ok = nat_hash(self.spi_i, self.spi_r, self.remote) in src
+            we_ok = nat_hash(self.spi_i, self.spi_r, self.local) in dst
+            self.nat_detected = not (peer_ok and we_ok)
+        if self.nat_detected and self.local[1] == 500:
+            # §2.23: after NAT detection, move to 4500 for IKE_AUTH and beyond.
+            self.local = (self.local[0], 4500)
+            self.remote = (self.remote[0], 4500)
+        self.udp_encap = self.nat_detected or self.local[1] == 4500
+        self._send_auth(now)
+
+    def _send_auth(self, now: float) -> None:
+        """§1.2 message 3: IDi, [N(INITIAL_CONTACT)], AUTH, SAi2, TSi, TSr."""
+        assert self.tunnel is not None and self.prf is not None and self.keys is not None
+        ctx = self.auth_ctx
+        idi = self.engine.make_identity(self.tunnel, ctx["id_kind"], self.local[0])
+        auth = psk_auth(
+            self.prf,
+            self.tunnel.psk,
+            signed_octets(self.prf, self.init_request, self.nr, self.keys.sk_pi, idi.body),
+        )
+        spi_in = self.engine.allocate_spi()
+        ctx["spi_in"] = spi_in
+        payloads: list[Payload] = [Payload(PayloadType.IDI, idi)]
+        if ctx.get("initial_contact"):
+            payloads.append(Payload(PayloadType.NOTIFY, NotifyPayload(Notify.INITIAL_CONTACT)))
+        payloads += [
+            Payload(PayloadType.AUTH, AuthPayload(AuthMethod.PSK, auth)),
+            Payload(
+                PayloadType.SA,
+                child_offer(ctx["child_suites"], spi_in.to_bytes(4, "big"), with_dh=False),
+            ),
+            Payload(PayloadType.TSI, TsPayload([_to_selector(t) for t in self.tunnel.local_ts])),
+            Payload(PayloadType.TSR, TsPayload([_to_selector(t) for t in self.tunnel.remote_ts])),
+        ]
+        self.state = IkeState.AUTH_SENT
+        data = self._encode(ExchangeType.IKE_AUTH, 1, payloads, response=False)
+        self.our_next = 2
+        self._start("auth", ExchangeType.IKE_AUTH, 1, data, now, {})
+
+    def on_auth_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:
+        assert self.tunnel is not None and self.prf is not None and self.keys is not None
+        ctx = self.auth_ctx
+        idr, auth = msg.get(PayloadType.IDR), msg.get(PayloadType.AUTH)
+        err = self._error_notify(msg)
+        if not isinstance(idr, IdPayload) or not isinstance(auth, AuthPayload):
+            self.engine.release_spi(ctx["spi_in"])
+            if err is not None and err.type == Notify.AUTHENTICATION_FAILED:
+                self._emit(AuthenticationFailed(self.remote, "peer_refused", None))
+                self.engine.discard(self, "auth_failed")
+            else:
+                self._fail(notify_name(err.type) if err else "INVALID_SYNTAX")
+            return
+        expected = psk_auth(
+            self.prf,
+            self.tunnel.psk,
+            signed_octets(self.prf, self.init_response, self.ni, self.keys.sk_pr, idr.body),
+        )
+        if auth.method != AuthMethod.PSK or not compare_digest(expected, auth.data):
+            self.engine.release_spi(ctx["spi_in"])
+            self._emit(AuthenticationFailed(self.remote, "bad_auth", id_text(idr)))
+            self.engine.discard(self, "auth_failed")
+            return
+        self.id_kind = ctx["id_kind"]
+        ni, nr = self.ni, self.nr
+        self._established(now)
+        sa, tsi, tsr = msg.get(PayloadType.SA), msg.get(PayloadType.TSI), msg.get(PayloadType.TSR)
+        done = False
+        if isinstance(sa, SaPayload) and isinstance(tsi, TsPayload) and isinstance(tsr, TsPayload):
+            try:
+                proposal, suite = select_child(sa, allow_null=True, pfs=False)
+                keys = child_keymat(
+                    self.prf,
+                    self.keys.sk_d,
+                    ni,
+                    nr,
+                    enc_len=suite.enc_key_len,
+                    integ_len=suite.integ_key_len,
+                )
+                self.make_child(
+                    suite=suite,
+                    spi_in=ctx["spi_in"],
+                    spi_out=int.from_bytes(proposal.spi, "big"),
+                    keys=keys,
+                    we_initiated_exchange=True,
+                    ts_local=tsi.selectors,
+                    ts_remote=tsr.selectors,
+                    now=now,
+                )
+                done = True
+            except NoProposalChosen:
+                pass
+        if not done:
+            self.engine.release_spi(ctx["spi_in"])
+            name = notify_name(err.type) if err else "NO_PROPOSAL_CHOSEN"
+            self._emit(NegotiationFailed(self.remote, self.tunnel_id, name, False))
+        self._forget_handshake()
+
+
+__all__ = ["ChildSa", "IkeSa", "OutRequest", "Proposal", "narrow", "nat_hash"]
