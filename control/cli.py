@@ -133,6 +133,24 @@ def make_publisher(conf: cfg.ControlConfig, registry: Any) -> Any:
     return factory
 
 
+def make_relay(conf: cfg.ControlConfig, registry: Any) -> Any:
+    """The IKE relay server workers forward IKE datagrams to (None if disabled)."""
+    if not conf.relay_endpoint:
+        return None
+    from replication.curve import load_allowed, load_secret
+    from replication.relay import RelayServer
+
+    public, secret = load_secret(conf.keys_path / "control.key")
+    workers_dir = conf.keys_path / "workers"
+    return RelayServer(
+        endpoint=conf.relay_endpoint,
+        server_public=public,
+        server_secret=secret,
+        allowed_clients=load_allowed([workers_dir]) if workers_dir.is_dir() else [],
+        registry=registry,
+    )
+
+
 def make_engine(conf: cfg.ControlConfig, lookup: Any) -> Any:
     from control.ike.engine import IkeConfig, IkeEngine
 
@@ -152,7 +170,13 @@ async def serve(conf: cfg.ControlConfig) -> int:
 
     store = _open_store(conf)
     metrics = ControlMetrics(max_accounts=conf.max_account_labels)
-    service = ControlService(conf, store, make_publisher(conf, metrics.registry), metrics=metrics)
+    service = ControlService(
+        conf,
+        store,
+        make_publisher(conf, metrics.registry),
+        metrics=metrics,
+        relay=make_relay(conf, metrics.registry),
+    )
     service.engine = make_engine(conf, service.lookup)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -68,7 +68,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("bus_snapshot_endpoint", str, "tcp://0.0.0.0:7701", "Bus snapshot (ROUTER) endpoint"),
     Option("bus_update_endpoint", str, "tcp://0.0.0.0:7702", "Bus updates (PUB) endpoint"),
     Option("bus_ack_endpoint", str, "tcp://0.0.0.0:7703", "Bus acknowledgements endpoint"),
-    Option("relay_endpoint", str, "tcp://0.0.0.0:7704", "IKE relay endpoint for workers"),
+    Option(
+        "relay_endpoint",
+        str,
+        "tcp://0.0.0.0:7704",
+        "IKE relay endpoint workers forward IKE to (empty = no relay)",
+    ),
     Option("bus_heartbeat_interval", float, 0.5, "Seconds between bus heartbeats"),
     Option(
         "keys_dir",

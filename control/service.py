@@ -181,6 +181,7 @@ class ControlService:
         *,
         metrics: ControlMetrics | None = None,
         engine: Any = None,
+        relay: Any = None,
     ) -> None:
         """``publisher`` is a publisher, or a factory that gets the store's records
         to start with (``Publisher(initial=...)``): a restarted control then hands
@@ -194,7 +195,10 @@ class ControlService:
         self.publisher: PublisherLike = publisher  # type: ignore[assignment]
         self.app = create_app(self.api, self.metrics, build_openapi())
         self.engine = engine
+        self.relay = relay
+        """``replication.relay.RelayServer`` (not started) feeding the engine, or None."""
         self.transport: Any = None
+        self._ike_state_dirty = False
         self._ike_sas: dict[tuple[int, int], _IkeSaView] = {}
         self._install_seq: dict[str, int] = {}
         """tunnel_id -> bus sequence of its newest installed Child SA."""
@@ -411,6 +415,8 @@ class ControlService:
 
     def on_ike_event(self, ev: object) -> None:
         name = type(ev).__name__
+        if name.startswith("IkeSa"):
+            self._ike_state_dirty = True
         handler = getattr(self, f"_on_{name}", None)
         if handler is None:
             log.debug("unhandled IKE event %s", name)
@@ -511,20 +517,59 @@ class ControlService:
 
             mapp.router.add_get("/metrics", metrics)
             await self._serve(mapp, self.config.metrics_listen)
-        if self.engine is not None and self.config.ike_listen:
+        if self.engine is not None and (self.config.ike_listen or self.relay is not None):
             await self._start_ike()
 
     async def _start_ike(self) -> None:
-        # INTEGRATION POINT (IKE): direct UDP listeners. The worker relay
-        # (replication.relay.RelayServer) is attached here once it exists, and
-        # persisted IKE SA state (engine export/import) is restored here once
-        # the engine offers it; until then a control restart keeps the Child SAs
-        # on the bus (republished above) but peers must renegotiate IKE.
+        """The engine behind direct UDP listeners and/or the worker relay."""
         from control.ike.transport import IkeTransport
 
         self.transport = IkeTransport(self.engine, on_event=self.on_ike_event)
+        self._restore_ike_state()
         for addr in self.config.ike_listen:
             await self.transport.listen(addr, [int(p) for p in self.config.ike_ports])
+        if self.relay is not None:
+            self.transport.attach_relay(self.relay)
+            self.relay.start()
+        if hasattr(self.engine, "export_state"):
+            task = asyncio.get_running_loop().create_task(self._persist_ike_state_loop())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    # INTEGRATION POINT (IKE SA persistence, issue 7 "control restart keeps
+    # tunnels up"): if the engine offers ``export_state() -> bytes`` and
+    # ``import_state(data: bytes, now: float) -> None``, its IKE SA state is
+    # sealed into the store (key ``ike/state``) after every IKE SA event, once a
+    # second while dirty, and at stop, and restored before the first datagram
+    # after a restart. Child SA records are persisted and republished either
+    # way (above), so workers keep forwarding across a control restart even
+    # without it; only the IKE SAs then need the peer to renegotiate.
+    IKE_STATE_KEY = "ike/state"
+
+    def _restore_ike_state(self) -> None:
+        if not hasattr(self.engine, "import_state"):
+            return
+        blob = self.store.get_sealed(self.IKE_STATE_KEY)
+        if blob is not None:
+            self.engine.import_state(blob, self.transport.now())
+            log.info("restored persisted IKE SA state (%d bytes)", len(blob))
+
+    def persist_ike_state(self) -> None:
+        if self.engine is None or not hasattr(self.engine, "export_state"):
+            return
+        blob = self.engine.export_state()
+        with self.store.transaction():
+            self.store.put_sealed(self.IKE_STATE_KEY, blob)
+        self._ike_state_dirty = False
+
+    async def _persist_ike_state_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self._ike_state_dirty:
+                try:
+                    self.persist_ike_state()
+                except Exception as exc:
+                    log.error("persisting IKE state failed: %s", type(exc).__name__)
 
     async def _serve(self, app: web.Application, listen: str) -> None:
         host, port = split_hostport(listen)
@@ -547,6 +592,12 @@ class ControlService:
         for task in list(self._tasks):
             task.cancel()
         if self.transport is not None:
+            try:
+                self.persist_ike_state()
+            except Exception as exc:
+                log.error("persisting IKE state at stop failed: %s", type(exc).__name__)
+            if self.relay is not None:
+                self.relay.stop()
             self.transport.close()
             self.transport = None
         for runner in self._runners:

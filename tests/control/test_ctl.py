@@ -120,6 +120,7 @@ def test_console_scripts_end_to_end(tmp_path: Path) -> None:
         "ANYWAN_BUS_SNAPSHOT_ENDPOINT": f"ipc://{tmp_path}/snap",
         "ANYWAN_BUS_UPDATE_ENDPOINT": f"ipc://{tmp_path}/upd",
         "ANYWAN_BUS_ACK_ENDPOINT": f"ipc://{tmp_path}/ack",
+        "ANYWAN_RELAY_ENDPOINT": f"ipc://{tmp_path}/relay",
     }
     control_bin, ctl_bin = str(VENV_BIN / "anywan-control"), str(VENV_BIN / "anywanctl")
     r = run([control_bin, "serve"], env)
@@ -150,6 +151,7 @@ def test_console_scripts_end_to_end(tmp_path: Path) -> None:
             assert proc.poll() is None, "control exited"
             time.sleep(0.2)
         assert r.returncode == 0, r.stderr
+        assert "ike running" in r.stdout  # the engine is fed by the worker relay
         r = run([ctl_bin, "--json", "tunnels", "create", "s1", "--anycast", "203.0.113.1",
                  "--interface-address", "10.0.0.0/31", "--psk-env", "SITE_PSK"], cenv)  # fmt: skip
         assert r.returncode == 0, r.stderr
