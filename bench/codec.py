@@ -115,26 +115,34 @@ def esp_suite(size: int) -> Iterator[Case]:
                 yield Case("esp", name, size, "decap", decap, base)
             else:
                 # Fresh sequence numbers each call: pre-encrypt a ring of packets
-                # and feed them in order, so the window slides like in traffic.
-                ring = [out.encapsulate(inner, 4) for _ in range(4096)]
-                inb = InboundSa.from_record(rec)
-                state = {"i": 0, "inb": inb}
+                # and feed them in order, so the window slides like in traffic;
+                # each lap gets a new inbound SA (new window), built ahead.
+                feed = _ReplayFeed(rec, [out.encapsulate(inner, 4) for _ in range(4096)])
+                yield Case("esp", name + " replay=1024", size, "decap", feed.next, base)
 
-                def decap_replay(
-                    ring: list[bytes] = ring, state: dict[str, object] = state, rec: SaRecord = rec
-                ) -> object:
-                    i = state["i"]
-                    assert isinstance(i, int)
-                    if i == len(ring):
-                        # Re-arm: a new inbound SA (new window) for the next lap.
-                        state["inb"] = InboundSa.from_record(rec)
-                        i = 0
-                    state["i"] = i + 1
-                    sa = state["inb"]
-                    assert isinstance(sa, InboundSa)
-                    return sa.decapsulate(ring[i])
 
-                yield Case("esp", name + " replay=1024", size, "decap", decap_replay, base)
+class _ReplayFeed:
+    """Decapsulates a ring of in-order packets, one per call."""
+
+    __slots__ = ("_i", "_rec", "_ring", "_sa")
+
+    def __init__(self, rec: object, ring: list[bytes]) -> None:
+        from dataplane.esp import InboundSa
+        from replication.records import SaRecord
+
+        assert isinstance(rec, SaRecord)
+        self._rec, self._ring, self._i = rec, ring, 0
+        self._sa = InboundSa.from_record(rec)
+
+    def next(self) -> object:
+        i = self._i
+        if i == len(self._ring):
+            from dataplane.esp import InboundSa
+
+            self._sa = InboundSa.from_record(self._rec)  # amortised over 4096 packets
+            i = 0
+        self._i = i + 1
+        return self._sa.decapsulate(self._ring[i])
 
 
 SUITES: dict[str, Callable[[int], Iterator[Case]]] = {"esp": esp_suite}
