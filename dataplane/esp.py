@@ -45,8 +45,9 @@ bound: each worker sends at most 2**32 - 1 packets per SA (sequence numbers
 next packet raises ``Drop(SEQ_EXHAUSTED)``, never a wrap; control rekeys
 long before that (4 h lifetime). Operational requirement: ``worker_id`` must
 be unique among all processes that ever hold the SA's key during its lifetime
-- a restarted worker must come back with a fresh id (an incarnation number),
-never reuse one with a fresh counter. With anti-replay on, one owner sends on
+- a restarted worker must come back with a fresh id, never reuse one with a
+fresh counter (that would repeat GCM nonces). :func:`iv_worker_id` composes
+one from the worker's index and an incarnation number. With anti-replay on, one owner sends on
 the SA and a new owner resumes with ``first_seq`` = checkpoint + safety jump
 under its own worker id, so its IVs are fresh too.
 
@@ -126,6 +127,21 @@ _GCM = frozenset({Cipher.AES128GCM16, Cipher.AES256GCM16})
 _CBC = frozenset({Cipher.AES128CBC, Cipher.AES256CBC})
 
 Buffer = bytes | bytearray | memoryview
+
+
+def iv_worker_id(index: int, incarnation: int) -> int:
+    """The 32-bit ``worker_id`` for GCM IVs: 8-bit worker index ‖ 24-bit
+    incarnation (index < 256, incarnation taken modulo 2**24).
+
+    The incarnation must differ between two processes that use the same index
+    while one SA key is alive (4 h by default). A counter handed out by control
+    is best; the wall clock in tenths of a second (wraps after 19 days, so two
+    starts of one index more than 0.1 s apart never collide within an SA's
+    lifetime, unless the clock steps back) is a workable stand-in.
+    """
+    if not 0 <= index <= 0xFF:
+        raise ValueError("worker index must be in 0..255")
+    return (index << 24) | (incarnation & 0xFFFFFF)
 
 
 def peek_spi(packet: Buffer) -> int:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from dataplane.drops import Drop, DropReason
 from dataplane.esp import (
     MAX_SEQ,
+    MAX_WORKER_ID,
     NEXT_HEADER_IPV4,
     NEXT_HEADER_IPV6,
     NEXT_HEADER_NONE,
@@ -502,3 +503,19 @@ def test_fuzz_mutated_packets_only_raise_drop(
 def out_again(idx: int, inner: bytes) -> bytes:
     out, _ = sa_pair(*TRANSFORMS[idx])
     return out.encapsulate(inner, 4)
+
+
+def test_iv_worker_id_separates_index_and_incarnation() -> None:
+    from dataplane.esp import iv_worker_id
+
+    ids = {iv_worker_id(i, inc) for i in range(4) for inc in (0, 1, 2**24 - 1)}
+    assert len(ids) == 12 and max(ids) <= MAX_WORKER_ID
+    assert iv_worker_id(3, 2**24 + 5) == iv_worker_id(3, 5)  # modulo 2**24
+    with pytest.raises(ValueError):
+        iv_worker_id(256, 0)
+    # A restarted worker (same index, next incarnation) never repeats an IV of
+    # its previous life, although both count from sequence number 1.
+    rec = make_record(Cipher.AES128GCM16, Integ.NONE)
+    old = OutboundSa.from_record(rec, worker_id=iv_worker_id(1, 100))
+    new = OutboundSa.from_record(rec, worker_id=iv_worker_id(1, 101))
+    assert gcm_iv(old.encapsulate(b"", 4)) != gcm_iv(new.encapsulate(b"", 4))
