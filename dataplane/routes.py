@@ -140,6 +140,15 @@ class RouteTable:
                 return choice.pick(h)
         return None
 
+    def choice(self, version: int, dst: int) -> _Choice | None:
+        """The ECMP group for ``dst``; the caller hashes the flow only when
+        the group has more than one tunnel (hot path: most have one)."""
+        for _plen, mask, nets in self._v4 if version == 4 else self._v6:
+            choice = nets.get(dst & mask)
+            if choice is not None:
+                return choice
+        return None
+
     def covers(self, version: int, dst: int) -> bool:
         """Whether any route (even one to a down tunnel) covers ``dst``."""
         if self.lookup(version, dst) is not None:

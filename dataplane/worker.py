@@ -267,9 +267,10 @@ class Dataplane:
         accounts: dropped and counted. (A destination nobody routes is A's
         inner network behind the TUN.)
         """
+        tables = self.routes.tables
+        if len(tables) < 2 and (not tables or account in tables):
+            return  # no other account routes anything
         if self.routes.lookup(account, version, dst) is not None:
-            return
-        if len(self.routes.tables) < 2 and account in self.routes.tables:
             return
         for n in net.inner:
             if n.version == version and int(n.network_address) == dst & int(n.netmask):
@@ -295,10 +296,14 @@ class Dataplane:
         """A packet read from account ``net``'s TUN, toward a tunnel."""
         try:
             f = ip.parse_flow(packet)
-            h = flow_hash(f.src, f.dst, f.proto, f.sport, f.dport)
-            tid = self.routes.lookup(net.account_id, f.version, f.dst, h)
-            if tid is None:
+            table = self.routes.tables.get(net.account_id)
+            choice = None if table is None else table.choice(f.version, f.dst)
+            if choice is None:
                 raise Drop(DropReason.NO_ROUTE)
+            if len(choice.tunnels) == 1:
+                tid = choice.tunnels[0]
+            else:
+                tid = choice.pick(flow_hash(f.src, f.dst, f.proto, f.sport, f.dport))
             t = self.sad.tunnels.get(tid)
             if t is None:
                 raise Drop(DropReason.NO_TUNNEL)
