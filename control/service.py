@@ -310,8 +310,12 @@ class ControlService:
             for row in self.store.list(kind):
                 rec = tunnel_record({**row, "kind": kind})
                 out[rec.key] = rec
+        peers: dict[str, dict[str, str]] = {}
         for row in self.store.list("route"):
-            tunnel_id = self.api._resolve_nexthop(row["account_id"], row["nexthop"])
+            acct = row["account_id"]
+            if acct not in peers:
+                peers[acct] = self.api.peer_map(acct)
+            tunnel_id = peers[acct].get(row["nexthop"])
             if tunnel_id is None:  # cannot happen through the API (409 guards it)
                 log.warning("route %s has no tunnel for nexthop %s", row["id"], row["nexthop"])
                 continue

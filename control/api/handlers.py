@@ -105,14 +105,26 @@ class Api:
         fqdn = f"{tunnel_id}.{account_id}.{self.id_suffix}"
         return {"fqdn_id": fqdn, "user_id": f"ipsec@{fqdn}", "hex_id": f"{account_id}_{tunnel_id}"}
 
-    def present(self, kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    def present(
+        self, kind: str, row: dict[str, Any], peers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         out = {k: v for k, v in row.items() if k not in ("account_id", "psk_generated_on")}
         if kind == "ipsec":
             out["remote_identities"] = self.identities(row["account_id"], row["id"])
             out["psk_metadata"] = {"last_generated_on": row.get("psk_generated_on")}
         if kind == "route":
-            out["tunnel_id"] = self._resolve_nexthop(row["account_id"], row["nexthop"])
+            if peers is None:
+                peers = self.peer_map(row["account_id"])
+            out["tunnel_id"] = peers.get(row["nexthop"])
         return out
+
+    def peer_map(self, account_id: str) -> dict[str, str]:
+        """Peer interface address → tunnel id, for one account (interface
+        networks are disjoint per account, so the map is unambiguous)."""
+        return {
+            peer_address(t["interface_address"]): str(t["id"])
+            for t in self._all_tunnels(account_id)
+        }
 
     # -- tunnels and routes: shared checks ------------------------------------
 
@@ -122,10 +134,7 @@ class Api:
         ]
 
     def _resolve_nexthop(self, account_id: str, nexthop: str) -> str | None:
-        for t in self._all_tunnels(account_id):
-            if peer_address(t["interface_address"]) == nexthop:
-                return str(t["id"])
-        return None
+        return self.peer_map(account_id).get(nexthop)
 
     def _check_tunnel(self, account_id: str, row: dict[str, Any], path: str) -> None:
         """Name unique among the account's tunnels (both kinds); interface networks
@@ -143,6 +152,25 @@ class Api:
                 raise ConflictError(
                     f"{path}interface_address: {row['interface_address']} overlaps "
                     f"tunnel {other['id']} ({other['interface_address']})"
+                )
+
+    def _check_gre_pair(self, row: dict[str, Any], path: str) -> None:
+        """A GRE packet is matched to its tunnel by its outer address pair alone
+        (RFC 2784 has no tunnel id), so that pair must be unique on the whole
+        cluster, across accounts too; the message does not say whose it is."""
+        pair = (row["cloudflare_gre_endpoint"], row["customer_gre_endpoint"])
+        for other in self.store.list("gre"):
+            if (
+                other["id"] != row["id"]
+                and (
+                    other["cloudflare_gre_endpoint"],
+                    other["customer_gre_endpoint"],
+                )
+                == pair
+            ):
+                raise ConflictError(
+                    f"{path}customer_gre_endpoint: another GRE tunnel already uses "
+                    f"{pair[1]} with cloudflare_gre_endpoint {pair[0]}"
                 )
 
     def _routes_via(self, account_id: str, tunnel_row: dict[str, Any]) -> list[str]:
@@ -211,6 +239,8 @@ class Api:
                     changes.routes_set.append({**row, "tunnel_id": tunnel_id})
                 else:
                     self._check_tunnel(account_id, row, path)
+                    if kind == "gre":
+                        self._check_gre_pair(row, path)
                     self.store.insert(kind, row)
                     if psk is not None:
                         self.store.set_psk(account_id, row["id"], psk.encode(), now)
@@ -230,9 +260,9 @@ class Api:
 
     def list(self, token: TokenInfo, kind: str, account_id: str) -> dict[str, Any]:
         self.scope(token, account_id)
-        return {
-            KIND_PLURAL[kind]: [self.present(kind, r) for r in self.store.list(kind, account_id)]
-        }
+        peers = self.peer_map(account_id) if kind == "route" else None
+        rows = self.store.list(kind, account_id)
+        return {KIND_PLURAL[kind]: [self.present(kind, r, peers) for r in rows]}
 
     def _get(self, kind: str, account_id: str, row_id: str) -> dict[str, Any]:
         check_id(row_id, KIND_LABEL[kind])
@@ -285,6 +315,8 @@ class Api:
                         )
             else:
                 self._check_tunnel(account_id, new, "")
+                if kind == "gre":
+                    self._check_gre_pair(new, "")
                 if new["interface_address"] != old["interface_address"]:
                     users = self._routes_via(account_id, old)
                     if users and peer_address(new["interface_address"]) != peer_address(

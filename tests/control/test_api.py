@@ -301,6 +301,28 @@ async def test_conflicts(control: Control) -> None:
     assert status == 200 and "ID_IPV4_ADDR" in body["messages"][0]["message"]
 
 
+async def test_gre_outer_pair_unique_across_accounts(control: Control) -> None:
+    """A GRE packet names no tunnel: its outer pair must be unique cluster-wide."""
+    ok(*await control.call("POST", f"{A}/gre_tunnels", gre("g1", n=100), account="acct-a"))
+    msg = err(
+        *await control.call("POST", f"{B}/gre_tunnels", gre("g1", n=100), account="acct-b"),
+        409,
+        "customer_gre_endpoint",
+    )
+    assert "acct-a" not in msg  # says nothing about whose tunnel it is
+    g = ok(*await control.call("POST", f"{B}/gre_tunnels", gre("g2", n=101), account="acct-b"))
+    err(
+        *await control.call(
+            "PUT",
+            f"{B}/gre_tunnels/{g['id']}",
+            {"customer_gre_endpoint": "198.51.100.100"},
+            account="acct-b",
+        ),
+        409,
+        "customer_gre_endpoint",
+    )
+
+
 async def test_validate_only_leaves_nothing(control: Control) -> None:
     pub = control.service.publisher
     res = ok(
