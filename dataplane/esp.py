@@ -115,6 +115,8 @@ _TRAILERS = tuple(tuple(_PAD[:pad] + bytes((pad, nh)) for nh in range(256)) for 
 """Padding ‖ pad length ‖ next header for pad 0..15 and every next header:
 one table lookup and one slice assignment per packet."""
 
+_SCRATCH = 9216
+"""Initial per-SA plaintext scratch buffer (octets)."""
 _GCM_IV = 8
 _GCM_ICV = 16
 _CBC_BLOCK = 16
@@ -248,7 +250,8 @@ class OutboundSa:
         self._out_view = memoryview(b"")
         # Plaintext is assembled here (inner ‖ padding ‖ trailer), then encrypted
         # into the caller's buffer: one copy of the inner packet, no allocation.
-        self._scratch_view = memoryview(bytearray(_CBC_BLOCK + MAX_INNER + 512))
+        # Sized for a 9000-octet jumbo inner packet; grows (rarely) beyond.
+        self._scratch_view = memoryview(bytearray(_SCRATCH))
 
     @classmethod
     def from_record(cls, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> OutboundSa:
@@ -286,6 +289,10 @@ class OutboundSa:
         if n > MAX_INNER or not 0 <= next_header <= 255:
             raise ValueError("inner packet too large or bad next header")
         raise ValueError("output buffer too small for the ESP packet")
+
+    def _scratch(self, need: int) -> memoryview:
+        sv = self._scratch_view = memoryview(bytearray(need + _SCRATCH))
+        return sv
 
     def _view(self, out: bytearray) -> memoryview:
         ov = self._out_view = memoryview(out)
@@ -333,6 +340,8 @@ class _GcmOut(OutboundSa):
         nonce = self._nonce
         _IV.pack_into(nonce, 4, wid, seq)
         sv = self._scratch_view
+        if ptlen > len(sv):
+            sv = self._scratch(ptlen)
         sv[:n] = inner
         sv[n:ptlen] = _TRAILERS[pad][next_header]
         self._aead.encrypt_into(
@@ -369,6 +378,8 @@ class _CbcOut(OutboundSa):
             ov = self._view(out)
         _HDR.pack_into(out, offset, self.spi, seq)
         sv = self._scratch_view
+        if _CBC_BLOCK + ptlen > len(sv):
+            sv = self._scratch(_CBC_BLOCK + ptlen)
         _CTR.pack_into(sv, 0, self.worker_id, seq, 0)
         p = _CBC_BLOCK + n
         sv[_CBC_BLOCK:p] = inner

@@ -519,3 +519,15 @@ def test_iv_worker_id_separates_index_and_incarnation() -> None:
     old = OutboundSa.from_record(rec, worker_id=iv_worker_id(1, 100))
     new = OutboundSa.from_record(rec, worker_id=iv_worker_id(1, 101))
     assert gcm_iv(old.encapsulate(b"", 4)) != gcm_iv(new.encapsulate(b"", 4))
+
+
+@pytest.mark.parametrize("size", [9000, 9300, 65535])
+def test_jumbo_and_maximal_inner_packets(transform: tuple[Cipher, Integ], size: int) -> None:
+    """The per-SA scratch buffer starts at 9 KiB and grows for larger packets."""
+    out, inb = sa_pair(*transform)
+    inner = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    for _ in range(2):
+        got_nh, got = inb.decapsulate(out.encapsulate(inner, 4))
+        assert got_nh == 4 and bytes(got) == inner
+    with pytest.raises(ValueError):
+        out.encapsulate_into(bytearray(70000), 0, bytes(65536), 4)
