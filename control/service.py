@@ -290,7 +290,7 @@ class ControlService:
         m.routes.set(self.store.count("route"))
         per: dict[tuple[str, str], int] = {}
         for kind in ("ipsec", "gre"):
-            for row in self.store.list(kind):
+            for row in self.store.rows(kind):
                 key = (m.account_label(row["account_id"]), kind)
                 per[key] = per.get(key, 0) + 1
         m.account_tunnels.clear()
@@ -307,11 +307,11 @@ class ControlService:
         """Everything the store says the bus should hold."""
         out: dict[str, Record] = {}
         for kind in ("ipsec", "gre"):
-            for row in self.store.list(kind):
+            for row in self.store.rows(kind):
                 rec = tunnel_record({**row, "kind": kind})
                 out[rec.key] = rec
         peers: dict[str, dict[str, str]] = {}
-        for row in self.store.list("route"):
+        for row in self.store.rows("route"):
             acct = row["account_id"]
             if acct not in peers:
                 peers[acct] = self.api.peer_map(acct)
@@ -319,8 +319,8 @@ class ControlService:
             if tunnel_id is None:  # cannot happen through the API (409 guards it)
                 log.warning("route %s has no tunnel for nexthop %s", row["id"], row["nexthop"])
                 continue
-            rec = route_record({**row, "tunnel_id": tunnel_id})
-            out[rec.key] = rec
+            route = route_record({**row, "tunnel_id": tunnel_id})
+            out[route.key] = route
         now = time.time()
         for key, blob in self.store.sealed_items(SA_PREFIX):
             try:
@@ -401,9 +401,10 @@ class ControlService:
         else:
             if identity.account_id is None or identity.tunnel_id is None:
                 return None
-            row = self.store.get("ipsec", identity.account_id, identity.tunnel_id)
-            if row is None:
+            found = self.store.get("ipsec", identity.account_id, identity.tunnel_id)
+            if found is None:
                 return None
+            row = found
         psk = self.store.get_psk(row["account_id"], row["id"])
         if psk is None:
             return None  # no PSK generated yet: nobody can authenticate

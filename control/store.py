@@ -218,7 +218,7 @@ class Store:
 
     # -- generic rows ---------------------------------------------------------
 
-    def list(self, kind: str, account_id: str | None = None) -> list[dict[str, Any]]:
+    def rows(self, kind: str, account_id: str | None = None) -> list[dict[str, Any]]:
         table = TABLES[kind]
         if account_id is None:
             cur = self._db.execute(f"SELECT * FROM {table} ORDER BY created_on, id")

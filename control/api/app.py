@@ -117,7 +117,7 @@ def _vo(request: web.Request) -> bool:
 def _kind_handlers(kind: str) -> dict[str, Handler]:
     async def list_(request: web.Request) -> web.Response:
         api, tok = request.app[API_KEY], authenticate(request)
-        return envelope(api.list(tok, kind, request.match_info["account_id"]))
+        return envelope(api.list_all(tok, kind, request.match_info["account_id"]))
 
     async def create(request: web.Request) -> web.Response:
         api, tok = request.app[API_KEY], authenticate(request)
@@ -138,7 +138,7 @@ def _kind_handlers(kind: str) -> dict[str, Handler]:
         api, tok = request.app[API_KEY], authenticate(request)
         vo = _vo(request)
         body = await read_json(request)
-        m, msgs = request.match_info, []
+        m, msgs = request.match_info, list[str]()
         res = api.update(tok, kind, m["account_id"], m["id"], body, validate_only=vo, messages=msgs)
         return envelope(res, messages=msgs)
 
@@ -152,7 +152,7 @@ def _kind_handlers(kind: str) -> dict[str, Handler]:
 
 async def psk_generate(request: web.Request) -> web.Response:
     api, tok = request.app[API_KEY], authenticate(request)
-    m, msgs = request.match_info, []
+    m, msgs = request.match_info, list[str]()
     res = api.psk_generate(tok, m["account_id"], m["id"], validate_only=_vo(request), messages=msgs)
     return envelope(res, messages=msgs)
 

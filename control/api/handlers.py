@@ -129,8 +129,8 @@ class Api:
     # -- tunnels and routes: shared checks ------------------------------------
 
     def _all_tunnels(self, account_id: str) -> list[dict[str, Any]]:
-        return [{**r, "kind": "ipsec"} for r in self.store.list("ipsec", account_id)] + [
-            {**r, "kind": "gre"} for r in self.store.list("gre", account_id)
+        return [{**r, "kind": "ipsec"} for r in self.store.rows("ipsec", account_id)] + [
+            {**r, "kind": "gre"} for r in self.store.rows("gre", account_id)
         ]
 
     def _resolve_nexthop(self, account_id: str, nexthop: str) -> str | None:
@@ -159,7 +159,7 @@ class Api:
         (RFC 2784 has no tunnel id), so that pair must be unique on the whole
         cluster, across accounts too; the message does not say whose it is."""
         pair = (row["cloudflare_gre_endpoint"], row["customer_gre_endpoint"])
-        for other in self.store.list("gre"):
+        for other in self.store.rows("gre"):
             if (
                 other["id"] != row["id"]
                 and (
@@ -175,12 +175,12 @@ class Api:
 
     def _routes_via(self, account_id: str, tunnel_row: dict[str, Any]) -> list[str]:
         peer = peer_address(tunnel_row["interface_address"])
-        return [r["id"] for r in self.store.list("route", account_id) if r["nexthop"] == peer]
+        return [r["id"] for r in self.store.rows("route", account_id) if r["nexthop"] == peer]
 
     def _pair_messages(self, account_id: str, row: dict[str, Any], messages: list[str]) -> None:
         if row.get("customer_endpoint") is None:
             return
-        for other in self.store.list("ipsec", account_id):
+        for other in self.store.rows("ipsec", account_id):
             if other["id"] != row["id"] and (
                 other["cloudflare_endpoint"],
                 other["customer_endpoint"],
@@ -229,7 +229,7 @@ class Api:
                             "no tunnel of this account has peer interface address "
                             + row["nexthop"],
                         )
-                    for r in self.store.list("route", account_id):
+                    for r in self.store.rows("route", account_id):
                         if (r["prefix"], r["nexthop"]) == (row["prefix"], row["nexthop"]):
                             raise ConflictError(
                                 f"{path}prefix: route {row['prefix']} via {row['nexthop']} "
@@ -258,10 +258,10 @@ class Api:
 
     # -- read -----------------------------------------------------------------
 
-    def list(self, token: TokenInfo, kind: str, account_id: str) -> dict[str, Any]:
+    def list_all(self, token: TokenInfo, kind: str, account_id: str) -> dict[str, Any]:
         self.scope(token, account_id)
         peers = self.peer_map(account_id) if kind == "route" else None
-        rows = self.store.list(kind, account_id)
+        rows = self.store.rows(kind, account_id)
         return {KIND_PLURAL[kind]: [self.present(kind, r, peers) for r in rows]}
 
     def _get(self, kind: str, account_id: str, row_id: str) -> dict[str, Any]:
@@ -304,7 +304,7 @@ class Api:
                         "nexthop",
                         f"no tunnel of this account has peer interface address {new['nexthop']}",
                     )
-                for r in self.store.list("route", account_id):
+                for r in self.store.rows("route", account_id):
                     if r["id"] != row_id and (r["prefix"], r["nexthop"]) == (
                         new["prefix"],
                         new["nexthop"],

@@ -130,7 +130,7 @@ def _param(name: str) -> S:
 
 def build_openapi() -> dict[str, Any]:
     paths: dict[str, Any] = {}
-    sec = [{"bearer": []}]
+    sec: list[dict[str, list[str]]] = [{"bearer": []}]
     names = {
         "ipsec": ("ipsec_tunnels", "ipsec_tunnel", "IpsecTunnel"),
         "gre": ("gre_tunnels", "gre_tunnel", "GreTunnel"),

@@ -329,7 +329,7 @@ async def test_validate_only_leaves_nothing(control: Control) -> None:
         *await control.call("POST", f"{A}/ipsec_tunnels?validate_only=true", ipsec(psk="p" * 16))
     )
     assert res["name"] == "t1"
-    assert control.store.list("ipsec") == [] and pub.items() == {} and pub.sequence == 0
+    assert control.store.rows("ipsec") == [] and pub.items() == {} and pub.sequence == 0
     t = ok(*await control.call("POST", f"{A}/ipsec_tunnels", ipsec()))
     seq = pub.sequence
     mod = ok(
@@ -354,7 +354,7 @@ async def test_validate_only_leaves_nothing(control: Control) -> None:
     assert r["tunnel_id"] == t["id"]
     assert control.store.get("ipsec", "acct-a", t["id"])["name"] == "t1"
     assert control.store.get_psk("acct-a", t["id"]) is None
-    assert control.store.list("route") == [] and pub.sequence == seq
+    assert control.store.rows("route") == [] and pub.sequence == seq
     # validate_only still refuses what a real write would refuse.
     err(*await control.call("POST", f"{A}/ipsec_tunnels?validate_only=true", ipsec()), 409, "name")
 
@@ -367,7 +367,7 @@ async def test_auth(control: Control) -> None:
     )
     err(status, body, 401, "bearer")
     err(*await control.call("POST", f"{A}/ipsec_tunnels", ipsec(), token="nope"), 401)
-    assert control.store.list("ipsec") == []
+    assert control.store.rows("ipsec") == []
     err(*await control.call("GET", "/workers", token=""), 401)
     err(*await control.call("GET", "/metrics", token=""), 401)
     # No token needed: health and the API document.
@@ -436,7 +436,7 @@ async def test_concurrent_creates_one_wins(control: Control) -> None:
     results = await asyncio.gather(*(create(i) for i in range(12)))
     statuses = sorted(s for s, _ in results)
     assert statuses == [200] + [409] * 11, statuses
-    assert len(control.store.list("ipsec", "acct-a")) == 1
+    assert len(control.store.rows("ipsec", "acct-a")) == 1
     assert len(control.service.publisher.items()) == 1
     # Distinct names in parallel all succeed, each published once.
     more = await asyncio.gather(
