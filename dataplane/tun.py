@@ -145,6 +145,13 @@ def open_queue(name: str, *, netns_name: str | None = None, multi_queue: bool = 
     return fd
 
 
+def probe() -> None:
+    """Create and drop a throw-away TUN device: :class:`TunError` now, at start,
+    rather than when the first account appears, if TUN devices are refused."""
+    fd = open_queue(f"awprobe{os.getpid() % 10_000_000}", multi_queue=False)
+    os.close(fd)
+
+
 class TunConfig:
     """Addresses, MTU and routes of one TUN device, applied idempotently."""
 

@@ -530,6 +530,12 @@ class Worker:
             raise StartupError("no /dev/net/tun: load the tun module (modprobe tun)")
         if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
             raise StartupError("no permission on /dev/net/tun (run as root / CAP_NET_ADMIN)")
+        from . import tun
+
+        try:
+            tun.probe()
+        except tun.TunError as exc:
+            raise StartupError(str(exc)) from None
         self.peers = NodePeers(cfg.run_dir, cfg.index, cfg.workers)
         try:
             if "esp" in cfg.listen:
