@@ -257,6 +257,9 @@ class CloneClient:
         for a first stream message before asking for a snapshot anyway.
     :param snapshot_timeout: seconds without any snapshot chunk before the
         request is abandoned and sent again on a fresh connection.
+    :param ack_interval: minimum seconds between two acks; applied updates
+        within it are reported together (0 = one ack per drained batch). Bounds
+        ack traffic under load at the cost of that much make-before-break delay.
     :param keep_raw: emit :class:`Sequenced` and a raw copy in
         :class:`SnapshotInstalled` (a forwarder needs them; workers do not).
     :param max_buffer: stream messages buffered during a snapshot before we
@@ -270,6 +273,7 @@ class CloneClient:
         heartbeat_timeout: float = 2.0,
         snapshot_timeout: float | None = None,
         keep_raw: bool = False,
+        ack_interval: float = 0.01,
         max_buffer: int = 1_000_000,
         decoder: Callable[[bytes], Record] = decode,
     ) -> None:
@@ -280,6 +284,7 @@ class CloneClient:
         self.heartbeat_timeout = heartbeat_timeout
         self.snapshot_timeout = snapshot_timeout if snapshot_timeout else heartbeat_timeout
         self.keep_raw = keep_raw
+        self.ack_interval = ack_interval
         self.max_buffer = max_buffer
         self._decode = decoder
 
@@ -296,7 +301,8 @@ class CloneClient:
         self.snapshots = 0
 
         self._events: deque[Event] = deque()
-        self._ack_wanted = False
+        self._ack_due: float | None = None
+        self._last_ack = float("-inf")
         self._last_rx = 0.0
         self._phase_since = 0.0
         self._req_counter = 0
@@ -355,7 +361,8 @@ class CloneClient:
     def get_timer(self) -> float | None:
         """Absolute deadline at which :meth:`handle_timer` must run, or None."""
         if self.phase is Phase.LIVE:
-            return self._last_rx + self.heartbeat_timeout
+            hb = self._last_rx + self.heartbeat_timeout
+            return hb if self._ack_due is None else min(hb, self._ack_due)
         if self.phase is Phase.CONNECTING:
             return self._phase_since + self.heartbeat_timeout
         if self.phase is Phase.SNAPSHOTTING:
@@ -363,6 +370,11 @@ class CloneClient:
         return None
 
     def handle_timer(self, now: float) -> None:
+        if self._ack_due is not None and now >= self._ack_due and self.phase is Phase.LIVE:
+            assert self.epoch is not None
+            self._ack_due = None
+            self._last_ack = now
+            self._events.append(SendAck([ACK, self._wid, HDR.pack(self.epoch, self.applied_seq)]))
         deadline = self.get_timer()
         if deadline is None or now < deadline:
             return
@@ -375,13 +387,14 @@ class CloneClient:
             self._request_snapshot("snapshot_timeout", now)
 
     def next_event(self) -> Event | None:
-        """Pop the next event; when the queue is empty, a pending ack (coalesced)."""
+        """Pop the next event (acks come from :meth:`handle_timer`, coalesced)."""
         if self._events:
             return self._events.popleft()
-        if self._ack_wanted and self.phase is Phase.LIVE and self.epoch is not None:
-            self._ack_wanted = False
-            return SendAck([ACK, self._wid, HDR.pack(self.epoch, self.applied_seq)])
         return None
+
+    def _want_ack(self, now: float) -> None:
+        if self._ack_due is None:
+            self._ack_due = max(now, self._last_ack + self.ack_interval)
 
     @property
     def lag(self) -> int:
@@ -471,7 +484,7 @@ class CloneClient:
         self.phase = Phase.LIVE
         self._last_rx = now
         self.snapshots += 1
-        self._ack_wanted = True
+        self._want_ack(now)
         self._events.append(
             SnapshotInstalled(epoch, seq, changed, removed, dict(raw) if self.keep_raw else None)
         )
@@ -492,7 +505,7 @@ class CloneClient:
         if seq > self.seen_seq:
             self.seen_seq = seq
         if frames[0] == HUGZ:
-            self._ack_wanted = True
+            self._want_ack(now)
             if seq > self.applied_seq:  # the stream moved on without us
                 self._events.append(GapDetected(self.applied_seq + 1, seq))
                 self._request_snapshot("gap", now)
@@ -505,10 +518,10 @@ class CloneClient:
             self._buffer.append(frames)
             return
         self._apply(seq, frames[2], frames[3])
+        self._want_ack(now)
 
     def _apply(self, seq: int, key_raw: bytes, value: bytes) -> None:
         self.applied_seq = seq
-        self._ack_wanted = True
         try:
             key = key_raw.decode("utf-8")
         except UnicodeDecodeError:

@@ -110,13 +110,16 @@ class _ClientIO:
         return self.core.get_timer()
 
     def process(self, now: float) -> None:
-        """Run the core's timer if due, then act on every event."""
-        deadline = self.core.get_timer()
-        if deadline is not None and now >= deadline:
-            self.core.handle_timer(now)
+        """Act on every event, running the core's timer whenever it is due."""
         m = self.metrics
         changed = False
-        while (ev := self.core.next_event()) is not None:
+        while True:
+            deadline = self.core.get_timer()
+            if deadline is not None and now >= deadline:
+                self.core.handle_timer(now)
+            ev = self.core.next_event()
+            if ev is None:
+                break
             if self.on_event is not None:
                 self.on_event(ev)
             if isinstance(ev, clone.RecordChanged):
@@ -173,16 +176,22 @@ class _ClientIO:
 
 def run_loop(ios: list[_ClientIO], stopping: threading.Event) -> None:
     """Poll loop for one or more client IOs (used by Subscriber)."""
+    registered: list[zmq.Socket[bytes]] = []
+    poller = zmq.Poller()
+    owner: dict[zmq.Socket[bytes], _ClientIO] = {}
     while not stopping.is_set():
         now = time.monotonic()
         timers = [t for io in ios if (t := io.timer()) is not None]
         timeout = min([*timers, now + 0.2]) - now
-        poller = zmq.Poller()
-        owner: dict[zmq.Socket[bytes], _ClientIO] = {}
-        for io in ios:
-            for s in io.sockets():
-                poller.register(s, zmq.POLLIN)
-                owner[s] = io
+        wanted = [s for io in ios for s in io.sockets()]
+        if wanted != registered:  # a snapshot connection came or went
+            poller = zmq.Poller()
+            owner = {}
+            for io in ios:
+                for s in io.sockets():
+                    poller.register(s, zmq.POLLIN)
+                    owner[s] = io
+            registered = wanted
         try:
             ready = poller.poll(max(0.0, timeout) * 1000)
         except zmq.ZMQError:
@@ -199,7 +208,9 @@ class Subscriber:
 
     Extra keyword arguments beyond the agreed contract: ``snapshot_timeout``
     (seconds without snapshot data before re-requesting; default
-    ``heartbeat_timeout``) and ``registry`` for the ``anywan_bus_*`` metrics.
+    ``heartbeat_timeout``), ``ack_interval`` (minimum seconds between acks to
+    the publisher, default 10 ms) and ``registry`` for the ``anywan_bus_*``
+    metrics.
     """
 
     def __init__(
@@ -216,12 +227,16 @@ class Subscriber:
         on_delete: OnDelete | None = None,
         heartbeat_timeout: float = 2.0,
         snapshot_timeout: float | None = None,
+        ack_interval: float = 0.01,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.metrics = SubscriberMetrics(registry)
         self._core = clone.CloneClient(
-            worker_id, heartbeat_timeout=heartbeat_timeout, snapshot_timeout=snapshot_timeout
+            worker_id,
+            heartbeat_timeout=heartbeat_timeout,
+            snapshot_timeout=snapshot_timeout,
+            ack_interval=ack_interval,
         )
         self._io = _ClientIO(
             snapshot_endpoint=snapshot_endpoint,

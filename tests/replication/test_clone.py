@@ -45,6 +45,7 @@ def live_client(recs: list[object], seq: int = 10) -> CloneClient:
     c.receive_stream(clone.heartbeat_frames(EPOCH, seq), 0.0)
     req = next(e for e in events(c) if isinstance(e, clone.RequestSnapshot))
     snapshot(c, req, recs, seq, 0.0)
+    c.handle_timer(0.0)  # the post-snapshot ack
     events(c)
     assert c.phase is Phase.LIVE
     return c
@@ -73,13 +74,28 @@ def test_waits_for_stream_then_snapshots_and_applies_buffer() -> None:
         "RecordChanged",
         "SnapshotInstalled",
         "RecordRemoved",
-        "SendAck",
     ]
     assert set(c.state) == {make_tunnel(1).key}
     assert c.applied_seq == 7
-    ack = evs[-1]
+    # The ack is due at once (none sent yet) and reports the applied sequence.
+    assert c.get_timer() == 0.3
+    c.handle_timer(0.3)
+    (ack,) = events(c)
     assert isinstance(ack, clone.SendAck)
     assert ack.frames == [clone.ACK, b"w1", clone.HDR.pack(EPOCH, 7)]
+
+
+def test_acks_are_coalesced_by_interval() -> None:
+    c = live_client([])
+    c.receive_stream(upd(11, make_tunnel(1)), 0.002)
+    c.receive_stream(upd(12, make_tunnel(2)), 0.004)
+    assert c.get_timer() == c.ack_interval  # 10 ms after the last ack
+    c.handle_timer(0.005)
+    assert [type(e) for e in events(c)] == [clone.RecordChanged, clone.RecordChanged]
+    c.handle_timer(c.ack_interval)
+    (ack,) = events(c)
+    assert isinstance(ack, clone.SendAck) and ack.frames[2] == clone.HDR.pack(EPOCH, 12)
+    assert c.get_timer() == 0.004 + HB  # only the heartbeat deadline is left
 
 
 def test_connecting_gives_up_waiting_after_timeout() -> None:
@@ -128,8 +144,9 @@ def test_heartbeat_deadline_and_gap_from_heartbeat() -> None:
     c = live_client([make_tunnel(1)])
     assert c.get_timer() == HB
     c.receive_stream(clone.heartbeat_frames(EPOCH, 10), 0.5)
-    assert c.get_timer() == 0.5 + HB
+    c.handle_timer(0.5)
     assert [type(e) for e in events(c)] == [clone.SendAck]  # liveness ack
+    assert c.get_timer() == 0.5 + HB
     c.handle_timer(0.5 + HB)
     evs = events(c)
     assert isinstance(evs[0], clone.HeartbeatMissed) and evs[0].silent_for == HB
