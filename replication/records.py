@@ -23,6 +23,7 @@ Keys:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, fields
@@ -89,6 +90,11 @@ _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
+_ip_address = functools.lru_cache(maxsize=4096)(ipaddress.ip_address)
+"""Parsing addresses is most of decode()'s cost and records repeat the same
+few (anycast address, peers, selectors); address objects are immutable."""
+
+
 def _check(cond: bool, detail: str) -> None:
     if not cond:
         raise RecordError("invalid", detail)
@@ -99,7 +105,7 @@ def _check_addr(value: str | None, name: str, *, optional: bool = False) -> None
         return
     _check(isinstance(value, str), f"{name} must be an address string")
     try:
-        ipaddress.ip_address(value)  # type: ignore[arg-type]
+        _ip_address(value)
     except ValueError:
         raise RecordError("invalid", f"{name} is not an IP address") from None
 
@@ -134,7 +140,7 @@ class TrafficSelector:
     def __post_init__(self) -> None:
         _check_addr(self.start, "ts.start")
         _check_addr(self.end, "ts.end")
-        a, b = ipaddress.ip_address(self.start), ipaddress.ip_address(self.end)
+        a, b = _ip_address(self.start), _ip_address(self.end)
         _check(a.version == b.version, "ts start and end differ in family")
         _check(int(a) <= int(b), "ts start > end")
         _check_int(self.protocol, "ts.protocol", 0, 255)
@@ -149,7 +155,7 @@ class TrafficSelector:
 
     @property
     def version(self) -> int:
-        return ipaddress.ip_address(self.start).version
+        return _ip_address(self.start).version
 
     def to_wire(self) -> list[object]:
         return [self.start, self.end, self.protocol, self.start_port, self.end_port]
