@@ -459,6 +459,12 @@ class ControlService:
         log.info("IKE SA of tunnel %s deleted (%s)", ev.tunnel_id, ev.reason)
 
     def _on_ChildSaInstalled(self, ev: Any) -> None:
+        if self.store.get("ipsec", ev.account_id, ev.tunnel_id) is None:
+            # The tunnel was deleted while the exchange ran: never publish SAs
+            # for a tunnel the workers no longer have; the engine deletes it.
+            log.info("ignoring Child SA for deleted tunnel %s", ev.tunnel_id)
+            self._delete_tunnel_sas(ev.tunnel_id)
+            return
         for rec in (ev.inbound, ev.outbound):
             self._persist_sa(rec)
         self.publisher.set(ev.inbound)

@@ -274,6 +274,12 @@ async def test_child_sa_deleted_without_rekey_tombstones_at_once(tmp_path: Path)
         )
         assert service.publisher.get(i.key) is None and service.publisher.get(o.key) is None
         assert store.sealed_items("sa/") == []
+        # A Child SA that completes after its tunnel was deleted is never published.
+        gone = "e" * 32
+        late = (sa(gone, 0x3001, Direction.IN), sa(gone, 0x4001, Direction.OUT))
+        service.on_ike_event(ChildSaInstalled(gone, ACCT, *late, None))
+        assert not any(k.startswith("sa/") for k in service.publisher.items())
+        assert service.engine.deleted == [gone] and store.sealed_items("sa/") == []
     finally:
         await service.stop()
         store.close()
