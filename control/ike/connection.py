@@ -1013,28 +1013,34 @@ class IkeSa:
         )
 
     def build_rekey_child(
-        self, arg: int | tuple[int, int | None], now: float
+        self, arg: int | tuple[int, int | None, int], now: float
     ) -> tuple[int, list[Payload], dict[str, Any]] | None:
-        """§1.3.3: CREATE_CHILD_SA with N(REKEY_SA) carrying our inbound SPI."""
+        """§1.3.3: CREATE_CHILD_SA with N(REKEY_SA) carrying our inbound SPI.
+
+        PFS: the group the Child SA already uses or the peer listed; a peer that
+        wants PFS we did not know about answers NO_PROPOSAL_CHOSEN or
+        INVALID_KE_PAYLOAD and we retry (at most twice) with 14, then 5."""
         if isinstance(arg, tuple):
-            spi_in, group = arg
+            spi_in, group, attempt = arg
         else:
-            spi_in, group = arg, -1
+            spi_in, group, attempt = arg, -1, 0
         c = self.children.get(spi_in)
         if c is None or c.rekeyed or c.deleting:
             return None
         if group == -1:
             group = c.suite.dh if c.suite.dh is not None else c.pfs_hint
-        return self._child_request(
+        built = self._child_request(
             c.suite, group, now, old=c, ts_local=c.ts_local, ts_remote=c.ts_remote
         )
+        built[2]["attempt"] = attempt
+        return built
 
     def build_new_child(
-        self, arg: tuple[list[ChildSuite], int | None], now: float
+        self, arg: tuple[list[ChildSuite], int | None, int], now: float
     ) -> tuple[int, list[Payload], dict[str, Any]] | None:
         assert self.tunnel is not None
-        suites, group = arg
-        return self._child_request(
+        suites, group, attempt = arg
+        built = self._child_request(
             suites,
             group,
             now,
@@ -1042,6 +1048,8 @@ class IkeSa:
             ts_local=self.tunnel.local_ts,
             ts_remote=self.tunnel.remote_ts,
         )
+        built[2]["attempt"] = attempt
+        return built
 
     def _child_request(
         self,
@@ -1082,7 +1090,6 @@ class IkeSa:
             "old": old.spi_in if old else None,
             "suites": offer_list,
             "group": group,
-            "retried": False,
         }
         return ExchangeType.CREATE_CHILD_SA, payloads, ctx
 
@@ -1135,17 +1142,19 @@ class IkeSa:
         ctx = req.ctx
         if err is not None:
             self.engine.release_spi(ctx["spi_in"])
-            if (
-                err.type == Notify.INVALID_KE_PAYLOAD
-                and len(err.data) == 2
-                and not ctx["retried"]
-                and int.from_bytes(err.data, "big") in (14, 5)
-            ):
+            attempt = ctx.get("attempt", 0)
+            group: int | None = None
+            if err.type == Notify.INVALID_KE_PAYLOAD and len(err.data) == 2:
                 group = int.from_bytes(err.data, "big")
+            elif err.type == Notify.NO_PROPOSAL_CHOSEN and ctx["group"] is None:
+                group = 14
+            elif err.type == Notify.NO_PROPOSAL_CHOSEN and ctx["group"] == 14:
+                group = 5
+            if group in (14, 5) and attempt < 2:
                 if req.kind == "rekey_child" and ctx["old"] is not None:
-                    self.queue.appendleft(("rekey_child", (ctx["old"], group)))
+                    self.queue.appendleft(("rekey_child", (ctx["old"], group, attempt + 1)))
                 else:
-                    self.queue.appendleft(("new_child", (ctx["suites"], group)))
+                    self.queue.appendleft(("new_child", (ctx["suites"], group, attempt + 1)))
                 return
             self._child_request_failed(err, req)
             return

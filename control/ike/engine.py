@@ -40,8 +40,8 @@ from control.ike.payloads import (
     SaPayload,
 )
 from control.ike.proposals import (
-    ALL_CHILD_SUITES,
     ALL_IKE_SUITES,
+    CHILD_SUITES_NO_PFS,
     ChildSuite,
     IkeSuite,
     NoProposalChosen,
@@ -304,7 +304,7 @@ class IkeEngine:
         sa = self._active(tunnel_id)
         if sa is None:
             return False
-        sa.request("new_child", (suites or ALL_CHILD_SUITES[:6], pfs_group))
+        sa.request("new_child", (suites or CHILD_SUITES_NO_PFS, pfs_group, 0))
         sa.pump(now)
         self._schedule(sa)
         return True
@@ -355,7 +355,7 @@ class IkeEngine:
         sa.auth_ctx = {
             "id_kind": id_kind,
             "ike_suites": suites,
-            "child_suites": child_suites or ALL_CHILD_SUITES[:18],
+            "child_suites": child_suites or CHILD_SUITES_NO_PFS,
             "initial_contact": initial_contact,
         }
         self.sas[sa.our_spi] = sa

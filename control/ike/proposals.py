@@ -180,6 +180,11 @@ ALL_CHILD_SUITES: list[ChildSuite] = [
 ]
 """Every Child combination (with NULL, which needs the tunnel's opt-in)."""
 
+CHILD_SUITES_NO_PFS: list[ChildSuite] = [
+    s for s in ALL_CHILD_SUITES if s.dh is None and s.encr != ENCR_NULL
+]
+"""One per encryption/integrity pair, no PFS: what an IKE_AUTH offer needs."""
+
 
 # ------------------------------------------------------------------ selection
 
