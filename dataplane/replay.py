@@ -7,9 +7,10 @@ seen (``top``). Bit ``i`` of the bitmap says whether ``top - i`` has been
 received. Python ints are arbitrary precision, so a 4096-packet window is one
 int shift per advancing packet; no per-packet allocation beyond that.
 
-The caller (``dataplane.esp.InboundSa``) calls :meth:`ReplayWindow.check`
-only after the ICV verified and :meth:`ReplayWindow.update` right after, so a
-forged packet can neither be told apart from a replay nor move the window
+The caller (``dataplane.esp.InboundSa``) consults the window only after the
+ICV verified, with :meth:`ReplayWindow.accept` (= :meth:`~ReplayWindow.check`
+then :meth:`~ReplayWindow.update` in one call), so a forged packet can neither
+be told apart from a replay nor move the window
 (RFC 4303 §3.4.3: "the receive window is updated only if the integrity
 verification succeeds"). Extended sequence numbers are not supported (the
 seeds forbid ESN; DESIGN §3), so sequence numbers are 32-bit.
@@ -34,7 +35,9 @@ class ReplayWindow:
         self.size = size
         """Window width in packets."""
         self.top = 0
-        """Highest authenticated sequence number seen; 0 before the first packet."""
+        """Highest authenticated sequence number seen; 0 before the first packet.
+        A checkpoint: a new window primed with ``update(top)`` refuses everything
+        at or below it that falls outside its bitmap."""
         self._bits = 0
         self._mask = (1 << size) - 1
 
