@@ -36,8 +36,7 @@ class ReplayWindow:
         """Window width in packets."""
         self.top = 0
         """Highest authenticated sequence number seen; 0 before the first packet.
-        A checkpoint: a new window primed with ``update(top)`` refuses everything
-        at or below it that falls outside its bitmap."""
+        What a checkpoint saves; :meth:`restore` resumes from it."""
         self._bits = 0
         self._mask = (1 << size) - 1
 
@@ -84,6 +83,16 @@ class ReplayWindow:
             return False
         self._bits |= 1 << diff
         return True
+
+    def restore(self, top: int) -> None:
+        """Resume from a checkpointed ``top`` (DESIGN §5: windows are per worker
+        and checkpointed): everything at or below it counts as seen, so nothing
+        received before the checkpoint can be replayed; packets that were in
+        flight below it are lost instead, the safe side."""
+        if not 0 <= top <= _MAX_SEQ:
+            raise ValueError("sequence number out of range")
+        self.top = top
+        self._bits = self._mask if top else 0
 
     def __repr__(self) -> str:
         return f"ReplayWindow(size={self.size}, top={self.top})"

@@ -108,3 +108,13 @@ def test_accept_equals_check_then_update(size: int, seqs: list[int]) -> None:
     for s in seqs:
         assert a.accept(s) == accept(b, s), s
         assert (a.top, a.check(s)) == (b.top, b.check(s))
+
+
+def test_restore_from_checkpoint_refuses_everything_up_to_it() -> None:
+    w = ReplayWindow(64)
+    w.restore(1000)
+    assert not any(w.check(s) for s in range(900, 1001))
+    assert w.accept(1001) and w.accept(1200)
+    assert not w.check(1001)
+    with pytest.raises(ValueError):
+        w.restore(2**32)
