@@ -40,6 +40,7 @@ its previous value, whether the value came in an update or a snapshot.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -64,6 +65,12 @@ U64 = struct.Struct(">Q")
 
 MAX_WORKER_ID = 200
 """Bytes of UTF-8; a worker id is also a ZeroMQ routing id (< 256 bytes)."""
+
+
+def poll_timeout_ms(deadline: float, now: float) -> int:
+    """Milliseconds to poll until ``deadline``, rounded up: pyzmq truncates a
+    float timeout, and 0.4 ms becoming 0 would spin until the deadline."""
+    return max(0, math.ceil((deadline - now) * 1000))
 
 
 def check_worker_id(worker_id: str) -> bytes:

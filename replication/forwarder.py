@@ -142,7 +142,7 @@ class Forwarder:
                     poller.register(s, zmq.POLLIN)
                 poller.register(pub._wake_r, zmq.POLLIN)
                 try:
-                    ready = dict(poller.poll(max(0.0, min(deadlines) - now) * 1000))
+                    ready = dict(poller.poll(clone.poll_timeout_ms(min(deadlines), now)))
                 except zmq.ZMQError:
                     break
                 now = time.monotonic()

@@ -362,9 +362,9 @@ class Publisher:
             poller.register(s, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         while not self._stopping.is_set():
-            timeout = max(0.0, self._next_deadline() - time.monotonic())
+            timeout = clone.poll_timeout_ms(self._next_deadline(), time.monotonic())
             try:
-                ready = dict(poller.poll(timeout * 1000))
+                ready = dict(poller.poll(timeout))
             except zmq.ZMQError:
                 break
             if self._wake_r in ready:

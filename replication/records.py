@@ -344,6 +344,9 @@ _KINDS: dict[str, type[TunnelRecord] | type[RouteRecord] | type[SaRecord]] = {
     "route": RouteRecord,
     "sa": SaRecord,
 }
+_FIELD_NAMES: dict[type, frozenset[str]] = {
+    cls: frozenset(f.name for f in fields(cls)) for cls in _KINDS.values()
+}
 _ENUMS: dict[str, type[StrEnum]] = {
     "kind": TunnelKind,
     "direction": Direction,
@@ -379,7 +382,7 @@ def decode(data: bytes) -> Record:
     cls = _KINDS.get(obj.get("type"))  # type: ignore[arg-type]
     if cls is None:
         raise RecordError("malformed", f"unknown record type {obj.get('type')!r}")
-    names = {f.name for f in fields(cls)}
+    names = _FIELD_NAMES[cls]
     given = set(obj) - {"schema", "type"}
     if given - names:
         raise RecordError("malformed", f"unknown fields {sorted(given - names)}")

@@ -41,7 +41,7 @@ import msgpack
 import zmq
 from prometheus_client import CollectorRegistry
 
-from replication.clone import check_worker_id
+from replication.clone import check_worker_id, poll_timeout_ms
 from replication.curve import AllowList, configure_client, configure_server
 from replication.metrics import RelayMetrics
 
@@ -381,7 +381,7 @@ class RelayClient(_Thread):
                     self._sock.send_multipart([PING], zmq.NOBLOCK)
                 next_ping = now + self.ping_interval
             try:
-                ready = dict(poller.poll(max(0.0, next_ping - now) * 1000))
+                ready = dict(poller.poll(poll_timeout_ms(next_ping, now)))
             except zmq.ZMQError:
                 break
             if self._wake_r in ready:

@@ -65,6 +65,7 @@ class _ClientIO:
         self.ready = threading.Event()
         self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self.dealer: zmq.Socket[bytes] | None = None
+        self._shown_seq = -1
 
     def _client(self, kind: int) -> zmq.Socket[bytes]:
         assert self.ctx is not None
@@ -105,6 +106,8 @@ class _ClientIO:
             except zmq.Again:
                 break
             recv(frames, now)
+            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                break  # cheaper than provoking zmq.Again
 
     def timer(self) -> float | None:
         return self.core.get_timer()
@@ -154,8 +157,10 @@ class _ClientIO:
                 m.gaps.inc()
             elif isinstance(ev, clone.HeartbeatMissed):
                 m.heartbeats_missed.inc()
-        m.applied.set(self.core.applied_seq)
-        m.lag.set(self.core.lag)
+        if self.core.applied_seq != self._shown_seq:
+            self._shown_seq = self.core.applied_seq
+            m.applied.set(self._shown_seq)
+            m.lag.set(self.core.lag)
         if changed:
             m.records.set(len(self.core.state))
 
@@ -182,7 +187,7 @@ def run_loop(ios: list[_ClientIO], stopping: threading.Event) -> None:
     while not stopping.is_set():
         now = time.monotonic()
         timers = [t for io in ios if (t := io.timer()) is not None]
-        timeout = min([*timers, now + 0.2]) - now
+        deadline = min([*timers, now + 0.2])
         wanted = [s for io in ios for s in io.sockets()]
         if wanted != registered:  # a snapshot connection came or went
             poller = zmq.Poller()
@@ -193,7 +198,7 @@ def run_loop(ios: list[_ClientIO], stopping: threading.Event) -> None:
                     owner[s] = io
             registered = wanted
         try:
-            ready = poller.poll(max(0.0, timeout) * 1000)
+            ready = poller.poll(clone.poll_timeout_ms(deadline, now))
         except zmq.ZMQError:
             break
         now = time.monotonic()
