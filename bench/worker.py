@@ -262,5 +262,148 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------
+# --network: two real worker processes back to back, TCP through them
+# --------------------------------------------------------------------------
+
+
+def network(seconds: float, udp_encap: bool) -> dict[str, Any]:
+    """iperf3 TCP from account netns A → worker A → ESP → worker B → netns B.
+
+    Both ends are anywan workers (mirrored SAs from state files, AES-256-GCM),
+    one process each, on this machine's two cores: the number is the
+    throughput of the full loop (TUN read, encrypt, socket send; socket
+    receive, decrypt, TUN write) including the kernel, end to end.
+    """
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import msgpack
+
+    from deploy.netns import Topology, cleanup_prefix
+    from replication.records import encode
+
+    prefix = "awt-w-bench-"
+    cleanup_prefix(prefix)
+    tmp = Path(tempfile.mkdtemp(prefix="awt-w-bench-"))
+    k_ab, k_ba, s_ab, s_ba = os.urandom(32), os.urandom(32), os.urandom(4), os.urandom(4)
+
+    def sa_rec(spi: int, d: Direction, key: bytes, salt: bytes, local: str, remote: str) -> Any:
+        return SaRecord(
+            account_id=ACCOUNT, tunnel_id=TID, spi=spi, direction=d, local_addr=local,
+            remote_addr=remote, udp_encap=udp_encap, local_port=4500 if udp_encap else 0,
+            remote_port=4500 if udp_encap else 0, cipher=Cipher.AES256GCM16, integ=Integ.NONE,
+            enc_key=key, salt=salt, integ_key=b"", replay_window=0, ts_local=ANY,
+            ts_remote=ANY, child_id=1, generation=0, created=0.0, rekey_at=0.0, expire_at=0.0,
+        )  # fmt: skip
+
+    def state(me: str, peer: str, prefix_peer: str, spi_in: int, spi_out: int, kin: bytes,
+              sin: bytes, kout: bytes, sout: bytes) -> Path:  # fmt: skip
+        recs = [
+            TunnelRecord(
+                account_id=ACCOUNT,
+                tunnel_id=TID,
+                kind=TunnelKind.IPSEC,
+                name="b",
+                local_addr=me,
+                remote_addr=peer,
+                interface_address="10.100.0.0/31",
+                mtu=1400,
+            ),
+            RouteRecord(account_id=ACCOUNT, route_id="0" * 32, prefix=prefix_peer, tunnel_id=TID),
+            sa_rec(spi_in, Direction.IN, kin, sin, me, peer),
+            sa_rec(spi_out, Direction.OUT, kout, sout, me, peer),
+        ]
+        path = tmp / f"{me}.msgpack"
+        path.write_bytes(msgpack.packb([[r.key, encode(r)] for r in recs]))
+        return path
+
+    a_state = state("192.0.2.1", "192.0.2.2", "10.2.0.0/24", 0x1001, 0x2001, k_ba, s_ba, k_ab, s_ab)
+    b_state = state("192.0.2.2", "192.0.2.1", "10.1.0.0/24", 0x2001, 0x1001, k_ab, s_ab, k_ba, s_ba)
+    topo = Topology(prefix)
+    try:
+        a, b = topo.namespace("a"), topo.namespace("b")
+        topo.veth(a, "ab", b, "ba", addr_a="172.30.0.1/24", addr_b="172.30.0.2/24")
+        a.addr("lo", "192.0.2.1/32")
+        b.addr("lo", "192.0.2.2/32")
+        a.route("192.0.2.2/32", via="172.30.0.2")
+        b.route("192.0.2.1/32", via="172.30.0.1")
+        procs = []
+        for ns, st, side in ((a, a_state, "a"), (b, b_state, "b")):
+            procs.append(
+                topo.root.popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "dataplane.cli",
+                        "--netns",
+                        ns.name,
+                        "--anycast",
+                        "192.0.2.1" if side == "a" else "192.0.2.2",
+                        "--state-file",
+                        str(st),
+                        "--run-dir",
+                        str(tmp / f"run-{side}"),
+                        "--netns-template",
+                        prefix + side + "-{account}",
+                        "--metrics-port",
+                        "0",
+                        "--log-level",
+                        "WARNING",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+        from dataplane import tun
+
+        end = time.monotonic() + 15
+        while time.monotonic() < end and not all(
+            tun.device_exists("aw0", netns_name=f"{prefix}{s}-{ACCOUNT}") for s in "ab"
+        ):
+            time.sleep(0.1)
+        from deploy.netns import Namespace
+
+        acct_a = Namespace(topo, f"{prefix}a-{ACCOUNT}")
+        acct_b = Namespace(topo, f"{prefix}b-{ACCOUNT}")
+        topo.namespaces["acct-a"], topo.namespaces["acct-b"] = acct_a, acct_b
+        acct_a.addr("lo", "10.1.0.1/32")
+        acct_b.addr("lo", "10.2.0.1/32")
+        time.sleep(0.5)
+        server = acct_b.popen(["iperf3", "-s", "-1", "-B", "10.2.0.1"], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+        res = acct_a.run(
+            ["iperf3", "-c", "10.2.0.1", "-B", "10.1.0.1", "-t", str(seconds), "-J"],
+            check=False,
+            timeout=seconds + 30,
+        )
+        topo.stop(server, grace=0.5)
+        data = json.loads(res.stdout) if res.stdout.strip().startswith("{") else {}
+        end_ = data.get("end", {})
+        bps = end_.get("sum_received", {}).get("bits_per_second", 0.0)
+        retr = end_.get("sum_sent", {}).get("retransmits")
+        return {
+            "mode": "esp-in-udp" if udp_encap else "esp",
+            "cipher": "aes256gcm",
+            "gbit_s": round(bps / 1e9, 3),
+            "retransmits": retr,
+            "error": data.get("error") or (res.stderr.strip()[-200:] if not bps else None),
+        }
+    finally:
+        topo.close()
+        cleanup_prefix(prefix)
+
+
+def network_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.worker --network")
+    p.add_argument("--network", action="store_true")
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args(argv)
+    for udp in (False, True):
+        print(json.dumps(network(args.seconds, udp)))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(network_main(sys.argv[1:]) if "--network" in sys.argv else main())
