@@ -616,6 +616,27 @@ def test_ike_is_relayed_to_control_and_answered_from_the_anycast_address(
     assert d.worker_id.startswith("n1/")
 
 
+def test_account_added_and_removed_under_traffic_of_another(lab: Lab) -> None:
+    """Issue 10: account C comes and goes on the bus (its netns and TUN are
+    created, then removed by the worker); account A's pings lose nothing."""
+    c = "acct-c"
+    c_ns = PREFIX + c
+    pinger = lab.ns("host").popen(
+        ["ping", "-c", "25", "-i", "0.1", "-w", "15", "10.2.0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    c_tunnel = tunnel(20, account=c, kind=TunnelKind.GRE, local=ANYCAST, remote="172.31.20.2")
+    c_route = route(20, "10.2.0.0/24", 20, account=c)  # overlaps A's prefix on purpose
+    lab.publisher.set(c_tunnel)
+    lab.publisher.set(c_route)
+    _wait(lambda: tun.device_exists("aw0", netns_name=c_ns), 5, "account C's TUN")
+    lab.publisher.delete(c_route.key)
+    lab.publisher.delete(c_tunnel.key)
+    _wait(lambda: not os.path.exists(f"/run/netns/{c_ns}"), 5, "account C's netns removed")
+    out, _ = pinger.communicate(timeout=20)
+    assert _received(out) == 25, out
+
+
 # ---- two workers, SIGKILL one ----------------------------------------------------
 
 
