@@ -27,6 +27,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -163,6 +164,18 @@ def cleanup_prefix(prefix: str) -> list[str]:
             netns.remove(name)
         removed.append(name)
     return removed
+
+
+def unique_prefix(base: str) -> str:
+    """``base + "<pid>-"``: a prefix of this process's own, so two runs of the
+    same tests (two people, one machine) never sweep each other's namespaces.
+    Namespaces under ``base`` left by processes that are gone are removed."""
+    pattern = re.compile(re.escape(base) + r"(\d+)-")
+    for name in list_namespaces(base):
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            cleanup_prefix(m.group(0))
+    return f"{base}{os.getpid()}-"
 
 
 class LoopThread:

@@ -38,6 +38,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -410,9 +411,29 @@ class Charon:
             if self.vici.exists():
                 res = self._swanctl(["--stats"], check=False)
                 if res.returncode == 0:
+                    self._check_started()
                     return
             time.sleep(0.05)
         raise StrongswanError(f"{self}: vici socket did not come up in {timeout}s")
+
+    def _check_started(self) -> None:
+        """charon keeps running when a plugin fails to load (e.g. socket-default
+        when port 500/4500 is taken in the namespace): fail loudly instead."""
+        bad = [
+            line
+            for line in self.log().splitlines()
+            if "failed to load" in line
+            or ("plugin" in line and "failed" in line)
+            or "unable to bind" in line
+            or "could not open socket" in line
+        ]
+        if bad:
+            self.stop_quietly()
+            raise StrongswanError(f"{self}: charon started with errors: " + " | ".join(bad[:8]))
+
+    def stop_quietly(self) -> None:
+        if self.proc is not None:
+            self.ns.topology.stop(self.proc)
 
     def _swanctl(
         self, args: Sequence[str], *, check: bool = True, timeout: float = 30.0
@@ -531,6 +552,14 @@ class Charon:
             if value or time.monotonic() >= deadline:
                 return value or None
             time.sleep(interval)
+
+    def kill(self) -> None:
+        """SIGKILL charon (by PID): it dies silently, sending no DELETE — a
+        crashed or unplugged router, as far as its peer can tell."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
 
     def stop(self) -> None:
         """End charon by PID (SIGTERM, then SIGKILL) and remove a temp workdir."""

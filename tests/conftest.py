@@ -7,7 +7,9 @@ machine all of them are present and the tests run.
 
 Fixture ``netns_topology`` factory: ``topo = netns_topology("awt-x-")`` gives
 a :class:`deploy.netns.Topology` that is closed after the test, even when it
-fails, after first sweeping leftovers of a crashed run with that prefix.
+fails. Its real prefix is ``"awt-x-<pid>-"`` (:func:`deploy.netns.unique_prefix`)
+so two test runs at once never remove each other's namespaces; leftovers of
+crashed runs under the base prefix are swept first.
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def netns_topology() -> Iterator[Callable[[str], object]]:
-    from deploy.netns import Topology, cleanup_prefix
+    from deploy.netns import Topology, cleanup_prefix, unique_prefix
 
     made: list[Topology] = []
 
-    def make(prefix: str) -> Topology:
+    def make(base: str) -> Topology:
+        prefix = unique_prefix(base)
         cleanup_prefix(prefix)
         topo = Topology(prefix)
         made.append(topo)

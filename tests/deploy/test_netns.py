@@ -3,6 +3,7 @@ process tracking and cleanup (netns prefix ``awt-i-d-``)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -16,10 +17,12 @@ from deploy.netns import (
     list_namespaces,
     namespace_pids,
     topology,
+    unique_prefix,
 )
 
 pytestmark = pytest.mark.netns
-PREFIX = "awt-i-d-"
+BASE = "awt-i-d-"
+PREFIX = unique_prefix(BASE)  # this run's own: parallel runs do not collide
 
 # A UDP server that counts datagrams and prints the count when stdin closes
 # or after `secs` seconds; a client that sends one datagram per source port.
@@ -92,7 +95,7 @@ def stop_counter(ns, proc: subprocess.Popen[str], addr: str, port: int) -> int:
 
 
 def test_veth_addresses_and_traffic(netns_topology) -> None:
-    topo: Topology = netns_topology(PREFIX)
+    topo: Topology = netns_topology(BASE)
     a, b = topo.namespace("a"), topo.namespace("b")
     topo.veth(a, "a0", b, "b0", addr_a="10.99.0.1/24", addr_b="10.99.0.2/24")
     assert "10.99.0.1/24" in a.addresses("a0")
@@ -109,7 +112,7 @@ def test_ecmp_multipath_spreads_udp_flows_by_port(netns_topology) -> None:
     """An edge router with an L4-hash multipath route to two nodes that both
     own the same (anycast) address: flows with different source ports land on
     both nodes, and each flow gets its replies."""
-    topo: Topology = netns_topology(PREFIX)
+    topo: Topology = netns_topology(BASE)
     client, edge = topo.namespace("cl"), topo.namespace("edge")
     n1, n2 = topo.namespace("n1"), topo.namespace("n2")
     topo.veth(client, "c0", edge, "e0", addr_a="10.98.0.2/24", addr_b="10.98.0.1/24")
@@ -135,7 +138,7 @@ def test_ecmp_multipath_spreads_udp_flows_by_port(netns_topology) -> None:
 
 
 def test_sysctl_is_per_namespace(netns_topology) -> None:
-    topo: Topology = netns_topology(PREFIX)
+    topo: Topology = netns_topology(BASE)
     a = topo.namespace("a")
     before = topo.root.sysctl("net.ipv4.ip_forward")
     a.sysctl("net.ipv4.ip_forward", 1)
@@ -145,7 +148,7 @@ def test_sysctl_is_per_namespace(netns_topology) -> None:
 
 
 def test_root_veth_end_is_removed(netns_topology) -> None:
-    topo: Topology = netns_topology(PREFIX)
+    topo: Topology = netns_topology(BASE)
     a = topo.namespace("a")
     topo.veth(topo.root, "awtid-r0", a, "a0", addr_a="10.96.0.1/30", addr_b="10.96.0.2/30")
     assert topo.root.ipr.link_lookup(ifname="awtid-r0")
@@ -188,7 +191,7 @@ def test_cleanup_prefix_removes_leftovers_of_a_crashed_run() -> None:
 
 
 def test_duplicate_namespace_and_bad_interface_are_errors(netns_topology) -> None:
-    topo: Topology = netns_topology(PREFIX)
+    topo: Topology = netns_topology(BASE)
     a = topo.namespace("a")
     assert topo.namespace("a") is a
     other = Topology(PREFIX)
@@ -201,3 +204,22 @@ def test_duplicate_namespace_and_bad_interface_are_errors(netns_topology) -> Non
         a.up("nope0")
     with pytest.raises(NetnsError, match="exited"):
         a.run(["false"])
+
+
+def test_unique_prefix_sweeps_only_dead_runs() -> None:
+    from pyroute2 import netns as pr_netns
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "30"])
+    base = "awt-i-u-"
+    try:
+        pr_netns.create(f"{base}{dead.pid}-x")
+        pr_netns.create(f"{base}{alive.pid}-x")
+        mine = unique_prefix(base)
+        assert mine == f"{base}{os.getpid()}-"
+        assert list_namespaces(base) == [f"{base}{alive.pid}-x"]
+    finally:
+        alive.kill()
+        alive.wait()
+        cleanup_prefix(base)

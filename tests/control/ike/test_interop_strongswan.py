@@ -19,6 +19,7 @@ On failure pytest prints charon's log and our events (captured teardown output).
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from deploy.netns import LoopThread, Namespace, Topology, cleanup_prefix
+from deploy.netns import LoopThread, Namespace, Topology, cleanup_prefix, unique_prefix
 from deploy.strongswan import Charon, Child, Connection
 
 pytestmark = [pytest.mark.netns, pytest.mark.strongswan]
@@ -77,6 +78,11 @@ DH = {"ecp384": "ECP_384", "modp2048": "MODP_2048", "modp1536": "MODP_1536"}
 RECORD_INTEG = {"sha256": "sha256_128", "sha1": "sha1_96", None: "none"}
 
 
+def tid(name: str) -> str:
+    """A tunnel ID in the seeds' form (32 hex digits), stable per test name."""
+    return hashlib.md5(name.encode()).hexdigest()
+
+
 def fqdn(account: str, tunnel: str) -> str:
     return f"{tunnel}.{account}.{SUFFIX}"
 
@@ -86,8 +92,9 @@ def fqdn(account: str, tunnel: str) -> str:
 
 @pytest.fixture(scope="module")
 def topo() -> Iterator[Topology]:
-    cleanup_prefix(PREFIX)
-    t = Topology(PREFIX)
+    prefix = unique_prefix(PREFIX)
+    cleanup_prefix(prefix)
+    t = Topology(prefix)
     try:
         gw, site = t.namespace("gw"), t.namespace("site")
         nat, natsite = t.namespace("nat"), t.namespace("natsite")
@@ -143,7 +150,7 @@ class Responder:
         self.store = store
         self.engine = IkeEngine(config, store.lookup)
         self.events: list[object] = []
-        self.lt: LoopThread = ns.loop_thread()
+        self.lt: LoopThread = ns.loop_thread(use_uvloop=True)
         self.transport = IkeTransport(self.engine, on_event=self.events.append, loop=self.lt.loop)
         self.lt.run(self.transport.listen(ANYCAST))
 
@@ -326,10 +333,10 @@ def test_proposal_matrix(make_responder, charons, ike: str, child: tuple) -> Non
     on it; with PFS, a rekey by strongSwan runs CREATE_CHILD_SA with that group."""
     cipher, integ, pfs = child
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"), proposals=ike, esp=esp_string(*child))])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")), proposals=ike, esp=esp_string(*child))])
     site.initiate(child="net")
 
     sa = only_sa(site, "t1")
@@ -339,16 +346,16 @@ def test_proposal_matrix(make_responder, charons, ike: str, child: tuple) -> Non
     encr, keysize = ENCR[cipher]
     assert (kid["encr-alg"], kid.get("encr-keysize", "")) == (encr, keysize or "")
     assert kid.get("integ-alg") == (INTEG[integ] if integ else None)
-    (est,) = ours.wait(ev.IkeSaEstablished, tunnel_id="t1")
+    (est,) = ours.wait(ev.IkeSaEstablished, tunnel_id=tid("t1"))
     assert est.proposal == ike or set(est.proposal.split("-")) >= set(ike.split("-")), est
-    (inst,) = ours.wait(ev.ChildSaInstalled, tunnel_id="t1")
+    (inst,) = ours.wait(ev.ChildSaInstalled, tunnel_id=tid("t1"))
     check_child_matches_records(kid, inst)
     assert inst.inbound.cipher.value == cipher
     assert inst.inbound.integ.value == RECORD_INTEG[integ]
 
     if pfs:
         site.rekey(child="net")
-        (_, new) = ours.wait(ev.ChildSaInstalled, count=2, tunnel_id="t1")
+        (_, new) = ours.wait(ev.ChildSaInstalled, count=2, tunnel_id=tid("t1"))
         assert new.replaces == (inst.inbound.spi, inst.outbound.spi)
 
         def rekeyed() -> Any:
@@ -364,26 +371,26 @@ def test_proposal_matrix(make_responder, charons, ike: str, child: tuple) -> Non
 
 def test_null_encryption_only_when_the_tunnel_allows_it(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "null-ok", allow_null_cipher=True)
-    store.add("acct1", "null-no")
+    store.add("acct1", tid("null-ok"), allow_null_cipher=True)
+    store.add("acct1", tid("null-no"))
     ours = make_responder(store)
     site = charons("site")
     site.load(
         [
-            site_conn("ok", fqdn("acct1", "null-ok"), esp="null-sha256"),
-            site_conn("no", fqdn("acct1", "null-no"), esp="null-sha256"),
+            site_conn("ok", fqdn("acct1", tid("null-ok")), esp="null-sha256"),
+            site_conn("no", fqdn("acct1", tid("null-no")), esp="null-sha256"),
         ]
     )
     site.initiate(child="net", ike="ok")
     (kid,) = installed_children(only_sa(site, "ok"))
     assert kid["encr-alg"] == "NULL" and kid["integ-alg"] == "HMAC_SHA2_256_128"
-    (inst,) = ours.wait(ev.ChildSaInstalled, tunnel_id="null-ok")
+    (inst,) = ours.wait(ev.ChildSaInstalled, tunnel_id=tid("null-ok"))
     assert inst.inbound.cipher.value == "null"
 
     with pytest.raises(Exception, match=r"failed|NO_PROPOSAL_CHOSEN"):
         site.initiate(child="net", ike="no", timeout=8)
     ours.wait(ev.NegotiationFailed, notify="NO_PROPOSAL_CHOSEN", sent=True)
-    assert not ours.of(ev.ChildSaInstalled, tunnel_id="null-no")
+    assert not ours.of(ev.ChildSaInstalled, tunnel_id=tid("null-no"))
     assert site.log_lines("NO_PROPOSAL_CHOSEN")
 
 
@@ -392,10 +399,10 @@ def test_unacceptable_traffic_selectors(make_responder, charons) -> None:
     from replication.records import TrafficSelector
 
     store = Store()
-    store.add("acct1", "ts", remote_ts=(TrafficSelector("10.1.0.0", "10.1.0.255"),))
+    store.add("acct1", tid("ts"), remote_ts=(TrafficSelector("10.1.0.0", "10.1.0.255"),))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("ts", fqdn("acct1", "ts"), local_ts="10.77.0.0/24")])
+    site.load([site_conn("ts", fqdn("acct1", tid("ts")), local_ts="10.77.0.0/24")])
     with pytest.raises(Exception, match="failed"):
         site.initiate(child="net", timeout=8)
     assert site.log_lines("TS_UNACCEPTABLE")
@@ -409,19 +416,19 @@ def test_unacceptable_traffic_selectors(make_responder, charons) -> None:
 @pytest.mark.parametrize(
     ("kind", "local_id", "remote_id"),
     [
-        ("fqdn", fqdn("acct7", "tun-f"), "%any"),
-        ("rfc822", "ipsec@" + fqdn("acct7", "tun-r"), "%any"),
-        ("key_id", "keyid:acct7_tun-k", "%any"),
+        ("fqdn", fqdn("acct7", tid("tun-f")), "%any"),
+        ("rfc822", "ipsec@" + fqdn("acct7", tid("tun-r")), "%any"),
+        ("key_id", "keyid:acct7_" + tid("tun-k"), "%any"),
         ("ipv4", SITE_ADDR, ANYCAST),
     ],
     ids=["fqdn", "rfc822", "keyid", "ipv4"],
 )
 def test_identity_types(make_responder, charons, kind: str, local_id: str, remote_id: str) -> None:
     store = Store()
-    tunnel = {"fqdn": "tun-f", "rfc822": "tun-r", "key_id": "tun-k", "ipv4": "tun-4"}[kind]
+    tunnel = tid({"fqdn": "tun-f", "rfc822": "tun-r", "key_id": "tun-k", "ipv4": "tun-4"}[kind])
     store.add("acct7", tunnel, customer_endpoint=SITE_ADDR if kind == "ipv4" else None)
     # A second tunnel with a different customer endpoint does not make ipv4 ambiguous.
-    store.add("acct7", "other", customer_endpoint="192.0.2.99")
+    store.add("acct7", tid("other"), customer_endpoint="192.0.2.99")
     ours = make_responder(store)
     site = charons("site")
     site.load([site_conn("id", local_id, remote_id=remote_id)])
@@ -437,8 +444,8 @@ def test_identity_types(make_responder, charons, kind: str, local_id: str, remot
 
 def test_ipv4_identity_refused_when_ambiguous(make_responder, charons) -> None:
     store = Store()
-    store.add("acct7", "dup1", customer_endpoint=SITE_ADDR)
-    store.add("acct7", "dup2", customer_endpoint=SITE_ADDR)
+    store.add("acct7", tid("dup1"), customer_endpoint=SITE_ADDR)
+    store.add("acct7", tid("dup2"), customer_endpoint=SITE_ADDR)
     ours = make_responder(store)
     site = charons("site")
     site.load([site_conn("id", SITE_ADDR)])
@@ -451,13 +458,13 @@ def test_ipv4_identity_refused_when_ambiguous(make_responder, charons) -> None:
 
 def test_wrong_psk_and_unknown_id(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
     site.load(
         [
-            site_conn("bad", fqdn("acct1", "t1"), psk=b"wrong-psk-wrong-psk-wrong"),
-            site_conn("unk", fqdn("acct1", "nope")),
+            site_conn("bad", fqdn("acct1", tid("t1")), psk=b"wrong-psk-wrong-psk-wrong"),
+            site_conn("unk", fqdn("acct1", tid("nope"))),
         ]
     )
     with pytest.raises(Exception, match="failed"):
@@ -471,7 +478,7 @@ def test_wrong_psk_and_unknown_id(make_responder, charons) -> None:
     assert not ours.of(ev.IkeSaEstablished) and not ours.of(ev.ChildSaInstalled)
     # Nothing is left behind: the engine has no timer for these peers beyond housekeeping,
     # and a correct PSK afterwards works.
-    site.load([site_conn("good", fqdn("acct1", "t1"))])
+    site.load([site_conn("good", fqdn("acct1", tid("t1")))])
     site.initiate(child="net", ike="good")
     assert only_sa(site, "good")
     text = "\n".join(str(e) for e in ours.events)
@@ -485,10 +492,10 @@ def test_start_on_500_floats_to_4500(make_responder, charons) -> None:
     """kernel-libipsec makes charon fake a NAT, so it moves to 4500 after
     IKE_SA_INIT (RFC 7296 §2.23); we follow and encapsulate ESP."""
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")))])
     out = site.initiate(child="net")
     assert f"to {ANYCAST}[500]" in out and f"to {ANYCAST}[4500]" in out
     sa = only_sa(site, "t1")
@@ -505,10 +512,10 @@ def test_start_on_500_floats_to_4500(make_responder, charons) -> None:
 
 def test_start_on_4500(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"), port=4500)])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")), port=4500)])
     out = site.initiate(child="net")
     assert f"to {ANYCAST}[500]" not in out
     assert "IKE_SA_INIT" in out and f"to {ANYCAST}[4500]" in out
@@ -523,10 +530,20 @@ def test_behind_masquerade_nat(make_responder, charons, port: int) -> None:
     """strongSwan behind an nftables masquerade: both sides detect the NAT,
     and our Child SA records point at the NAT's public address and port."""
     store = Store()
-    store.add("acct2", "nat")
+    store.add("acct2", tid("nat"))
     ours = make_responder(store)
     site = charons("natsite")
-    site.load([site_conn("nat", fqdn("acct2", "nat"), local_addr="10.10.0.2", port=port)])
+    site.load(
+        [
+            site_conn(
+                "nat",
+                fqdn("acct2", tid("nat")),
+                local_addr="10.10.0.2",
+                port=port,
+                local_ts="10.1.1.0/24",
+            )
+        ]
+    )
     site.initiate(child="net")
     sa = only_sa(site, "nat")
     assert sa.get("nat-local") == "yes", sa  # charon sees itself behind NAT
@@ -548,10 +565,10 @@ def test_behind_masquerade_nat(make_responder, charons, port: int) -> None:
 
 def test_child_rekey_by_strongswan(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"), esp="aes128-sha256-modp2048")])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")), esp="aes128-sha256-modp2048")])
     site.initiate(child="net")
     (old,) = installed_children(only_sa(site, "t1"))
     (first,) = ours.wait(ev.ChildSaInstalled)
@@ -571,10 +588,10 @@ def test_child_rekey_by_us(make_responder, charons) -> None:
     the negotiated PFS group), strongSwan installs the new SA, and we delete
     the old one after publishing the new (make-before-break)."""
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store, child_lifetime=2.0, rekey_jitter=0.0)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"), esp="aes256gcm16-modp2048")])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")), esp="aes256gcm16-modp2048")])
     site.initiate(child="net")
     (old,) = installed_children(only_sa(site, "t1"))
     (first,) = ours.wait(ev.ChildSaInstalled)
@@ -593,10 +610,12 @@ def test_child_rekey_by_us(make_responder, charons) -> None:
 
 def test_ike_rekey_by_strongswan(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"), proposals="aes256-sha256-prfsha256-modp2048")])
+    site.load(
+        [site_conn("t1", fqdn("acct1", tid("t1")), proposals="aes256-sha256-prfsha256-modp2048")]
+    )
     site.initiate(child="net")
     before = only_sa(site, "t1")
     site.rekey(ike="t1")
@@ -618,10 +637,10 @@ def test_ike_rekey_by_strongswan(make_responder, charons) -> None:
 
 def test_ike_rekey_by_us(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store, ike_lifetime=2.0, rekey_jitter=0.0)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")))])
     site.initiate(child="net")
     before = only_sa(site, "t1")
     (rk,) = ours.wait(ev.IkeSaRekeyed, timeout=8)
@@ -642,10 +661,10 @@ def test_ike_rekey_by_us(make_responder, charons) -> None:
 
 def test_dpd_both_ways_and_dead_peer(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store, dpd_interval=1.0, retransmit_timeout=0.3, retransmit_tries=2)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"), dpd_delay="1s")])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")), dpd_delay="1s")])
     site.initiate(child="net")
     (inst,) = ours.wait(ev.ChildSaInstalled)
     # strongSwan's DPD gets answered, ours gets answered by strongSwan.
@@ -653,7 +672,7 @@ def test_dpd_both_ways_and_dead_peer(make_responder, charons) -> None:
     assert site.wait_for(lambda: site.log_lines(r"parsed INFORMATIONAL request \d+ \[ \]"), 6)
     assert only_sa(site, "t1") and not ours.of(ev.IkeSaDeleted)
     # The peer dies silently: after our retransmissions we delete its SAs.
-    site.stop()
+    site.kill()
     (gone,) = ours.wait(ev.IkeSaDeleted, timeout=10)
     assert gone.reason in ("dpd", "timeout")
     ours.wait(ev.ChildSaDeleted, inbound_spi=inst.inbound.spi)
@@ -661,10 +680,10 @@ def test_dpd_both_ways_and_dead_peer(make_responder, charons) -> None:
 
 def test_delete_child_and_ike_from_strongswan(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")))])
     site.initiate(child="net")
     (inst,) = ours.wait(ev.ChildSaInstalled)
     site.terminate(child="net")
@@ -679,13 +698,13 @@ def test_delete_child_and_ike_from_strongswan(make_responder, charons) -> None:
 
 def test_delete_tunnel_from_our_side(make_responder, charons) -> None:
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")))])
     site.initiate(child="net")
     ours.wait(ev.ChildSaInstalled)
-    ours.call(ours.engine.delete_tunnel, "t1")
+    ours.call(ours.engine.delete_tunnel, tid("t1"))
     ours.wait(ev.IkeSaDeleted, reason="local_delete")
     ours.wait(ev.ChildSaDeleted)
     assert site.wait_for(lambda: not site.list_sas(), timeout=8), site.list_sas()
@@ -694,19 +713,21 @@ def test_delete_tunnel_from_our_side(make_responder, charons) -> None:
 
 def test_initial_contact_clears_old_sas(make_responder, charons) -> None:
     """A restarted router connects again with INITIAL_CONTACT: the SAs of its
-    previous life are deleted on our side (RFC 7296 §2.4)."""
+    previous life are deleted on our side (RFC 7296 §2.4). strongSwan sends
+    INITIAL_CONTACT only when it names the peer it expects (remote id not %any)."""
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     ours = make_responder(store)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")), remote_id=ANYCAST)])
     site.initiate(child="net")
     (first,) = ours.wait(ev.ChildSaInstalled)
-    site.stop()  # dies without DELETE
+    site.kill()  # dies without DELETE
     site2 = charons("site")
-    site2.load([site_conn("t1", fqdn("acct1", "t1"))])
+    site2.load([site_conn("t1", fqdn("acct1", tid("t1")), remote_id=ANYCAST)])
     site2.initiate(child="net")
     ours.wait(ev.ChildSaInstalled, count=2)
+    assert site2.log_lines(r"generating IKE_AUTH request 1 \[ IDi N\(INIT_CONTACT\)")
     ours.wait(ev.ChildSaDeleted, inbound_spi=first.inbound.spi)
     ours.wait(ev.IkeSaDeleted, reason="initial_contact")
 
@@ -792,7 +813,7 @@ def test_tshark_decrypts_ike_auth(
     encoder, padding, ICV and key derivation."""
     gw = topo.namespaces["gw"]
     store = Store()
-    store.add("acct1", "t1")
+    store.add("acct1", tid("t1"))
     if responder == "anywan":
         ours = make_responder(store)
     else:
@@ -806,7 +827,7 @@ def test_tshark_decrypts_ike_auth(
                     ANYCAST,
                     SITE_ADDR,
                     ANYCAST,
-                    fqdn("acct1", "t1"),
+                    fqdn("acct1", tid("t1")),
                     PSK,
                     proposals=[proposal],
                     children=[gw_ts],
@@ -818,10 +839,14 @@ def test_tshark_decrypts_ike_auth(
     cap = gw.capture("g1", pcap, ["udp", "port", "500", "or", "udp", "port", "4500"])
     try:
         site.start()
-        site.load([site_conn("t1", fqdn("acct1", "t1"), proposals=proposal)])
+        site.load([site_conn("t1", fqdn("acct1", tid("t1")), proposals=proposal)])
         site.initiate(child="net")
         sa = only_sa(site, "t1")
         (keys,) = site.ike_keys()
+        if responder == "anywan":
+            # OUR keys (control.ike.connection.IkeSa.keys), before the SA goes.
+            (ike_sa,) = ours.lt.call(ours.engine.ike_sas, tid("t1"))
+            our_keys = {k: getattr(ike_sa.keys, k) for k in keys}
         time.sleep(0.2)
     finally:
         topo.stop(cap)
@@ -830,6 +855,11 @@ def test_tshark_decrypts_ike_auth(
         if responder == "strongswan":
             print("--- gw strongSwan log (tail):\n" + "\n".join(theirs.log().splitlines()[-60:]))
             theirs.stop()
+    if responder == "anywan":
+        # Decrypt with our keys, after checking they are the ones strongSwan
+        # derived (SKEYSEED and prf+, RFC 7296 §2.14).
+        assert our_keys == keys, "SK_* differ from strongSwan's"
+        keys = our_keys
     uat = tshark_uat_line(sa["initiator-spi"], sa["responder-spi"], keys, proposal)
     request, response = tshark_ike_auth(pcap, uat)
     assert request["src"] == SITE_ADDR and response["src"] == ANYCAST
