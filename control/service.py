@@ -290,9 +290,9 @@ class ControlService:
         m.routes.set(self.store.count("route"))
         per: dict[tuple[str, str], int] = {}
         for kind in ("ipsec", "gre"):
-            for row in self.store.rows(kind):
-                key = (m.account_label(row["account_id"]), kind)
-                per[key] = per.get(key, 0) + 1
+            for account, n in self.store.count_by_account(kind).items():
+                key = (m.account_label(account), kind)
+                per[key] = per.get(key, 0) + n
         m.account_tunnels.clear()
         for (acct, kind), n in per.items():
             m.account_tunnels.labels(acct, kind).set(n)

@@ -14,8 +14,9 @@ recorded in ``schema_version``.
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +27,49 @@ from control.secrets import MasterKey
 
 DB_FILENAME = "anywan.sqlite3"
 
-MIGRATIONS: list[str] = [
+
+def interface_columns(interface_address: str) -> dict[str, Any]:
+    """Derived, indexed columns of a tunnel's interface network: the peer's
+    address (a route's nexthop) and the network as an integer range (overlap
+    checks in SQL instead of parsing every row)."""
+    iface = ipaddress.IPv4Interface(interface_address)
+    net = iface.network
+    if net.prefixlen == 31:
+        peer = ipaddress.IPv4Address(int(iface.ip) ^ 1)
+    else:
+        first, second = int(net.network_address) + 1, int(net.network_address) + 2
+        peer = ipaddress.IPv4Address(second if int(iface.ip) == first else first)
+    return {
+        "peer_address": str(peer),
+        "net_lo": int(net.network_address),
+        "net_hi": int(net.broadcast_address),
+    }
+
+
+def _migration_2(db: sqlite3.Connection) -> None:
+    """Derived interface columns + indexes, backfilled from existing rows."""
+    for table in ("ipsec_tunnels", "gre_tunnels"):
+        for col, typ in (("peer_address", "TEXT"), ("net_lo", "INTEGER"), ("net_hi", "INTEGER")):
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {col} {typ}")
+        for row_id, iface in db.execute(f"SELECT id, interface_address FROM {table}").fetchall():
+            cols = interface_columns(iface)
+            db.execute(
+                f"UPDATE {table} SET peer_address = ?, net_lo = ?, net_hi = ? WHERE id = ?",
+                (cols["peer_address"], cols["net_lo"], cols["net_hi"], row_id),
+            )
+        db.execute(f"CREATE INDEX {table}_by_peer ON {table} (account_id, peer_address)")
+        db.execute(f"CREATE INDEX {table}_by_net ON {table} (account_id, net_lo, net_hi)")
+    db.execute(
+        "CREATE INDEX gre_tunnels_by_pair ON gre_tunnels "
+        "(cloudflare_gre_endpoint, customer_gre_endpoint)"
+    )
+    db.execute(
+        "CREATE INDEX ipsec_tunnels_by_pair ON ipsec_tunnels "
+        "(cloudflare_endpoint, customer_endpoint)"
+    )
+
+
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 1: the initial schema.
     """
     CREATE TABLE accounts (
@@ -92,11 +135,14 @@ MIGRATIONS: list[str] = [
         modified_on TEXT NOT NULL
     );
     """,
+    # 2: derived interface columns for indexed nexthop/overlap lookups.
+    _migration_2,
 ]
 
 _BOOL_COLUMNS = frozenset({"replay_protection", "allow_null_cipher"})
 TABLES = {"ipsec": "ipsec_tunnels", "gre": "gre_tunnels", "route": "routes"}
-_PUBLIC_EXCLUDE = frozenset({"psk_sealed"})
+_PUBLIC_EXCLUDE = frozenset({"psk_sealed", "peer_address", "net_lo", "net_hi"})
+_TUNNEL_TABLES = ("ipsec_tunnels", "gre_tunnels")
 
 
 def now_iso() -> str:
@@ -179,9 +225,13 @@ class Store:
                     f"database schema {current} is newer than this anywan ({len(MIGRATIONS)})"
                 )
             for version in range(current + 1, len(MIGRATIONS) + 1):
-                for stmt in MIGRATIONS[version - 1].split(";"):
-                    if stmt.strip():
-                        self._db.execute(stmt)
+                step = MIGRATIONS[version - 1]
+                if callable(step):
+                    step(self._db)
+                else:
+                    for stmt in step.split(";"):
+                        if stmt.strip():
+                            self._db.execute(stmt)
                 self._db.execute(
                     "INSERT INTO schema_version (version, applied_on) VALUES (?, ?)",
                     (version, now_iso()),
@@ -237,6 +287,8 @@ class Store:
         return None if r is None else _row(r)
 
     def insert(self, kind: str, row: dict[str, Any]) -> None:
+        if kind in ("ipsec", "gre"):
+            row = {**row, **interface_columns(row["interface_address"])}
         cols = list(row)
         try:
             self._db.execute(
@@ -250,6 +302,8 @@ class Store:
     def update(self, kind: str, account_id: str, row_id: str, changes: dict[str, Any]) -> None:
         if not changes:
             return
+        if kind in ("ipsec", "gre") and "interface_address" in changes:
+            changes = {**changes, **interface_columns(changes["interface_address"])}
         sets = ", ".join(f"{c} = ?" for c in changes)
         try:
             self._db.execute(
@@ -264,6 +318,89 @@ class Store:
             f"DELETE FROM {TABLES[kind]} WHERE id = ? AND account_id = ?", (row_id, account_id)
         )
         return cur.rowcount > 0
+
+    # -- indexed lookups the API's checks use --------------------------------
+
+    def tunnel_named(self, account_id: str, name: str) -> tuple[str, str] | None:
+        """(kind, id) of the account's tunnel (either kind) with this name."""
+        for kind, table in (("ipsec", "ipsec_tunnels"), ("gre", "gre_tunnels")):
+            r = self._db.execute(
+                f"SELECT id FROM {table} WHERE account_id = ? AND name = ?", (account_id, name)
+            ).fetchone()
+            if r is not None:
+                return kind, r[0]
+        return None
+
+    def tunnel_overlapping(
+        self, account_id: str, interface_address: str, exclude_id: str
+    ) -> dict[str, Any] | None:
+        cols = interface_columns(interface_address)
+        for table in _TUNNEL_TABLES:
+            r = self._db.execute(
+                f"SELECT * FROM {table} WHERE account_id = ? AND net_lo <= ? AND net_hi >= ? "
+                "AND id != ? LIMIT 1",
+                (account_id, cols["net_hi"], cols["net_lo"], exclude_id),
+            ).fetchone()
+            if r is not None:
+                return _row(r)
+        return None
+
+    def tunnel_by_peer(self, account_id: str, peer: str) -> str | None:
+        """The account's tunnel whose customer-side interface address is ``peer``."""
+        for table in _TUNNEL_TABLES:
+            r = self._db.execute(
+                f"SELECT id FROM {table} WHERE account_id = ? AND peer_address = ?",
+                (account_id, peer),
+            ).fetchone()
+            if r is not None:
+                return str(r[0])
+        return None
+
+    def peer_map(self, account_id: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for table in _TUNNEL_TABLES:
+            for peer, row_id in self._db.execute(
+                f"SELECT peer_address, id FROM {table} WHERE account_id = ?", (account_id,)
+            ):
+                out[peer] = row_id
+        return out
+
+    def route_ids(self, account_id: str, nexthop: str, prefix: str | None = None) -> list[str]:
+        if prefix is None:
+            cur = self._db.execute(
+                "SELECT id FROM routes WHERE account_id = ? AND nexthop = ? ORDER BY id",
+                (account_id, nexthop),
+            )
+        else:
+            cur = self._db.execute(
+                "SELECT id FROM routes WHERE account_id = ? AND nexthop = ? AND prefix = ?",
+                (account_id, nexthop, prefix),
+            )
+        return [r[0] for r in cur]
+
+    def gre_with_pair(self, cloudflare: str, customer: str, exclude_id: str) -> str | None:
+        r = self._db.execute(
+            "SELECT id FROM gre_tunnels WHERE cloudflare_gre_endpoint = ? "
+            "AND customer_gre_endpoint = ? AND id != ? LIMIT 1",
+            (cloudflare, customer, exclude_id),
+        ).fetchone()
+        return None if r is None else str(r[0])
+
+    def ipsec_with_pair(
+        self, account_id: str, cloudflare: str, customer: str, exclude_id: str
+    ) -> str | None:
+        r = self._db.execute(
+            "SELECT id FROM ipsec_tunnels WHERE account_id = ? AND cloudflare_endpoint = ? "
+            "AND customer_endpoint = ? AND id != ? LIMIT 1",
+            (account_id, cloudflare, customer, exclude_id),
+        ).fetchone()
+        return None if r is None else str(r[0])
+
+    def count_by_account(self, kind: str) -> dict[str, int]:
+        cur = self._db.execute(
+            f"SELECT account_id, COUNT(*) FROM {TABLES[kind]} GROUP BY account_id"
+        )
+        return {a: int(n) for a, n in cur}
 
     def count(self, kind: str) -> int:
         return int(self._db.execute(f"SELECT COUNT(*) FROM {TABLES[kind]}").fetchone()[0])

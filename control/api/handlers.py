@@ -11,7 +11,6 @@ back, so the checks are identical and nothing is left behind.
 
 from __future__ import annotations
 
-import ipaddress
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -121,76 +120,54 @@ class Api:
     def peer_map(self, account_id: str) -> dict[str, str]:
         """Peer interface address → tunnel id, for one account (interface
         networks are disjoint per account, so the map is unambiguous)."""
-        return {
-            peer_address(t["interface_address"]): str(t["id"])
-            for t in self._all_tunnels(account_id)
-        }
+        return self.store.peer_map(account_id)
 
     # -- tunnels and routes: shared checks ------------------------------------
 
-    def _all_tunnels(self, account_id: str) -> list[dict[str, Any]]:
-        return [{**r, "kind": "ipsec"} for r in self.store.rows("ipsec", account_id)] + [
-            {**r, "kind": "gre"} for r in self.store.rows("gre", account_id)
-        ]
-
     def _resolve_nexthop(self, account_id: str, nexthop: str) -> str | None:
-        return self.peer_map(account_id).get(nexthop)
+        return self.store.tunnel_by_peer(account_id, nexthop)
 
     def _check_tunnel(self, account_id: str, row: dict[str, Any], path: str) -> None:
         """Name unique among the account's tunnels (both kinds); interface networks
         disjoint, so that a nexthop names exactly one tunnel."""
-        net = ipaddress.IPv4Interface(row["interface_address"]).network
-        for other in self._all_tunnels(account_id):
-            if other["id"] == row["id"]:
-                continue
-            if other["name"] == row["name"]:
-                raise ConflictError(
-                    f"{path}name: a tunnel named {row['name']!r} already exists "
-                    f"({other['kind']} {other['id']})"
-                )
-            if ipaddress.IPv4Interface(other["interface_address"]).network.overlaps(net):
-                raise ConflictError(
-                    f"{path}interface_address: {row['interface_address']} overlaps "
-                    f"tunnel {other['id']} ({other['interface_address']})"
-                )
+        named = self.store.tunnel_named(account_id, row["name"])
+        if named is not None and named[1] != row["id"]:
+            raise ConflictError(
+                f"{path}name: a tunnel named {row['name']!r} already exists ({named[0]} {named[1]})"
+            )
+        other = self.store.tunnel_overlapping(account_id, row["interface_address"], row["id"])
+        if other is not None:
+            raise ConflictError(
+                f"{path}interface_address: {row['interface_address']} overlaps "
+                f"tunnel {other['id']} ({other['interface_address']})"
+            )
 
     def _check_gre_pair(self, row: dict[str, Any], path: str) -> None:
         """A GRE packet is matched to its tunnel by its outer address pair alone
         (RFC 2784 has no tunnel id), so that pair must be unique on the whole
         cluster, across accounts too; the message does not say whose it is."""
         pair = (row["cloudflare_gre_endpoint"], row["customer_gre_endpoint"])
-        for other in self.store.rows("gre"):
-            if (
-                other["id"] != row["id"]
-                and (
-                    other["cloudflare_gre_endpoint"],
-                    other["customer_gre_endpoint"],
-                )
-                == pair
-            ):
-                raise ConflictError(
-                    f"{path}customer_gre_endpoint: another GRE tunnel already uses "
-                    f"{pair[1]} with cloudflare_gre_endpoint {pair[0]}"
-                )
+        if self.store.gre_with_pair(*pair, row["id"]) is not None:
+            raise ConflictError(
+                f"{path}customer_gre_endpoint: another GRE tunnel already uses "
+                f"{pair[1]} with cloudflare_gre_endpoint {pair[0]}"
+            )
 
     def _routes_via(self, account_id: str, tunnel_row: dict[str, Any]) -> list[str]:
-        peer = peer_address(tunnel_row["interface_address"])
-        return [r["id"] for r in self.store.rows("route", account_id) if r["nexthop"] == peer]
+        return self.store.route_ids(account_id, peer_address(tunnel_row["interface_address"]))
 
     def _pair_messages(self, account_id: str, row: dict[str, Any], messages: list[str]) -> None:
         if row.get("customer_endpoint") is None:
             return
-        for other in self.store.rows("ipsec", account_id):
-            if other["id"] != row["id"] and (
-                other["cloudflare_endpoint"],
-                other["customer_endpoint"],
-            ) == (row["cloudflare_endpoint"], row["customer_endpoint"]):
-                messages.append(
-                    f"tunnel {row['id']}: (cloudflare_endpoint, customer_endpoint) is shared with "
-                    f"tunnel {other['id']}; ID_IPV4_ADDR cannot be used, use ID_FQDN, "
-                    "ID_RFC822_ADDR or ID_KEY_ID"
-                )
-                return
+        other = self.store.ipsec_with_pair(
+            account_id, row["cloudflare_endpoint"], row["customer_endpoint"], row["id"]
+        )
+        if other is not None:
+            messages.append(
+                f"tunnel {row['id']}: (cloudflare_endpoint, customer_endpoint) is shared with "
+                f"tunnel {other}; ID_IPV4_ADDR cannot be used, use ID_FQDN, "
+                "ID_RFC822_ADDR or ID_KEY_ID"
+            )
 
     # -- create ---------------------------------------------------------------
 
@@ -229,12 +206,11 @@ class Api:
                             "no tunnel of this account has peer interface address "
                             + row["nexthop"],
                         )
-                    for r in self.store.rows("route", account_id):
-                        if (r["prefix"], r["nexthop"]) == (row["prefix"], row["nexthop"]):
-                            raise ConflictError(
-                                f"{path}prefix: route {row['prefix']} via {row['nexthop']} "
-                                f"already exists ({r['id']})"
-                            )
+                    for dup in self.store.route_ids(account_id, row["nexthop"], row["prefix"]):
+                        raise ConflictError(
+                            f"{path}prefix: route {row['prefix']} via {row['nexthop']} "
+                            f"already exists ({dup})"
+                        )
                     self.store.insert(kind, row)
                     changes.routes_set.append({**row, "tunnel_id": tunnel_id})
                 else:
@@ -304,14 +280,11 @@ class Api:
                         "nexthop",
                         f"no tunnel of this account has peer interface address {new['nexthop']}",
                     )
-                for r in self.store.rows("route", account_id):
-                    if r["id"] != row_id and (r["prefix"], r["nexthop"]) == (
-                        new["prefix"],
-                        new["nexthop"],
-                    ):
+                for dup in self.store.route_ids(account_id, new["nexthop"], new["prefix"]):
+                    if dup != row_id:
                         raise ConflictError(
                             f"prefix: route {new['prefix']} via {new['nexthop']} already "
-                            f"exists ({r['id']})"
+                            f"exists ({dup})"
                         )
             else:
                 self._check_tunnel(account_id, new, "")

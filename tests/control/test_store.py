@@ -123,3 +123,29 @@ def test_transaction_rolls_back_everything(tmp_path: Path) -> None:
         raise RuntimeError
     assert store.accounts() == []
     store.close()
+
+
+def test_upgrade_from_schema_1_backfills_derived_columns(tmp_path: Path) -> None:
+    """A database written by the first schema is migrated in place, data kept."""
+    db = sqlite3.connect(tmp_path / DB_FILENAME)
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_on TEXT)")
+    db.executescript(MIGRATIONS[0])  # type: ignore[arg-type]
+    db.execute("INSERT INTO schema_version VALUES (1, 'then')")
+    db.execute("INSERT INTO accounts VALUES ('acct', 't')")
+    db.execute(
+        "INSERT INTO ipsec_tunnels (id, account_id, name, cloudflare_endpoint, "
+        "interface_address, mtu, created_on, modified_on) "
+        "VALUES (?, 'acct', 'old', '203.0.113.1', '10.3.0.1/30', 1400, 't', 't')",
+        ("c" * 32,),
+    )
+    db.commit()
+    db.close()
+    store = Store.open(tmp_path, MasterKey.create(tmp_path / "k"))
+    assert store.schema_version == len(MIGRATIONS) >= 2
+    assert store.get("ipsec", "acct", "c" * 32)["name"] == "old"
+    # The backfilled peer column answers nexthop lookups: the /30's other host.
+    assert store.tunnel_by_peer("acct", "10.3.0.2") == "c" * 32
+    assert store.tunnel_by_peer("acct", "10.3.0.1") is None
+    assert store.tunnel_overlapping("acct", "10.3.0.0/31", "x")["id"] == "c" * 32
+    assert store.tunnel_overlapping("acct", "10.3.0.4/31", "x") is None
+    store.close()
