@@ -38,19 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="anywan control node: IKEv2 responder, REST API and state publisher.",
     )
     cfg.add_arguments(parser)
+    common = argparse.ArgumentParser(add_help=False)
+    cfg.add_arguments(common, suppress=True)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("init", help="create the state dir, master key (0600) and database")
-    sub.add_parser("serve", help="run the API, the bus publisher and the IKE responder")
-    kg = sub.add_parser("keygen", help="generate CURVE key pairs for the replication bus")
+    sub.add_parser(
+        "init", parents=[common], help="create the state dir, master key (0600) and database"
+    )
+    sub.add_parser(
+        "serve", parents=[common], help="run the API, the bus publisher and the IKE responder"
+    )
+    kg = sub.add_parser(
+        "keygen", parents=[common], help="generate CURVE key pairs for the replication bus"
+    )
     kg.add_argument("--worker", metavar="NAME", help="a worker key pair (keys_dir/workers/)")
     tok = sub.add_parser("token", help="API tokens").add_subparsers(dest="token_cmd", required=True)
-    create = tok.add_parser("create", help="create a token and print it (shown once)")
+    create = tok.add_parser(
+        "create", parents=[common], help="create a token and print it (shown once)"
+    )
     who = create.add_mutually_exclusive_group(required=True)
     who.add_argument("--account", help="scope the token to this account")
     who.add_argument("--operator", action="store_true", help="a token for every account")
     create.add_argument("--description", default="", help="free text shown by `token list`")
-    tok.add_parser("list", help="list tokens (ids and scopes, never the tokens)")
-    rev = tok.add_parser("revoke", help="delete a token by id")
+    tok.add_parser("list", parents=[common], help="list tokens (ids and scopes, never the tokens)")
+    rev = tok.add_parser("revoke", parents=[common], help="delete a token by id")
     rev.add_argument("token_id")
     return parser
 

@@ -201,14 +201,23 @@ def read_file(path: Path) -> dict[str, Any]:
     return merged
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per option; defaults are None so we can tell 'not given'."""
-    parser.add_argument("--config", "-c", help="TOML config file (env ANYWAN_CONFIG)")
+def add_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """One ``--flag`` per option; defaults are None so we can tell 'not given'.
+
+    ``suppress``: for subcommand parsers, so ``anywan-control serve --api-listen X``
+    works too without resetting a flag given before the subcommand."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument(
+        "--config", "-c", default=default, help="TOML config file (env ANYWAN_CONFIG)"
+    )
     for opt in OPTIONS:
         flag = "--" + opt.name.replace("_", "-")
         env = ENV_PREFIX + opt.name.upper()
         parser.add_argument(
-            flag, dest=opt.name, default=None, help=f"{opt.help} [env {env}; default {opt.default}]"
+            flag,
+            dest=opt.name,
+            default=default,
+            help=f"{opt.help} [env {env}; default {opt.default}]",
         )
 
 

@@ -64,6 +64,15 @@ def test_every_option_has_flag_env_and_help() -> None:
         assert help_text
 
 
+def test_flags_after_the_subcommand(tmp_path: Path) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["--api-listen", "1.1.1.1:1", "serve", "--id-suffix", "x.example"])
+    conf = cfg.load(vars(args), {})
+    assert conf.api_listen == "1.1.1.1:1" and conf.id_suffix == "x.example"
+    args = parser.parse_args(["token", "create", "--operator", "--state-dir", str(tmp_path)])
+    assert cfg.load(vars(args), {}).state_dir == tmp_path
+
+
 def test_cli_reports_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
     from control.cli import main
 
