@@ -33,6 +33,9 @@ from replication.records import Record
 
 log = logging.getLogger("anywan.bus.subscriber")
 
+METRICS_INTERVAL = 0.1
+"""Seconds between gauge refreshes (applied sequence, lag, record count)."""
+
 OnSet = Callable[[str, Record], None]
 OnDelete = Callable[[str, Record | None], None]
 
@@ -65,7 +68,7 @@ class _ClientIO:
         self.ready = threading.Event()
         self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self.dealer: zmq.Socket[bytes] | None = None
-        self._shown_seq = -1
+        self._shown_at = float("-inf")
 
     def _client(self, kind: int) -> zmq.Socket[bytes]:
         assert self.ctx is not None
@@ -115,7 +118,6 @@ class _ClientIO:
     def process(self, now: float) -> None:
         """Act on every event, running the core's timer whenever it is due."""
         m = self.metrics
-        changed = False
         while True:
             deadline = self.core.get_timer()
             if deadline is not None and now >= deadline:
@@ -126,11 +128,9 @@ class _ClientIO:
             if self.on_event is not None:
                 self.on_event(ev)
             if isinstance(ev, clone.RecordChanged):
-                changed = True
                 if self.on_set is not None:
                     self._call(self.on_set, ev.key, ev.record)
             elif isinstance(ev, clone.RecordRemoved):
-                changed = True
                 if self.on_delete is not None:
                     self._call(self.on_delete, ev.key, ev.old)
             elif isinstance(ev, clone.SendAck):
@@ -141,7 +141,7 @@ class _ClientIO:
                 self._request(ev.frames)
             elif isinstance(ev, clone.SnapshotInstalled):
                 m.snapshots_taken.inc()
-                changed = True
+                self._shown_at = float("-inf")
                 if self.dealer is not None:
                     self.dealer.close(linger=0)
                     self.dealer = None
@@ -157,11 +157,12 @@ class _ClientIO:
                 m.gaps.inc()
             elif isinstance(ev, clone.HeartbeatMissed):
                 m.heartbeats_missed.inc()
-        if self.core.applied_seq != self._shown_seq:
-            self._shown_seq = self.core.applied_seq
-            m.applied.set(self._shown_seq)
+        # Gauges at most every METRICS_INTERVAL (DESIGN §7: no per-update
+        # metric writes); counters above are per event and rare.
+        if now - self._shown_at >= METRICS_INTERVAL or self.core.phase is not clone.Phase.LIVE:
+            self._shown_at = now
+            m.applied.set(self.core.applied_seq)
             m.lag.set(self.core.lag)
-        if changed:
             m.records.set(len(self.core.state))
 
     def _request(self, frames: list[bytes]) -> None:
