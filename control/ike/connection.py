@@ -259,7 +259,7 @@ class IkeSa:
         self.ike_rekey_at = 0.0
         self.linger_until = 0.0
         self.scheduled: float | None = None
-        self.init_key: tuple[bytes, str, int] | None = None
+        self.init_key: tuple[bytes, str, int, bytes] | None = None
 
     # ------------------------------------------------------------- helpers
 

@@ -171,8 +171,8 @@ class IkeEngine:
         self.rng: Rng = rng if rng is not None else secrets.token_bytes
         self.sas: dict[bytes, IkeSa] = {}
         """Every IKE SA by OUR SPI (SPIr as responder, SPIi as initiator)."""
-        self.half_open: dict[tuple[bytes, str, int], IkeSa] = {}
-        """Responder SAs between IKE_SA_INIT and IKE_AUTH, by (SPIi, peer IP, port)."""
+        self.half_open: dict[tuple[bytes, str, int, bytes], IkeSa] = {}
+        """Responder SAs between IKE_SA_INIT and IKE_AUTH, by (SPIi, peer IP, port, hash)."""
         self.half_open_per_ip: Counter[str] = Counter()
         self.by_tunnel: dict[str, set[bytes]] = {}
         self.spis_in_use: set[int] = set()
@@ -417,6 +417,11 @@ class IkeEngine:
         self._leave_half_open(sa)
         for c in sa.children.values():
             self.release_spi(c.spi_in)
+        # SPIs reserved for Child SAs still being negotiated
+        for ctx in (sa.pending.ctx if sa.pending else {}, sa.auth_ctx):
+            spi = ctx.get("spi_in")
+            if isinstance(spi, int):
+                self.release_spi(spi)
         sa.children = {}
         sa.state = IkeState.CLOSED
         sa.pending = None
@@ -565,15 +570,16 @@ class IkeEngine:
         self, data: bytes, header: wire.Header, local: Address, remote: Address, now: float
     ) -> IkeSa | None:
         """§1.2 messages 1 → 2, responder side; state is kept only on success."""
-        key = (header.spi_i, remote[0], remote[1])
+        # Keyed by the message's hash too: a different IKE_SA_INIT with the same SPIi
+        # (a forged or corrupted copy seen first) must not lock the real one out.
+        digest = hashlib.sha256(data).digest()[:16]
+        key = (header.spi_i, remote[0], remote[1], digest)
         existing = self.half_open.get(key)
         if existing is not None:
-            if existing.init_request == data:
-                # §2.1: retransmitted IKE_SA_INIT → same response, no new state.
-                self.count("retransmit_answered")
-                self.send(existing.init_response, local, remote)
-                return None
-            raise Dropped("init_spi_reuse")
+            # §2.1: retransmitted IKE_SA_INIT → same response, no new state.
+            self.count("retransmit_answered")
+            self.send(existing.init_response, local, remote)
+            return None
         cfg = self.config
         if len(self.half_open) >= cfg.max_half_open:
             raise Dropped("half_open_limit")
