@@ -278,6 +278,9 @@ class Subscriber:
         return self._core.snapshots
 
     def start(self) -> None:
+        """Connect and start the thread; after :meth:`stop` it may start again
+        (the state is kept and reconciled by the next snapshot)."""
+        self._stopping.clear()
         self._io.open(time.monotonic())
         self._thread = threading.Thread(
             target=self._run, name=f"anywan-bus-sub-{self.worker_id}", daemon=True

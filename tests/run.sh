@@ -11,6 +11,7 @@ export PATH="$here/.venv/bin:$PATH"
 # Sans-IO protocol cores: bytes and time in, bytes and events out.
 MYPY_STRICT=(
     replication/records.py
+    replication/clone.py
     dataplane/drops.py
 )
 for f in dataplane/esp.py dataplane/gre.py dataplane/udpencap.py dataplane/ip.py \

@@ -28,6 +28,7 @@ CORE_GLOBS = [
     "dataplane/sad.py",
     "dataplane/routes.py",
     "replication/records.py",
+    "replication/clone.py",
     "control/ike/*.py",
 ]
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgpack
 
 from replication import clone
+from replication.publisher import Publisher
 from replication.records import SCHEMA, Record, encode
 from tests.replication.conftest import (
     Bus,
@@ -292,3 +295,51 @@ def test_nothing_applied_twice_under_churn(tcp_bus: Bus) -> None:
             assert gens == sorted(gens)
             assert gens[-1] == s.state[key].generation  # type: ignore[union-attr]
         assert s.metrics.registry.get_sample_value("anywan_bus_gaps_total") == 1
+
+
+def test_same_subscriber_object_restarts_and_reconciles(tcp_bus: Bus) -> None:
+    bus = tcp_bus
+    pub = bus.publisher()
+    pub.set(make_tunnel(1))
+    pub.set(make_sa(0xB000))
+    rec = Recorder()
+    sub = bus.subscriber("w1", recorder=rec)
+    assert wait_until(lambda: converged(pub, sub))
+    sub.stop()
+    pub.delete(make_tunnel(1).key)
+    pub.set(make_sa(0xB001))
+    sub.start()
+    assert wait_until(lambda: converged(pub, sub) and sub.snapshots == 2)
+    assert rec.deletes == {make_tunnel(1).key: 1}
+    assert rec.sets == {make_tunnel(1).key: 1, make_sa(0xB000).key: 1, make_sa(0xB001).key: 1}
+
+
+def test_killed_subscriber_process_stops_counting(tmp_path: Path) -> None:
+    """SIGKILL a subscriber process: control stops waiting for it after the timeout."""
+    from bench.replication import Lab
+
+    lab = Lab(tmp_path / "keys")
+    pub = Publisher(
+        snapshot_endpoint="tcp://127.0.0.1:*",
+        update_endpoint="tcp://127.0.0.1:*",
+        ack_endpoint="tcp://127.0.0.1:*",
+        server_public=lab.server[0],
+        server_secret=lab.server[1],
+        allowed_clients=[lab.client_public],
+        heartbeat_interval=0.1,
+        subscriber_timeout=0.5,
+    )
+    pub.start()
+    proc = lab.spawn(pub, "stream", 0, 30)
+    try:
+        assert wait_until(lambda: [s.live for s in pub.subscribers()] == [True], timeout=10)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        seq = pub.set(make_sa(0xC000))
+        assert pub.wait_applied_sync(seq, timeout=3)  # then it times out of the count
+        assert [s.live for s in pub.subscribers()] == [False]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        pub.stop()
