@@ -312,34 +312,66 @@ def ike_sas(text: str) -> list[dict[str, Any]]:
     return sas
 
 
-_KEY_LINE = re.compile(r"(Sk_\w+) secret => (\d+) bytes")
-_HEX_LINE = re.compile(r">\s+\d+: ((?:[0-9A-F]{2} ){1,16})")
+_DUMP_HEAD = re.compile(r" (\d+)\[\w+\] (?:<[^>]*> )?(.+?) => (\d+) bytes @ ")
+_HEX_LINE = re.compile(r" (\d+)\[\w+\] (?:<[^>]*> )?\s+\d+: ((?:[0-9A-F]{2} ){1,16})")
+_IKE_KEY = re.compile(r"^(Sk_\w+) secret$")
+_CHILD_KEY = re.compile(r"^(encryption|integrity) (initiator|responder) key$")
+
+
+def hex_dumps(log: str) -> list[tuple[str, bytes]]:
+    """Every ``<label> => N bytes @ 0x...`` hex dump of a level-4 charon log,
+    as (label, bytes) in log order. A dump's lines come from one thread; lines
+    of other threads interleaved with it are skipped."""
+    lines = log.splitlines()
+    out: list[tuple[str, bytes]] = []
+    for i, line in enumerate(lines):
+        m = _DUMP_HEAD.search(line)
+        if not m:
+            continue
+        thread, label, want = m.group(1), m.group(2), int(m.group(3))
+        hexs = ""
+        for follow in lines[i + 1 : i + 1 + 4 * (want // 16 + 2)]:
+            if len(hexs) >= 2 * want:
+                break
+            hm = _HEX_LINE.search(follow)
+            if hm and hm.group(1) == thread:
+                hexs += hm.group(2).replace(" ", "")
+        if len(hexs) == 2 * want:
+            out.append((label, bytes.fromhex(hexs)))
+    return out
 
 
 def parse_ike_keys(log: str) -> list[dict[str, bytes]]:
-    """Group the ``Sk_* secret`` hex dumps of a level-4 charon log into one
-    dict per IKE SA (``sk_d``, ``sk_ai``, ``sk_ar``, ``sk_ei``, ``sk_er``,
-    ``sk_pi``, ``sk_pr``); a new ``sk_d`` starts a new SA."""
-    lines = log.splitlines()
+    """The ``Sk_* secret`` dumps (RFC 7296 §2.14) grouped per IKE SA:
+    ``sk_d``, ``sk_ai``, ``sk_ar``, ``sk_ei``, ``sk_er``, ``sk_pi``, ``sk_pr``
+    (integrity keys absent for AEAD); a new ``sk_d`` starts a new SA."""
     sas: list[dict[str, bytes]] = []
-    i = 0
-    while i < len(lines):
-        m = _KEY_LINE.search(lines[i])
-        i += 1
+    for label, data in hex_dumps(log):
+        m = _IKE_KEY.match(label)
         if not m:
             continue
-        want, hexs = int(m.group(2)), ""
-        while len(hexs) < 2 * want and i < len(lines):
-            hm = _HEX_LINE.search(lines[i])
-            if not hm:
-                break
-            hexs += hm.group(1).replace(" ", "")
-            i += 1
         name = m.group(1).lower()
         if name == "sk_d" or not sas:
             sas.append({})
-        sas[-1][name] = bytes.fromhex(hexs)
+        sas[-1][name] = data
     return sas
+
+
+def parse_child_keys(log: str) -> list[dict[str, bytes]]:
+    """Child SA KEYMAT dumps (RFC 7296 §2.17), one dict per derivation with
+    ``encr_i``, ``encr_r``, ``integ_i``, ``integ_r`` ("i" = initiator of the
+    exchange that created the SA; GCM keys include the 4-octet salt; no
+    integrity keys for AEAD). Needs ``log_levels={"chd": 4}``."""
+    out: list[dict[str, bytes]] = []
+    for label, data in hex_dumps(log):
+        m = _CHILD_KEY.match(label)
+        if not m:
+            continue
+        key = ("encr_" if m.group(1) == "encryption" else "integ_") + m.group(2)[0]
+        if key == "encr_i" or not out:
+            out.append({})
+        out[-1][key] = data
+    return out
 
 
 # --- the daemon ---------------------------------------------------------------
@@ -541,6 +573,11 @@ class Charon:
         keymat_v2 logs ``Sk_ei secret => 36 bytes`` at level 4). For tests
         only: the keys decrypt that charon's IKE traffic (tshark)."""
         return parse_ike_keys(self.log(raw=True))
+
+    def child_keys(self) -> list[dict[str, bytes]]:
+        """Child SA keys derived so far (see :func:`parse_child_keys`);
+        needs ``log_levels={"chd": 4}``. Tests only."""
+        return parse_child_keys(self.log(raw=True))
 
     def wait_for(
         self, predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1

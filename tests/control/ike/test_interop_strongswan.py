@@ -218,8 +218,9 @@ def make_responder(topo: Topology) -> Iterator[Callable[..., Responder]]:
 def charons(topo: Topology) -> Iterator[Callable[[str], Charon]]:
     made: list[Charon] = []
 
-    def start(site: str = "site") -> Charon:
-        c = Charon(topo.namespaces[site], name=site, log_levels={"ike": 2, "enc": 1, "net": 2})
+    def start(site: str = "site", **levels: int) -> Charon:
+        log_levels = {"ike": 2, "enc": 1, "net": 2, **levels}
+        c = Charon(topo.namespaces[site], name=site, log_levels=log_levels)
         made.append(c)
         c.start()
         return c
@@ -275,6 +276,20 @@ def check_child_matches_records(child: dict[str, Any], installed: Any) -> None:
     assert int(child["spi-in"], 16) == installed.outbound.spi
     assert int(child["spi-out"], 16) == installed.inbound.spi
     assert installed.inbound.udp_encap and installed.outbound.udp_encap  # libipsec forces it
+
+
+def check_child_keys(theirs: dict[str, bytes], installed: Any, *, we_initiated: bool) -> None:
+    """Our SaRecords carry the KEYMAT strongSwan derived (RFC 7296 §2.17):
+    "initiator" keys protect traffic from the initiator of the exchange."""
+    i2r, r2i = (
+        (installed.outbound, installed.inbound)
+        if we_initiated
+        else (installed.inbound, installed.outbound)
+    )
+    assert i2r.enc_key + i2r.salt == theirs["encr_i"], "i->r encryption key differs"
+    assert r2i.enc_key + r2i.salt == theirs["encr_r"], "r->i encryption key differs"
+    assert i2r.integ_key == theirs.get("integ_i", b""), "i->r integrity key differs"
+    assert r2i.integ_key == theirs.get("integ_r", b""), "r->i integrity key differs"
 
 
 # --- proposals: a covering matrix -----------------------------------------------
@@ -335,7 +350,7 @@ def test_proposal_matrix(make_responder, charons, ike: str, child: tuple) -> Non
     store = Store()
     store.add("acct1", tid("t1"))
     ours = make_responder(store)
-    site = charons("site")
+    site = charons("site", chd=4)
     site.load([site_conn("t1", fqdn("acct1", tid("t1")), proposals=ike, esp=esp_string(*child))])
     site.initiate(child="net")
 
@@ -352,6 +367,7 @@ def test_proposal_matrix(make_responder, charons, ike: str, child: tuple) -> Non
     check_child_matches_records(kid, inst)
     assert inst.inbound.cipher.value == cipher
     assert inst.inbound.integ.value == RECORD_INTEG[integ]
+    check_child_keys(site.child_keys()[0], inst, we_initiated=False)
 
     if pfs:
         site.rekey(child="net")
@@ -366,6 +382,7 @@ def test_proposal_matrix(make_responder, charons, ike: str, child: tuple) -> Non
         assert kids, site.list_sas()
         assert kids[0].get("dh-group") == DH[pfs], kids
         check_child_matches_records(kids[0], new)
+        check_child_keys(site.child_keys()[1], new, we_initiated=False)
         ours.wait(ev.ChildSaDeleted, inbound_spi=inst.inbound.spi)
 
 
@@ -590,7 +607,7 @@ def test_child_rekey_by_us(make_responder, charons) -> None:
     store = Store()
     store.add("acct1", tid("t1"))
     ours = make_responder(store, child_lifetime=2.0, rekey_jitter=0.0)
-    site = charons("site")
+    site = charons("site", chd=4)
     site.load([site_conn("t1", fqdn("acct1", tid("t1")), esp="aes256gcm16-modp2048")])
     site.initiate(child="net")
     (old,) = installed_children(only_sa(site, "t1"))
@@ -605,6 +622,9 @@ def test_child_rekey_by_us(make_responder, charons) -> None:
     assert kids, site.list_sas()
     assert kids[0].get("dh-group") == "MODP_2048"
     check_child_matches_records(kids[0], new)
+    first_keys, rekey_keys = site.child_keys()
+    check_child_keys(first_keys, first, we_initiated=False)
+    check_child_keys(rekey_keys, new, we_initiated=True)
     assert site.wait_for(lambda: len(installed_children(only_sa(site, "t1"))) == 1)
 
 
@@ -872,3 +892,57 @@ def test_tshark_decrypts_ike_auth(
     if responder == "anywan":
         (est,) = ours.wait(ev.IkeSaEstablished)
         assert f"{est.spi_i:016x}" == sa["initiator-spi"]
+
+
+# --- loss: retransmissions both ways (RFC 7296 §2.1) ------------------------------
+
+# In gw: drop the FIRST IKE_AUTH response we send to each peer, and the FIRST
+# CREATE_CHILD_SA response each peer sends us. Offsets are from the UDP header
+# on port 4500: 8 (UDP) + 4 (non-ESP marker) + 18 = exchange type, + 19 = flags.
+LOSS_RULES = """
+table ip awloss {
+  set auth_seen { type ipv4_addr; flags dynamic; }
+  set ccsa_seen { type ipv4_addr; flags dynamic; }
+  chain out {
+    type filter hook output priority 0;
+    udp sport 4500 @th,240,8 35 ip daddr @auth_seen accept
+    udp sport 4500 @th,240,8 35 add @auth_seen { ip daddr } counter drop
+  }
+  chain in {
+    type filter hook input priority 0;
+    udp dport 4500 @th,240,8 36 @th,250,1 1 ip saddr @ccsa_seen accept
+    udp dport 4500 @th,240,8 36 @th,250,1 1 add @ccsa_seen { ip saddr } counter drop
+  }
+}
+"""
+
+
+def test_lost_messages_are_retransmitted(topo: Topology, make_responder, charons) -> None:
+    """Our IKE_AUTH response is lost: strongSwan retransmits its request and
+    we answer from the response cache (no second IKE SA, no second Child SA).
+    strongSwan's CREATE_CHILD_SA response to our rekey is lost: we retransmit
+    our request and strongSwan answers from its cache."""
+    gw = topo.namespaces["gw"]
+    gw.nft(LOSS_RULES)
+    try:
+        store = Store()
+        store.add("acct1", tid("t1"))
+        ours = make_responder(store, retransmit_timeout=0.5)
+        site = charons("site")
+        site.load([site_conn("t1", fqdn("acct1", tid("t1")))])
+        site.initiate(child="net")
+        assert site.log_lines(r"retransmit 1 of request with message ID 1\b")
+        assert only_sa(site, "t1") and len(installed_children(only_sa(site, "t1"))) == 1
+        (first,) = ours.wait(ev.ChildSaInstalled)
+        assert len(ours.of(ev.IkeSaEstablished)) == 1
+
+        ours.call(ours.engine.rekey_child, tid("t1"))
+        (_, new) = ours.wait(ev.ChildSaInstalled, count=2, timeout=8)
+        assert new.replaces == (first.inbound.spi, first.outbound.spi)
+        # strongSwan saw our request twice and answered the copy from its cache.
+        assert len(site.log_lines(r"received retransmit of request with ID \d+")) >= 1
+        ours.wait(ev.ChildSaDeleted, inbound_spi=first.inbound.spi)
+        counters = gw.run(["nft", "list", "table", "ip", "awloss"]).stdout
+        assert counters.count("counter packets 1 ") == 2, counters
+    finally:
+        gw.run(["nft", "delete", "table", "ip", "awloss"], check=False)
