@@ -705,6 +705,121 @@ class IkeSa:
             )
         )
 
+    # ------------------------------------------------------------- persistence
+
+    def to_state(self, shift: float) -> dict[str, Any]:
+        """An established IKE SA as plain data (times relative to the export)."""
+        assert self.tunnel is not None and self.suite is not None and self.keys is not None
+        t, k, su = self.tunnel, self.keys, self.suite
+        req = self.pending
+        return {
+            "role": self.initiator,
+            "spi": [self.spi_i, self.spi_r],
+            "state": self.state.value,
+            "addr": [list(self.local), list(self.remote)],
+            "nat": [self.nat_detected, self.udp_encap],
+            "tunnel": [
+                t.account_id,
+                t.tunnel_id,
+                t.local_addr,
+                t.customer_endpoint,
+                t.allow_null_cipher,
+                t.replay_protection,
+                [x.to_wire() for x in t.local_ts],
+                [x.to_wire() for x in t.remote_ts],
+            ],
+            "id_kind": self.id_kind,
+            "suite": [su.encr, su.key_bits, su.integ, su.prf, su.dh],
+            "keys": [k.sk_d, k.sk_ai, k.sk_ar, k.sk_ei, k.sk_er, k.sk_pi, k.sk_pr],
+            "mid": [self.peer_next, self.our_next, self.iv_counter],
+            "last_response": self.last_response,
+            "pending": None if req is None else [req.kind, req.exchange, req.message_id, req.data],
+            "ike_rekey_at": self.ike_rekey_at - shift if self.ike_rekey_at else 0.0,
+            "children": [
+                [
+                    c.spi_in,
+                    c.spi_out,
+                    [c.suite.encr, c.suite.key_bits, c.suite.integ, c.suite.dh],
+                    list(c.keys_in),
+                    list(c.keys_out),
+                    [x.to_wire() for x in c.ts_local],
+                    [x.to_wire() for x in c.ts_remote],
+                    c.child_id,
+                    c.generation,
+                    c.created - shift,
+                    c.rekey_at - shift,
+                    c.expire_at - shift,
+                    c.pfs_hint,
+                    list(c.replaces) if c.replaces else None,
+                    c.rekeyed,
+                    None if c.delete_at is None else c.delete_at - shift,
+                    c.deleting,
+                ]
+                for c in self.children.values()
+            ],
+        }
+
+    @classmethod
+    def from_state(cls, engine: IkeEngine, d: dict[str, Any], now: float) -> IkeSa:
+        """Rebuild from :meth:`to_state`; times re-based on ``now``."""
+        from control.ike.engine import TunnelAuth
+
+        spi_i, spi_r = d["spi"]
+        sa = cls(engine, initiator=bool(d["role"]), spi_i=spi_i, spi_r=spi_r, now=now)
+        sa.state = IkeState(d["state"])
+        sa.local = (d["addr"][0][0], int(d["addr"][0][1]))
+        sa.remote = (d["addr"][1][0], int(d["addr"][1][1]))
+        sa.nat_detected, sa.udp_encap = bool(d["nat"][0]), bool(d["nat"][1])
+        acc, tid, laddr, cust, null, replay, lts, rts = d["tunnel"]
+        sa.tunnel = TunnelAuth(
+            account_id=acc,
+            tunnel_id=tid,
+            psk=b"",  # not needed once authenticated: rekeys derive from SK_d
+            local_addr=laddr,
+            customer_endpoint=cust,
+            allow_null_cipher=null,
+            replay_protection=replay,
+            local_ts=tuple(TrafficSelector.from_wire(x) for x in lts),
+            remote_ts=tuple(TrafficSelector.from_wire(x) for x in rts),
+        )
+        sa.id_kind = d["id_kind"]
+        sa.set_keys(IkeSuite(*d["suite"]), IkeKeys(*d["keys"]))
+        sa.peer_next, sa.our_next, iv = d["mid"]
+        # GCM IVs must never repeat under a key: skip ahead of anything sent
+        # after this snapshot was taken.
+        sa.iv_counter = iv + (1 << 24)
+        sa.last_response = d["last_response"]
+        if d["pending"] is not None:
+            kind, exchange, mid, data = d["pending"]
+            if kind not in ("dpd", "delete_ike"):
+                kind = "orphan"
+            sa.pending = OutRequest(kind, exchange, mid, data, now, now, 0, {})
+        sa.ike_rekey_at = d["ike_rekey_at"] + now if d["ike_rekey_at"] else 0.0
+        sa.last_heard = now
+        for c in d["children"]:
+            child = ChildSa(
+                spi_in=c[0],
+                spi_out=c[1],
+                suite=ChildSuite(*c[2]),
+                keys_in=(c[3][0], c[3][1]),
+                keys_out=(c[4][0], c[4][1]),
+                ts_local=tuple(TrafficSelector.from_wire(x) for x in c[5]),
+                ts_remote=tuple(TrafficSelector.from_wire(x) for x in c[6]),
+                child_id=c[7],
+                generation=c[8],
+                created=c[9] + now,
+                rekey_at=c[10] + now,
+                expire_at=c[11] + now,
+                pfs_hint=c[12],
+                replaces=(c[13][0], c[13][1]) if c[13] else None,
+                rekeyed=c[14],
+                delete_at=None if c[15] is None else c[15] + now,
+                deleting=c[16],
+            )
+            child.records = sa._records(child)
+            sa.children[child.spi_in] = child
+        return sa
+
     def _forget_handshake(self) -> None:
         self.ni = self.nr = self.init_request = self.init_response = b""
         self.kex = None
@@ -1133,6 +1248,10 @@ class IkeSa:
 
     def on_create_child_sa_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:
         err = self._error_notify(msg)
+        if req.kind == "orphan":
+            # a request restored by import_state whose context (DH key) was not kept
+            self.engine.count("orphan_response")
+            return
         if req.kind == "rekey_ike":
             if err is not None:
                 self._child_request_failed(err, req)

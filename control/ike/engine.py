@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from control.ike import dh as dhmod
 from control.ike import messages as wire
 from control.ike.connection import IkeSa, nat_hash
@@ -184,12 +186,14 @@ class IkeEngine:
         self._timer_seq = 0
         self._cookie_secret = self.rng(32)
         self._cookie_version = 0
+        self._last_now = 0.0
 
     # ------------------------------------------------------------ the sans-IO API
 
     def receive_datagram(self, data: bytes, local: Address, remote: Address, now: float) -> None:
         """Feed one IKE message (without non-ESP marker). Never raises on bad input."""
         sa: IkeSa | None = None
+        self._last_now = now
         try:
             sa = self._receive(bytes(data), local, remote, now)
         except Dropped as exc:
@@ -220,6 +224,7 @@ class IkeEngine:
 
     def handle_timer(self, now: float) -> None:
         """Run everything due at ``now``."""
+        self._last_now = now
         heap = self._timers
         due: list[IkeSa] = []
         while heap and heap[0][0] <= now:
@@ -362,6 +367,48 @@ class IkeEngine:
         sa.send_init(now)
         self._schedule(sa)
         return sa.spi_i
+
+    # ------------------------------------------------------------ persistence
+
+    STATE_VERSION = 1
+
+    def export_state(self) -> bytes:
+        """Every established IKE SA (keys, Message IDs, Child SAs) as bytes.
+
+        The control service seals this into its store so that a restarted
+        control node continues the peers' IKE SAs (issue 7). It holds key
+        material: store it encrypted only. Half-open SAs are not kept."""
+        shift = self._last_now
+        sas = [
+            sa.to_state(shift)
+            for sa in self.sas.values()
+            if sa.tunnel is not None
+            and sa.state in (IkeState.ESTABLISHED, IkeState.REKEYED, IkeState.DELETING)
+        ]
+        blob: bytes = msgpack.packb({"v": self.STATE_VERSION, "sas": sas}, use_bin_type=True)
+        return blob
+
+    def import_state(self, data: bytes, now: float) -> None:
+        """Restore what :meth:`export_state` produced (times re-based on ``now``).
+
+        Child SA records are not re-announced: the control service persisted and
+        republished them. A blob that does not parse is ignored (counted)."""
+        try:
+            obj = msgpack.unpackb(data, raw=False)
+            if not isinstance(obj, dict) or obj.get("v") != self.STATE_VERSION:
+                raise ValueError("unknown IKE state version")
+            restored = [IkeSa.from_state(self, d, now) for d in obj["sas"]]
+        except Exception:
+            self.drops["bad_state_blob"] += 1
+            return
+        for sa in restored:
+            self.sas[sa.our_spi] = sa
+            if sa.tunnel is not None:
+                self.by_tunnel.setdefault(sa.tunnel.tunnel_id, set()).add(sa.our_spi)
+            for c in sa.children.values():
+                self.spis_in_use.add(c.spi_in)
+            self._schedule(sa)
+        self._last_now = max(self._last_now, now)
 
     # ------------------------------------------------------------ hooks for IkeSa
 

@@ -489,3 +489,45 @@ def test_major_version_3_refused() -> None:
     p.server.receive_datagram(bytes(mutated), (SERVER_IP, 500), (CLIENT_IP, 500), 1.0)
     ((resp, _, _),) = p.server.datagrams_to_send()
     assert decode(resp).notify(Notify.INVALID_MAJOR_VERSION) is not None
+
+
+def test_export_import_state_keeps_ike_sas_across_restart() -> None:
+    """Issue 7: a restarted control node continues the peers' IKE SAs."""
+    from control.ike.engine import IkeEngine
+
+    from .pair import make_lookup
+
+    p = make_pair(nat=True)
+    p.connect()
+    p.client.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    p.step(5)
+    before = installed(p)[-1]
+    blob = p.server.export_state()
+    assert PSK not in blob
+    # control restarts: a new engine, a different monotonic clock
+    p.server = IkeEngine(IkeConfig(strict=True), make_lookup([server_tunnel()]))
+    p.now += 5000.0
+    p.server.import_state(blob, p.now)
+    assert len(p.server.ike_sas(TUNNEL)) == 1
+    (sa,) = p.server.ike_sas(TUNNEL)
+    (child,) = sa.children.values()
+    assert child.records == (before.inbound, before.outbound) or child.spi_in == before.inbound.spi
+    # the peer's next requests are understood: DPD, rekeys both ways, delete
+    p.client.send_dpd(TUNNEL, p.now)
+    p.roundtrip()
+    assert not p.server.drops
+    p.client.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert_pair_matches(p)
+    p.server.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert_pair_matches(p)
+    p.server.rekey_ike(TUNNEL, p.now)
+    p.roundtrip()
+    p.client.delete_tunnel(TUNNEL, p.now)
+    p.roundtrip()
+    assert not p.server.sas and p.events(ev.IkeSaDeleted)[-1].reason == "peer_delete"
+    # garbage is ignored, not raised
+    p.server.import_state(b"\x93garbage", p.now)
+    assert p.server.drops["bad_state_blob"] == 1
