@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ from replication.publisher import Publisher
 from replication.records import SCHEMA, Record, encode
 from tests.replication.conftest import (
     Bus,
+    Keys,
     Recorder,
     converged,
     make_route,
@@ -343,3 +346,60 @@ def test_killed_subscriber_process_stops_counting(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         pub.stop()
+
+
+PUBLISHER_CHILD = r"""
+import sys, time, zmq
+from replication.publisher import Publisher
+from tests.replication.conftest import make_sa, make_tunnel
+server_pub, server_sec, client_pub, eps = sys.argv[1:5]
+snap, upd, ack = eps.split(",")
+records = [make_tunnel(1), *(make_sa(0xD000 + i) for i in range(int(sys.argv[5])))]
+pub = Publisher(snapshot_endpoint=snap, update_endpoint=upd, ack_endpoint=ack,
+                server_public=server_pub.encode(), server_secret=server_sec.encode(),
+                allowed_clients=[client_pub.encode()], heartbeat_interval=0.05, initial=records)
+pub.start()
+print(pub.snapshot_endpoint, pub.update_endpoint, pub.ack_endpoint, pub.epoch, flush=True)
+time.sleep(60)
+"""
+
+
+def test_publisher_process_sigkilled_and_restarted(keys: Keys) -> None:
+    """Control dies hard and comes back with the same state: workers keep every
+    record throughout and see no on_delete/on_set storm."""
+    root = Path(__file__).resolve().parents[2]
+
+    def spawn(eps: str, n: int) -> tuple[subprocess.Popen[str], list[str]]:
+        p = subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER_CHILD, keys.server[0].decode(),
+             keys.server[1].decode(), keys.clients[0][0].decode(), eps, str(n)],
+            stdout=subprocess.PIPE, text=True, cwd=root,
+        )  # fmt: skip
+        assert p.stdout is not None
+        return p, p.stdout.readline().split()
+
+    procs: list[subprocess.Popen[str]] = []
+    sub = None
+    try:
+        p1, info = spawn(",".join(["tcp://127.0.0.1:*"] * 3), 20)
+        procs.append(p1)
+        rec = Recorder()
+        bus = Bus(keys, (info[0], info[1], info[2]))
+        sub = bus.subscriber("w1", recorder=rec, heartbeat_timeout=0.3)
+        assert wait_until(lambda: len(sub.state) == 21 and sub.epoch == int(info[3]))
+        p1.send_signal(signal.SIGKILL)
+        p1.wait(5)
+        time.sleep(0.5)  # heartbeats missed, snapshot requests unanswered
+        assert len(sub.state) == 21  # nothing vanished while control was dead
+        assert sub.metrics.registry.get_sample_value("anywan_bus_heartbeats_missed_total") >= 1
+        p2, info2 = spawn(",".join(info[:3]), 20)
+        procs.append(p2)
+        assert wait_until(lambda: sub.epoch == int(info2[3]) and len(sub.state) == 21)
+        assert not rec.deletes and sum(rec.sets.values()) == 21
+    finally:
+        if sub is not None:
+            sub.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
