@@ -164,7 +164,19 @@ class TrafficSelector:
     def from_wire(cls, value: object) -> TrafficSelector:
         _check(isinstance(value, list) and len(value) == 5, "ts must be a 5-element list")
         assert isinstance(value, list)
-        return cls(*value)
+        # Selectors repeat across a tunnel's SAs; instances are frozen, so a
+        # validated one can be shared. The key holds each element's type, so
+        # True or 1.0 never hits a cached 1 and skips validation.
+        try:
+            key = tuple((type(v), v) for v in value)
+            return _ts_from_key(key)
+        except TypeError:  # an unhashable element: validation rejects it below
+            return cls(*value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ts_from_key(key: tuple[tuple[type, object], ...]) -> TrafficSelector:
+    return TrafficSelector(*(v for _, v in key))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,3 +153,14 @@ def test_mutated_valid_records_only_raise_record_error(seed: int, cipher: Cipher
     data[seed % len(data)] ^= 1 + seed % 255
     with contextlib.suppress(RecordError):
         decode(bytes(data))
+
+
+def test_selector_cache_keeps_validation_strict() -> None:
+    """A cached selector with protocol 1 must not let protocol True or 1.0 through."""
+    good = TrafficSelector.from_wire(["10.0.0.1", "10.0.0.9", 1, 0, 65535])
+    assert TrafficSelector.from_wire(["10.0.0.1", "10.0.0.9", 1, 0, 65535]) is good
+    for bad in (True, 1.0):
+        with pytest.raises(RecordError):
+            TrafficSelector.from_wire(["10.0.0.1", "10.0.0.9", bad, 0, 65535])
+    with pytest.raises(RecordError):
+        TrafficSelector.from_wire(["10.0.0.1", "10.0.0.9", [1], 0, 65535])  # unhashable
