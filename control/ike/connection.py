@@ -626,6 +626,7 @@ class IkeSa:
         )
         if old is not None:
             old.rekeyed = True
+            old.delete_at = None
         self.children[spi_in] = child
         self._publish(child, updated=False)
         return child
@@ -983,7 +984,18 @@ class IkeSa:
                 # §2.8.1: already rekeyed (collision we lost or a late duplicate)
                 raise TemporaryFailure()
         nr = self.engine.rng(NONCE_LEN)
+        before = set(self.children)
         payloads = self._respond_child(msg, now, ni=nonce.nonce, nr=nr, pfs=True, old=old)
+        req = self.pending
+        if (
+            old is not None
+            and req is not None
+            and req.kind == "rekey_child"
+            and req.ctx.get("old") == old.spi_in
+        ):
+            # §2.8.1 simultaneous rekey: decided when our own response arrives.
+            (new_spi,) = set(self.children) - before
+            req.ctx["collision"] = (new_spi, nonce.nonce, nr)
         return payloads, None
 
     def _respond_ike_rekey(
@@ -1330,10 +1342,21 @@ class IkeSa:
             old=old,
             pfs_hint=ctx["group"],
         )
+        collision = ctx.get("collision")
+        if collision is not None:
+            # §2.8.1: of the two new SAs, the one made with the lowest of the four
+            # nonces is redundant and closed by whoever created it; the other
+            # one's creator deletes the old SA.
+            peer_spi, peer_ni, our_nr = collision
+            lowest = min(ctx["ni"], nonce.nonce, peer_ni, our_nr)
+            self.engine.count("rekey_collision")
+            if lowest in (ctx["ni"], nonce.nonce):
+                self._queue_child_delete(child, "rekeyed")
+                return
+            del peer_spi  # the peer deletes its redundant SA; we delete the old one
         if old is not None:
             # make-before-break: the old SA goes after the new one had time to spread
             old.delete_at = now + self.engine.config.rekey_delete_delay
-        del child
 
     def _finish_ike_rekey(self, msg: wire.Message, req: OutRequest, now: float) -> None:
         ctx = req.ctx

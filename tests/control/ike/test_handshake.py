@@ -531,3 +531,27 @@ def test_export_import_state_keeps_ike_sas_across_restart() -> None:
     # garbage is ignored, not raised
     p.server.import_state(b"\x93garbage", p.now)
     assert p.server.drops["bad_state_blob"] == 1
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_simultaneous_child_rekey_collision(seed: int) -> None:
+    """§2.8.1: both sides rekey the same Child SA at once; one new SA survives on both."""
+    p = make_pair()
+    p.connect()
+    old = installed(p)[0]
+    assert p.client.rekey_child(TUNNEL, p.now)
+    assert p.server.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    p.step(10)
+    (s_sa,) = p.server.ike_sas(TUNNEL)
+    (c_sa,) = p.client.ike_sas(TUNNEL)
+    s_live = {c.spi_in: c for c in s_sa.children.values()}
+    c_live = {c.spi_in: c for c in c_sa.children.values()}
+    assert len(s_live) == 1 and len(c_live) == 1, (s_live, c_live)
+    (s_child,) = s_live.values()
+    (c_child,) = c_live.values()
+    assert s_child.spi_in == c_child.spi_out and s_child.spi_out == c_child.spi_in
+    assert s_child.keys_in == c_child.keys_out and s_child.keys_out == c_child.keys_in
+    assert old.inbound.spi not in s_live
+    assert p.server.drops["rekey_collision"] + p.client.drops["rekey_collision"] == 2
+    del seed
