@@ -37,6 +37,12 @@ class ControlMetrics:
             ["account", "kind"],
             registry=r,
         )
+        self.account_sas = Gauge(
+            "anywan_control_account_sas",
+            "Established IKE SAs and installed Child SA pairs per account (bounded like above)",
+            ["account", "kind"],
+            registry=r,
+        )
         # Registered here, driven by the IKE glue in control/service.py.
         self.ike_sas = Gauge("anywan_control_ike_sas", "IKE SAs by state", ["state"], registry=r)
         self.child_sas = Gauge(

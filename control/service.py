@@ -380,6 +380,7 @@ class ControlService:
                 if isinstance(rec, SaRecord) and rec.tunnel_id == tunnel_id:
                     self._delete_sealed(key)
         self._ike_sas = {k: v for k, v in self._ike_sas.items() if v.tunnel_id != tunnel_id}
+        self._refresh_sa_counts()
 
     def _drain_engine_events(self) -> None:
         while (ev := self.engine.next_event()) is not None:
@@ -427,6 +428,23 @@ class ControlService:
             log.debug("unhandled IKE event %s", name)
             return
         handler(ev)
+        if name.startswith(("IkeSa", "ChildSa")):
+            self._refresh_sa_counts()
+
+    def _refresh_sa_counts(self) -> None:
+        """Per-account SA gauges (issue 10: per-customer dashboards)."""
+        m = self.metrics
+        per: dict[tuple[str, str], int] = {}
+        for v in self._ike_sas.values():
+            key = (m.account_label(v.account_id), "ike")
+            per[key] = per.get(key, 0) + 1
+        for k, rec in self.publisher.items().items():
+            if k.startswith("sa/in/") and isinstance(rec, SaRecord):
+                key = (m.account_label(rec.account_id), "child")
+                per[key] = per.get(key, 0) + 1
+        m.account_sas.clear()
+        for (acct, kind), n in per.items():
+            m.account_sas.labels(acct, kind).set(n)
 
     def _on_IkeSaEstablished(self, ev: Any) -> None:
         self.metrics.handshakes.labels("ok").inc()
@@ -503,6 +521,7 @@ class ControlService:
         for key in keys:
             self._tombstone(key)
             self._delete_sealed(key)
+        self._refresh_sa_counts()
 
     def _on_AuthenticationFailed(self, ev: Any) -> None:
         self.metrics.handshakes.labels(ev.reason).inc()

@@ -224,6 +224,8 @@ async def test_ike_glue_make_before_break_and_restart(tmp_path: Path) -> None:
         assert 'anywan_control_child_sas{state="installed"} 1.0' in text
         assert 'anywan_control_ike_sas{state="established"} 1.0' in text
         assert "anywan_control_bus_workers 1.0" in text
+        assert 'anywan_control_account_sas{account="acct-a",kind="child"} 1.0' in text
+        assert 'anywan_control_account_sas{account="acct-a",kind="ike"} 1.0' in text
 
         # Control restart: the same state comes back; the worker sees no change.
         state_before = dict(sub.state)
