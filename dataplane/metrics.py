@@ -61,6 +61,12 @@ class WorkerMetrics:
             "Bus records that could not be applied (e.g. unsupported cipher)",
             registry=r,
         )
+        self.handoffs = Counter(
+            "anywan_worker_replay_handoff_packets",
+            "Packets handed to the owner worker of a replay-protected SA",
+            registry=r,
+        )
+        self._seen_handoffs = 0
         self._seen_drops: dict[DropReason, int] = {}
         self._seen_tunnels: dict[tuple[str, str], list[int]] = {}
 
@@ -98,6 +104,9 @@ class WorkerMetrics:
                 for direction in ("in", "out"):
                     with contextlib.suppress(KeyError):
                         metric.remove(key[0], key[1], direction)
+        if dp.handed_off > self._seen_handoffs:
+            self.handoffs.inc(dp.handed_off - self._seen_handoffs)
+            self._seen_handoffs = dp.handed_off
         self.sas.set(dp.sad.sa_count)
         self.tunnels.set(len(dp.sad.tunnels))
         self.accounts.set(len(dp.accounts))

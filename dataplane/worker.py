@@ -99,6 +99,24 @@ def _ip_bytes(addr: str) -> bytes:
     return ipaddress.ip_address(addr).packed
 
 
+def rendezvous_owner(spi: int, live: tuple[int, ...]) -> int:
+    """The live worker index that owns outbound SA ``spi`` (highest random
+    weight hashing): every worker computes the same answer from the same live
+    set, and a worker leaving only moves the SAs it owned."""
+    best, best_w = live[0], -1
+    for i in live:
+        w = flow_hash(spi, i, 50, 0, 0)
+        if w > best_w:
+            best, best_w = i, w
+    return best
+
+
+SEQ_RESERVATION = 1 << 20
+"""Sequence numbers an owner reserves ahead (RFC 6311 style): a new owner
+starts after the reservation, so no number is ever sent twice even when the
+old owner died without a word. 2**20 per takeover out of 2**32 per SA."""
+
+
 class Dataplane:
     """Per-packet processing and the record-built state. No sockets, no clock."""
 
@@ -124,6 +142,13 @@ class Dataplane:
         self.out_view = memoryview(self.out)
         self.last_error: Drop | None = None
         """The most recent drop (for tests and debug tooling, not per-packet logs)."""
+        self.me = 0
+        """This worker's index on the node."""
+        self.live: tuple[int, ...] = (0,)
+        """Live worker indices on the node (owner election for replay-protected SAs)."""
+        self.handoff: Callable[[str, int, memoryview], None] | None = None
+        """(account, owner index, cleartext): give a packet to the SA's owner."""
+        self.handed_off = 0
 
     # ---- records ---------------------------------------------------------
     def apply(self, key: str, rec: Record) -> None:
@@ -292,8 +317,15 @@ class Dataplane:
         return inner
 
     # ---- outbound --------------------------------------------------------
-    def outbound(self, net: AccountNet, packet: memoryview) -> None:
-        """A packet read from account ``net``'s TUN, toward a tunnel."""
+    def outbound(self, net: AccountNet, packet: memoryview, handoff_ok: bool = True) -> None:
+        """A packet read from account ``net``'s TUN, toward a tunnel.
+
+        On a ``replay_protection`` tunnel only the SA's owner among the live
+        workers sends (DESIGN §5); any other worker hands the cleartext to
+        the owner (``handoff``) and stops. ``handoff_ok=False`` for packets
+        that were handed to us, so a disagreement about who is alive can
+        never bounce a packet back and forth.
+        """
         try:
             f = ip.parse_flow(packet)
             table = self.routes.tables.get(net.account_id)
@@ -316,6 +348,12 @@ class Dataplane:
                     if self.sad.outbound.get(tid):
                         raise Drop(DropReason.SELECTOR)
                     raise Drop(DropReason.NO_SA)
+                if rec.replay_protection and handoff_ok and len(self.live) > 1:
+                    owner = rendezvous_owner(sa.spi, self.live)
+                    if owner != self.me and self.handoff is not None:
+                        self.handoff(net.account_id, owner, packet)
+                        self.handed_off += 1
+                        return
             else:
                 sa = None
             if self.mss_clamp and f.proto == _TCP:
@@ -501,6 +539,13 @@ class Worker:
             mss_clamp=config.mss_clamp,
         )
         self._gso: Any = None
+        self._esp = esp
+        self.handoff_sock: socket.socket | None = None
+        self._handoff_hdr: dict[str, bytes] = {}
+        self._reserved: dict[tuple[str, int], int] = {}
+        self._owned_codec: dict[tuple[str, int], Any] = {}
+        self.dp.me = config.index
+        self.dp.live = (config.index,)
 
     # ---- senders -----------------------------------------------------------
     def _send_raw_esp(self, data: memoryview, dest: tuple[str, int]) -> None:
@@ -553,6 +598,7 @@ class Worker:
                 self._register(self.udp500.fileno(), self._drain_udp500)
         except s.SocketError as exc:
             raise StartupError(str(exc)) from None
+        self._open_handoff()
         self._update_share()
         self._register(self._wake_r, self._drain_events)
         if cfg.state_file is not None:
@@ -665,6 +711,7 @@ class Worker:
             except Exception as exc:  # an unusable record must not stop the worker
                 self.metrics.records_rejected.inc()
                 log.warning("record %s not applied: %s", key, type(exc).__name__)
+        self.manage_owned_sas()
         if self._dirty_accounts:
             dirty, self._dirty_accounts = self._dirty_accounts, set()
             for acct in dirty:
@@ -873,6 +920,108 @@ class Worker:
         except OSError as exc:
             log.warning("IKE reply to %s not sent: %s", dgram.remote_addr, exc.strerror)
 
+    # ---- replay-protected SAs: one owner per SA on the node (DESIGN §5) -------------
+    def _handoff_addr(self, index: int) -> str:
+        # Abstract AF_UNIX names live in the network namespace: node-local.
+        return f"\0anywan-handoff-{zlib.crc32(str(self.cfg.run_dir).encode()):08x}-{index}"
+
+    HANDOFF_QLEN = 1024
+
+    def _open_handoff(self) -> None:
+        # AF_UNIX datagram queues hold net.unix.max_dgram_qlen packets (10 by
+        # default): far too few for a burst handed to the owner. Raise it for
+        # this (node) namespace if we may; otherwise bursts are counted drops.
+        path = "/proc/sys/net/unix/max_dgram_qlen"
+        with contextlib.suppress(OSError, ValueError):
+            with open(path) as fh:
+                current = int(fh.read())
+            if current < self.HANDOFF_QLEN:
+                with open(path, "w") as fh:
+                    fh.write(str(self.HANDOFF_QLEN))
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(self._handoff_addr(self.cfg.index))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"handoff socket for index {self.cfg.index}: {exc}") from None
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.setblocking(False)
+        self.handoff_sock = sock
+        self._register(sock.fileno(), self._drain_handoff)
+        self.dp.handoff = self._handoff_send
+
+    def _handoff_send(self, account: str, owner: int, packet: memoryview) -> None:
+        hdr = self._handoff_hdr.get(account)
+        if hdr is None:
+            raw = account.encode()
+            hdr = self._handoff_hdr[account] = bytes([len(raw)]) + raw
+        try:
+            self.handoff_sock.sendmsg([hdr, packet], [], 0, self._handoff_addr(owner))  # type: ignore[union-attr]
+        except OSError:
+            self.dp.count(DropReason.NO_SA)
+
+    def _drain_handoff(self) -> None:
+        sock = self.handoff_sock
+        assert sock is not None
+        buf, view, dp = self.buf, self.view, self.dp
+        for _ in range(self.BATCH):
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                return
+            if n < 2 or n < 1 + buf[0]:
+                dp.count(DropReason.MALFORMED)
+                continue
+            length = buf[0]
+            net = dp.accounts.get(bytes(buf[1 : 1 + length]).decode(errors="replace"))
+            if net is None:
+                dp.count(DropReason.NO_TUNNEL)
+                continue
+            dp.outbound(net, view[1 + length : n], False)
+
+    def _seq_file(self, key: tuple[str, int]) -> Path:
+        return self.cfg.run_dir / f"seq-{key[0]}-{key[1]:08x}"
+
+    def _write_reservation(self, key: tuple[str, int], limit: int) -> None:
+        path = self._seq_file(key)
+        tmp = path.with_suffix(f".{self.cfg.index}.tmp")
+        tmp.write_text(str(limit))
+        os.replace(tmp, path)
+        self._reserved[key] = limit
+
+    def manage_owned_sas(self) -> None:
+        """Take over / keep reserving sequence ranges for SAs this worker owns.
+
+        A new owner starts after the highest reservation any owner wrote
+        (node-local file), so a sequence number is never sent twice on a
+        replay-protected SA even when the previous owner was SIGKILLed.
+        """
+        dp = self.dp
+        for tid, entries in list(dp.sad.outbound.items()):
+            t = dp.sad.tunnels.get(tid)
+            if t is None or not t.record.replay_protection:
+                continue
+            for e in entries:
+                key = (tid, e.spi)
+                if rendezvous_owner(e.spi, dp.live) != dp.me:
+                    self._reserved.pop(key, None)
+                    self._owned_codec.pop(key, None)
+                    continue
+                if self._owned_codec.get(key) is not e.codec:
+                    try:
+                        limit = int(self._seq_file(key).read_text())
+                    except (OSError, ValueError):
+                        limit = 0
+                    first = max(limit + 1, e.codec.seq + 1)
+                    e.codec = self._esp.OutboundSa.from_record(
+                        e.record, worker_id=self.cfg.index, first_seq=min(first, 1 << 32)
+                    )
+                    self._owned_codec[key] = e.codec
+                    self._write_reservation(key, first - 1 + SEQ_RESERVATION)
+                elif e.codec.seq > self._reserved[key] - SEQ_RESERVATION // 2:
+                    self._write_reservation(key, e.codec.seq + SEQ_RESERVATION)
+
     # ---- node share of raw packets ------------------------------------------------
     def _update_share(self) -> None:
         assert self.peers is not None
@@ -880,6 +1029,7 @@ class Worker:
         if live == self._live and len(live) > 0 and self._share_set:
             return
         self._live = live
+        self.dp.live = tuple(live)
         rank, count = live.index(self.cfg.index), len(live)
         s = self._sockets
         if self.raw_esp is not None:
@@ -922,6 +1072,7 @@ class Worker:
 
     def _housekeeping(self) -> None:
         self._update_share()
+        self.manage_owned_sas()
         now = time.monotonic()
         if now - self._last_flush >= 0.5:
             self._last_flush = now
@@ -950,7 +1101,7 @@ class Worker:
             with contextlib.suppress(OSError):
                 os.close(net.fd)
         self.dp.accounts.clear()
-        for sock in (self.raw_esp, self.raw_gre, self.udp4500, self.udp500):
+        for sock in (self.raw_esp, self.raw_gre, self.udp4500, self.udp500, self.handoff_sock):
             if sock is not None:
                 sock.close()
         for fd in (self._wake_r, self._wake_w):

@@ -79,6 +79,7 @@ def main() -> int:
     p.add_argument("--gre-key", type=int, default=None)
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--ready", default="")
+    p.add_argument("--seq-log", default="", help="append each received ESP sequence number")
     args = p.parse_args()
 
     tun = open_tun(args.tun)
@@ -99,6 +100,7 @@ def main() -> int:
     if args.mode != "gre":
         sa_out, sa_in = sa_pair(args)
 
+    seq_log = open(args.seq_log, "a") if args.seq_log else None  # noqa: SIM115
     counts = {"tx": 0, "rx": 0, "rx_bad": 0}
     stop = False
 
@@ -148,6 +150,10 @@ def main() -> int:
                 elif args.mode == "esp":
                     assert sa_in is not None
                     inner = bytes(sa_in.decrypt(IP(data)))
+                    if seq_log is not None:
+                        ihl = (data[0] & 0x0F) * 4
+                        seq_log.write(f"{struct.unpack_from('!I', data, ihl + 4)[0]}\n")
+                        seq_log.flush()
                 else:
                     assert sa_in is not None
                     if data[:4] == b"\x00\x00\x00\x00" or data == b"\xff":

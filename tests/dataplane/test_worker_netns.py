@@ -49,6 +49,7 @@ CBC_KEY_IN, CBC_IKEY_IN = os.urandom(32), os.urandom(32)
 CBC_KEY_OUT, CBC_IKEY_OUT = os.urandom(32), os.urandom(32)
 REPLAY_KEY, REPLAY_SALT = os.urandom(32), os.urandom(4)
 NARROW_KEY, NARROW_SALT = os.urandom(32), os.urandom(4)
+SEQ_LOG = Path(f"/tmp/awt-w-e2e-seq-{os.getpid()}.log")
 
 
 def records() -> list[Any]:
@@ -202,6 +203,7 @@ def _site_args(kind: str) -> list[str]:
             "--route", "10.1.0.0/24", "--route", "fd00:1::/64", "--cipher", "gcm",
             "--spi-out", "0x1001", "--key-out", GCM_KEY_IN.hex(), "--salt-out", GCM_SALT_IN.hex(),
             "--spi-in", "0x2001", "--key-in", GCM_KEY_OUT.hex(), "--salt-in", GCM_SALT_OUT.hex(),
+            "--seq-log", str(SEQ_LOG),
         ]  # fmt: skip
     if kind == "udp":
         return [
@@ -328,6 +330,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
                     thing.stop()
         topo.close()
         cleanup_prefix(PREFIX)
+        SEQ_LOG.unlink(missing_ok=True)
         for p in sorted(tmp.glob("*.log")):
             text = p.read_text(errors="replace")[-3000:]
             if text.strip():
@@ -707,3 +710,75 @@ def test_peer_counts_are_sane(lab: Lab) -> None:
     for kind, proc in lab.sites.items():
         assert proc.poll() is None, f"site {kind} died"
     _ = json  # counters are printed by the sites at exit (see logs on failure)
+
+
+# ---- replay protection on: one sender per SA (owner mode) -------------------------
+
+FLOWS = r"""
+import socket, sys
+base = int(sys.argv[1])
+for p in range(40):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("10.1.0.2", base + p)); s.sendto(b"flow", ("10.2.0.1", 9)); s.close()
+"""
+
+
+def _seqs() -> list[int]:
+    return [int(x) for x in SEQ_LOG.read_text().split()] if SEQ_LOG.exists() else []
+
+
+def test_replay_protected_tunnel_has_one_sender_and_survives_owner_sigkill(lab: Lab) -> None:
+    """DESIGN §5 owner mode, node-local: two workers; only the SA's owner
+    sends on a replay-protected tunnel (the other hands it the cleartext), the
+    peer sees strictly increasing sequence numbers, and after SIGKILL of the
+    owner the survivor continues above the dead owner's reservation."""
+    from dataclasses import replace
+
+    from dataplane.worker import rendezvous_owner
+
+    for i in (0, 1):
+        if i not in lab.workers or lab.workers[i].poll() is not None:
+            lab.start_worker(i)
+    _wait(lambda: all(_metrics_ok(lab, i) for i in (0, 1)), 15, "two workers")
+    _wait(
+        lambda: all(lab.metrics(i).get("anywan_worker_node_live_workers") == 2 for i in (0, 1)),
+        5,
+        "both workers alive",
+    )
+    t1 = next(r for r in records() if r.key == tunnel(1).key)
+    lab.publisher.set(replace(t1, replay_protection=True))
+    try:
+        time.sleep(0.6)
+        owner = rendezvous_owner(0x2001, (0, 1))
+        other = 1 - owner
+        start = len(_seqs())
+        lab.ns("host").run([PY, "-c", FLOWS, "21000"])
+        try:
+            _wait(lambda: len(_seqs()) >= start + 40, 10, "the site to receive 40 flows")
+        except AssertionError:
+            dump = {
+                i: {k: v for k, v in lab.metrics(i).items() if v and "created" not in k}
+                for i in (0, 1)
+            }
+            raise AssertionError(
+                f"got {len(_seqs()) - start} of 40; owner {owner}; {dump}"
+            ) from None
+        before = _seqs()[start:]
+        assert before == sorted(before) and len(set(before)) == len(before), before
+        _wait(
+            lambda: lab.metrics(other).get("anywan_worker_replay_handoff_packets_total", 0) > 0,
+            3,
+            "the non-owner to hand packets to the owner",
+        )
+        assert lab.metrics(owner).get("anywan_worker_replay_handoff_packets_total", 0) == 0
+        lab.workers[owner].send_signal(signal.SIGKILL)
+        lab.workers[owner].wait(5)
+        _wait(lambda: lab.metrics(other).get("anywan_worker_node_live_workers") == 1, 3, "1 left")
+        time.sleep(0.3)
+        mid = len(_seqs())
+        lab.ns("host").run([PY, "-c", FLOWS, "22000"])
+        _wait(lambda: len(_seqs()) >= mid + 40, 15, "40 more flows after the takeover")
+        after = _seqs()[mid:]
+        assert after == sorted(after) and min(after) > max(before), (before[-3:], after[:3])
+    finally:
+        lab.publisher.set(t1)
