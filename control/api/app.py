@@ -108,6 +108,8 @@ async def read_json(request: web.Request) -> Any:
         return await request.json(loads=json.loads)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("body: not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("body: JSON nested too deeply") from None
 
 
 def _vo(request: web.Request) -> bool:
