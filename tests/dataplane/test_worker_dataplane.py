@@ -173,3 +173,31 @@ def test_garbage_is_counted_never_raised(garbage: bytes) -> None:
     dp.outbound(nets[ACCOUNT_A], memoryview(garbage))
     assert sum(dp.drops.values()) == 3
     assert box.tun[ACCOUNT_A] == [] and not box.esp and not box.udp
+
+
+def test_replay_protected_tunnel_hands_off_to_the_owner_only() -> None:
+    from dataclasses import replace
+
+    from dataplane.worker import rendezvous_owner
+
+    t = replace(tunnel(1), replay_protection=True)
+    dp, box, nets = make(t, route(1, "10.2.0.0/24", 1), IN, OUT)
+    handed: list[tuple[str, int, bytes]] = []
+    dp.handoff = lambda acct, owner, pkt: handed.append((acct, owner, bytes(pkt)))
+    dp.live = (0, 1, 2)
+    owner = rendezvous_owner(OUT.spi, dp.live)
+    pkt = memoryview(bytes(IP(src="10.1.0.2", dst="10.2.0.9") / ICMP()))
+    dp.me = (owner + 1) % 3
+    dp.outbound(nets[ACCOUNT_A], pkt)
+    assert handed == [(ACCOUNT_A, owner, bytes(pkt))] and not box.udp
+    dp.outbound(nets[ACCOUNT_A], pkt, False)  # a handed packet is never handed again
+    assert len(handed) == 1 and len(box.udp) == 1
+    dp.me = owner
+    dp.outbound(nets[ACCOUNT_A], pkt)
+    assert len(handed) == 1 and len(box.udp) == 2
+    # owners are spread and stable: removing a non-owner moves nothing
+    owners = {spi: rendezvous_owner(spi, (0, 1, 2)) for spi in range(0x1000, 0x1400)}
+    assert set(owners.values()) == {0, 1, 2}
+    for spi, o in owners.items():
+        if o != 2:
+            assert rendezvous_owner(spi, (0, 1)) == o
