@@ -209,7 +209,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg.anycast,
             len(worker.dp.accounts),
         )
-        worker.run(duration=opts["duration"] or None)
+        profile = os.environ.get("ANYWAN_PROFILE")  # debugging aid: cProfile dump path
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+            try:
+                worker.run(duration=opts["duration"] or None)
+            finally:
+                prof.disable()
+                prof.dump_stats(f"{profile}.{os.getpid()}")
+        else:
+            worker.run(duration=opts["duration"] or None)
         return 0
     finally:
         worker.close()
