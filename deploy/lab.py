@@ -271,6 +271,14 @@ class LabConfig:
     def core_ns(self, account: str) -> str:
         return self.ns(next(a.core for a in self.accounts if a.id == account))
 
+    def home_node(self, site: Site) -> int | None:
+        """The node that carries a strongSwan site's return traffic (sites
+        spread round-robin over the nodes); None for GRE (ECMP, any node)."""
+        if site.kind != "ipsec":
+            return None
+        ipsec = [s for s in self.sites if s.kind == "ipsec"]
+        return ipsec.index(site) % self.nodes + 1
+
     def sites_of(self, account: str) -> list[Site]:
         return [s for s in self.sites if s.account == account]
 
@@ -635,6 +643,8 @@ class Lab:
         for acct in cfg.accounts:
             core = self._namespace(next(a.core for a in cfg.accounts if a.id == acct.id))
             core.sysctl("net.ipv4.fib_multipath_hash_policy", 1)
+            core.enable_forwarding()  # site-to-site via the core (see below)
+            core.sysctl("net.ipv4.conf.all.rp_filter", 0)
             # the service address on lo (no dummy module in every kernel)
             core.addr("lo", f"{cfg.core_addr}/32")
             back = []
@@ -647,15 +657,38 @@ class Lab:
                 self.topo.veth(core, f"n{k}", inner, "core", addr_a=c_side, addr_b=a_side)
                 inner.route(_net(cfg.core_host).with_prefixlen, via=c_side.split("/")[0])
                 back.append((a_side.split("/")[0], 1))
-            prefixes = sorted(
-                {s.lan for s in cfg.sites_of(acct.id)}
-                | {
-                    str(ipaddress.IPv4Interface(s.interface_address).network)
-                    for s in cfg.sites_of(acct.id)
-                }
-            )
-            for p in prefixes:
-                core.route(p, multipath=back) if len(back) > 1 else core.route(p, via=back[0][0])
+            # Return traffic toward a site. GRE sites: ECMP over every node
+            # (any worker encapsulates). strongSwan sites: via the site's home
+            # node only — kernel-libipsec cannot turn anti-replay off (a fixed
+            # 128-packet window in strongSwan 5.9), so the tunnel runs with
+            # replay_protection and one owner worker sends its ESP (DESIGN §5);
+            # interleaving two nodes' sequence counters would be dropped.
+            for site in cfg.sites_of(acct.id):
+                iface_net = str(ipaddress.IPv4Interface(site.interface_address).network)
+                home = cfg.home_node(site)
+                for p in (site.lan, iface_net):
+                    if home is None and len(back) > 1:
+                        core.route(p, multipath=back)
+                    else:
+                        core.route(p, via=back[(home or 1) - 1][0])
+                # site-to-site: decrypted packets for a strongSwan site that
+                # arrive on another node go back to the core, which sends
+                # them to the site's home node.
+                if home is not None:
+                    for k in range(1, cfg.nodes + 1):
+                        if k == home:
+                            continue
+                        inner = self.ns[f"node{k}-{acct.id}"]
+                        c_side, _ = cfg.inner(k)
+                        inner.ipr.rule(
+                            "add",
+                            iifname="aw0",
+                            dst=site.lan,
+                            dst_len=int(site.lan.split("/")[1]),
+                            table=100,
+                            priority=100,
+                        )
+                        inner.route("default", via=c_side.split("/")[0], table=100, replace=True)
 
         # sites
         for i, site in enumerate(cfg.sites):
@@ -1039,6 +1072,8 @@ def provision_site(api: Api, cfg: LabConfig, site: Site, st: SiteState) -> None:
             "cloudflare_endpoint": cfg.anycast,
             "customer_endpoint": site.public_addr,
             "interface_address": site.our_side,
+            # kernel-libipsec always checks sequence numbers (see build_network)
+            "replay_protection": True,
         }
         tunnel = api.call("POST", f"{acct}/ipsec_tunnels", body)
         st.tunnel_id = tunnel["id"]
