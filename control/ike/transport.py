@@ -45,6 +45,8 @@ IKE_PORT = 500
 NAT_T_PORT = 4500
 #: IKE header (RFC 7296 §3.1) is 28 octets; anything shorter is not IKE.
 IKE_HEADER_LEN = 28
+#: Delay before re-running a deadline the engine did not move (seconds).
+STUCK_TIMER_BACKOFF = 0.05
 #: Peers remembered as "reached through the relay via worker X" (bounded).
 MAX_RELAY_ROUTES = 200_000
 
@@ -130,6 +132,7 @@ class IkeTransport:
         self._sockets: dict[Address, _UdpProtocol] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._last_fired: float | None = None
         self._relay: Relay | None = None
         self._datagram_factory: Callable[..., Any] | None = None
         # (local, remote) -> worker_id for peers last heard through the relay.
@@ -336,9 +339,15 @@ class IkeTransport:
             self._timer = None
         self._timer_at = at
         if at is not None:
+            if self._last_fired is not None and at <= self._last_fired:
+                # The engine handled this deadline and still asks for it: do
+                # not spin on it, look again shortly (and count it).
+                self.stats["timer_stuck"] += 1
+                at = self.loop.time() + STUCK_TIMER_BACKOFF
             self._timer = self.loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
+        self._last_fired = self._timer_at
         self._timer = None
         self._timer_at = None
         if self._closed:

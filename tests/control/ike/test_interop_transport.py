@@ -246,3 +246,33 @@ def test_real_relay_round_trip(tmp_path) -> None:
         relay.stop()
         lt.call(transport.close)
         lt.stop()
+
+
+class StuckEngine(EchoEngine):
+    """An engine whose deadline never moves (a bug): the transport must not spin."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timer_calls = 0
+
+    def get_timer(self) -> float | None:
+        return 1.0  # long past on the loop's monotonic clock
+
+    def handle_timer(self, now: float) -> None:
+        self.timer_calls += 1
+
+
+def test_a_deadline_the_engine_does_not_move_is_not_a_busy_loop() -> None:
+    engine = StuckEngine()
+    lt = LoopThread(None).start()
+    try:
+        transport = IkeTransport(engine, loop=lt.loop)
+        lt.call(transport.flush)
+        time.sleep(0.5)
+        calls = lt.call(lambda: engine.timer_calls)
+        # First call at once, then at most one per STUCK_TIMER_BACKOFF (50 ms).
+        assert 2 <= calls <= 15, calls
+        assert transport.stats["timer_stuck"] >= 1
+        lt.call(transport.close)
+    finally:
+        lt.stop()
