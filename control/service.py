@@ -199,6 +199,7 @@ class ControlService:
         """``replication.relay.RelayServer`` (not started) feeding the engine, or None."""
         self.transport: Any = None
         self._ike_state_dirty = False
+        self._last_ike_state: bytes | None = None
         self._ike_sas: dict[tuple[int, int], _IkeSaView] = {}
         self._install_seq: dict[str, int] = {}
         """tunnel_id -> bus sequence of its newest installed Child SA."""
@@ -430,6 +431,11 @@ class ControlService:
         handler(ev)
         if name.startswith(("IkeSa", "ChildSa")):
             self._refresh_sa_counts()
+        if self._ike_state_dirty:
+            try:
+                self.persist_ike_state()
+            except Exception as exc:
+                log.error("persisting IKE state failed: %s", type(exc).__name__)
 
     def _refresh_sa_counts(self) -> None:
         """Per-account SA gauges (issue 10: per-customer dashboards)."""
@@ -555,7 +561,7 @@ class ControlService:
         from control.ike.transport import IkeTransport
 
         self.transport = IkeTransport(self.engine, on_event=self.on_ike_event)
-        self._restore_ike_state()
+        self.restore_ike_state(self.transport.now())
         for addr in self.config.ike_listen:
             await self.transport.listen(addr, [int(p) for p in self.config.ike_ports])
         if self.relay is not None:
@@ -566,40 +572,45 @@ class ControlService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    # INTEGRATION POINT (IKE SA persistence, issue 7 "control restart keeps
-    # tunnels up"): if the engine offers ``export_state() -> bytes`` and
-    # ``import_state(data: bytes, now: float) -> None``, its IKE SA state is
-    # sealed into the store (key ``ike/state``) after every IKE SA event, once a
-    # second while dirty, and at stop, and restored before the first datagram
-    # after a restart. Child SA records are persisted and republished either
-    # way (above), so workers keep forwarding across a control restart even
-    # without it; only the IKE SAs then need the peer to renegotiate.
+    # IKE SA persistence (issue 7, "control restart keeps tunnels up"): the
+    # engine's export_state() — keys, Message IDs, Child SAs of every
+    # established IKE SA — is sealed into the store (key ``ike/state``) right
+    # after every IKE SA event, once a second while anything changed (Message
+    # IDs move with every DPD), and at stop; restore_ike_state() hands it back
+    # to a fresh engine before the first datagram. Child SA records are
+    # persisted and republished separately (above), so workers keep
+    # forwarding across a restart and the peer renegotiates nothing.
     IKE_STATE_KEY = "ike/state"
 
-    def _restore_ike_state(self) -> None:
-        if not hasattr(self.engine, "import_state"):
-            return
+    def restore_ike_state(self, now: float) -> bool:
+        if self.engine is None or not hasattr(self.engine, "import_state"):
+            return False
         blob = self.store.get_sealed(self.IKE_STATE_KEY)
-        if blob is not None:
-            self.engine.import_state(blob, self.transport.now())
-            log.info("restored persisted IKE SA state (%d bytes)", len(blob))
+        if blob is None:
+            return False
+        self.engine.import_state(blob, now)
+        self._last_ike_state = blob
+        log.info("restored persisted IKE SA state (%d bytes)", len(blob))
+        return True
 
     def persist_ike_state(self) -> None:
         if self.engine is None or not hasattr(self.engine, "export_state"):
             return
         blob = self.engine.export_state()
+        self._ike_state_dirty = False
+        if blob == self._last_ike_state:
+            return
         with self.store.transaction():
             self.store.put_sealed(self.IKE_STATE_KEY, blob)
-        self._ike_state_dirty = False
+        self._last_ike_state = blob
 
     async def _persist_ike_state_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            if self._ike_state_dirty:
-                try:
-                    self.persist_ike_state()
-                except Exception as exc:
-                    log.error("persisting IKE state failed: %s", type(exc).__name__)
+            try:
+                self.persist_ike_state()
+            except Exception as exc:
+                log.error("persisting IKE state failed: %s", type(exc).__name__)
 
     async def _serve(self, app: web.Application, listen: str) -> None:
         host, port = split_hostport(listen)
@@ -621,11 +632,11 @@ class ControlService:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        try:
+            self.persist_ike_state()
+        except Exception as exc:
+            log.error("persisting IKE state at stop failed: %s", type(exc).__name__)
         if self.transport is not None:
-            try:
-                self.persist_ike_state()
-            except Exception as exc:
-                log.error("persisting IKE state at stop failed: %s", type(exc).__name__)
             if self.relay is not None:
                 self.relay.stop()
             self.transport.close()

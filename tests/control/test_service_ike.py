@@ -23,6 +23,13 @@ SERVER = ("203.0.113.1", 500)
 CLIENT = ("198.51.100.10", 500)
 
 
+def ike_config(service: Any) -> IkeConfig:
+    """As the transport sets it: ``now`` is monotonic, SA records carry Unix times."""
+    return IkeConfig(
+        id_suffix=service.config.id_suffix, unix_time_offset=time.time() - time.monotonic()
+    )
+
+
 class Peer:
     """A customer router: an initiator engine wired to control's engine in memory."""
 
@@ -62,7 +69,7 @@ class Peer:
 async def test_real_engine_negotiates_publishes_and_deletes(tmp_path: Path) -> None:
     bus = Bus(tmp_path)
     service, store = await start(tmp_path, bus)
-    service.engine = IkeEngine(IkeConfig(id_suffix=service.config.id_suffix), service.lookup)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
     pub = service.publisher
     try:
         token = add_token(store, ACCT)
@@ -136,6 +143,56 @@ async def test_real_engine_negotiates_publishes_and_deletes(tmp_path: Path) -> N
         assert not [k for k in pub.items() if k.startswith(("sa/", "tunnel/"))]
         assert store.sealed_items("sa/") == []
         assert (await api(service, "", "GET", "/healthz"))["tunnels"] == 0
+    finally:
+        await service.stop()
+        store.close()
+
+
+async def test_control_restart_continues_ike_sas(tmp_path: Path) -> None:
+    """Kill control, start a new one on the same store: the peer's IKE SA goes on
+    (DPD answered, Child SA rekeyed over it) without renegotiating, and the
+    Child SA records were on the bus the whole time."""
+    bus = Bus(tmp_path)
+    service, store = await start(tmp_path, bus)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    token = add_token(store, ACCT)
+    base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
+    try:
+        tid = (await api(service, token, "POST", base, ipsec()))["id"]
+        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
+        peer = Peer(service)
+        peer.connect(tid, psk, "rfc822")
+        assert [e for e in peer.events if isinstance(e, IkeSaEstablished)]
+        assert peer.client.send_dpd(tid, time.monotonic())  # Message IDs move on
+        peer.pump()
+        before = {k: v for k, v in service.publisher.items().items() if k.startswith("sa/")}
+        assert len(before) == 2
+    finally:
+        await service.stop()  # persists the IKE state, sealed
+        store.close()
+    blob_files = [f for f in tmp_path.iterdir() if f.is_file() and f.name != "master.key"]
+    for rec in before.values():
+        assert all(rec.enc_key not in f.read_bytes() for f in blob_files)
+
+    service, store = await start(tmp_path, bus)
+    try:
+        # The new control's bus starts with the SAs: workers keep forwarding.
+        assert {k: v for k, v in service.publisher.items().items() if k.startswith("sa/")} == before
+        service.engine = IkeEngine(ike_config(service), service.lookup)
+        assert service.restore_ike_state(time.monotonic())
+        peer.service = service
+        peer.events.clear()
+        # DPD from the peer is answered by the restarted control on the old IKE SA.
+        assert peer.client.send_dpd(tid, time.monotonic())
+        peer.pump()
+        assert not [e for e in peer.events if isinstance(e, IkeSaDeleted)], peer.events
+        # A Child SA rekey over the continued IKE SA lands on the bus.
+        assert peer.client.rekey_child(tid, time.monotonic())
+        peer.pump()
+        (new,) = [e for e in peer.events if isinstance(e, ChildSaInstalled)]
+        published = service.publisher.get(f"sa/in/{new.outbound.spi:08x}")
+        assert published is not None and published.enc_key == new.outbound.enc_key
+        assert not [e for e in peer.events if isinstance(e, IkeSaEstablished)]  # no new IKE SA
     finally:
         await service.stop()
         store.close()
