@@ -1402,6 +1402,7 @@ class IkeSa:
         payloads: list[Payload] = []
         if cookie is not None:
             payloads.append(Payload(PayloadType.NOTIFY, NotifyPayload(Notify.COOKIE, cookie)))
+        payloads += ctx.get("extra", {}).get("init", [])
         payloads += [
             Payload(PayloadType.SA, ike_offer(ctx["ike_suites"])),
             Payload(PayloadType.KE, KePayload(self.kex.group, self.kex.public)),
@@ -1520,6 +1521,7 @@ class IkeSa:
         payloads: list[Payload] = [Payload(PayloadType.IDI, idi)]
         if ctx.get("initial_contact"):
             payloads.append(Payload(PayloadType.NOTIFY, NotifyPayload(Notify.INITIAL_CONTACT)))
+        payloads += ctx.get("extra", {}).get("auth", [])
         payloads += [
             Payload(PayloadType.AUTH, AuthPayload(AuthMethod.PSK, auth)),
             Payload(

@@ -345,12 +345,15 @@ class IkeEngine:
         child_suites: list[ChildSuite] | None = None,
         ke_group: int | None = None,
         initial_contact: bool = True,
+        extra_payloads: dict[str, list[Payload]] | None = None,
     ) -> bytes:
         """Start an IKE SA as initiator with a PSK (tests and bench). Returns SPIi.
 
         ``local`` with port 4500 starts on 4500 (RFC 3948 non-ESP marker is the
         transport's job). ``ke_group`` lets a test send a KE the responder does
-        not prefer (→ INVALID_KE_PAYLOAD and a retry)."""
+        not prefer (→ INVALID_KE_PAYLOAD and a retry); ``extra_payloads`` adds
+        payloads to the ``"init"`` or ``"auth"`` request, to act like other
+        vendors' initiators (strongSwan's notifies, CP, vendor IDs)."""
         suites = ike_suites or ALL_IKE_SUITES
         sa = IkeSa(self, initiator=True, spi_i=self.allocate_ike_spi(), spi_r=_ZERO_SPI, now=now)
         sa.tunnel = tunnel
@@ -362,6 +365,7 @@ class IkeEngine:
             "ike_suites": suites,
             "child_suites": child_suites or CHILD_SUITES_NO_PFS,
             "initial_contact": initial_contact,
+            "extra": extra_payloads or {},
         }
         self.sas[sa.our_spi] = sa
         sa.send_init(now)

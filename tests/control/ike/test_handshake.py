@@ -555,3 +555,54 @@ def test_simultaneous_child_rekey_collision(seed: int) -> None:
     assert old.inbound.spi not in s_live
     assert p.server.drops["rekey_collision"] + p.client.drops["rekey_collision"] == 2
     del seed
+
+
+def test_strongswan_like_extras_are_ignored_politely() -> None:
+    """What strongSwan 5.9 adds: status notifies we do not act on, vendor IDs, a CP
+    request, an IDr, several proposals — none of it may stop the handshake."""
+    from control.ike.payloads import IdPayload, NotifyPayload, Payload, RawPayload, VendorPayload
+
+    def n(t: int, data: bytes = b"") -> Payload:
+        return Payload(PayloadType.NOTIFY, NotifyPayload(t, data))
+
+    init = [
+        Payload(PayloadType.VENDOR, VendorPayload(b"strongSwan-ish")),
+        n(16430),  # IKEV2_FRAGMENTATION_SUPPORTED
+        n(16431, b"\x00\x01\x00\x02\x00\x03\x00\x04"),  # SIGNATURE_HASH_ALGORITHMS
+        n(16406),  # REDIRECT_SUPPORTED
+    ]
+    auth = [
+        Payload(PayloadType.IDR, IdPayload(1, bytes([203, 0, 113, 1]))),
+        Payload(PayloadType.CP, RawPayload(b"\x01\x00\x00\x00\x00\x01\x00\x00")),
+        n(16394),  # ESP_TFC_PADDING_NOT_SUPPORTED
+        n(16395),  # NON_FIRST_FRAGMENTS_ALSO
+        n(16396),  # MOBIKE_SUPPORTED
+        n(16397, bytes(4)),  # ADDITIONAL_IP4_ADDRESS
+        n(16417),  # EAP_ONLY_AUTHENTICATION
+        n(16422),  # MESSAGE_ID_SYNC_SUPPORTED
+    ]
+    p = make_pair()
+    p.connect(extra_payloads={"init": init, "auth": auth}, ike_suites=ALL_IKE_SUITES[::-1])
+    assert established(p) and installed(p) and established(p, "client")
+    resp = [decode(d) for to_s, d in p.captured if not to_s]
+    # we echo the IDr the peer asked for, and never announce fragmentation
+    assert all(m.notify(16430) is None for m in resp)
+
+
+def test_child_limits_and_unknown_rekey() -> None:
+    p = make_pair(config=IkeConfig(strict=True, max_child_sas=2))
+    p.connect()
+    assert p.client.create_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert p.client.create_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert len(installed(p)) == 2
+    assert p.events(ev.NegotiationFailed, "client")[-1].notify == "NO_ADDITIONAL_SAS"
+    # rekeying a Child SA the server does not know → CHILD_SA_NOT_FOUND
+    (c_sa,) = p.client.ike_sas(TUNNEL)
+    child = next(iter(c_sa.children.values()))
+    child.spi_in = 0x12345678  # what the client will name in REKEY_SA
+    c_sa.children = {child.spi_in: child}
+    assert p.client.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert p.events(ev.NegotiationFailed, "client")[-1].notify == "CHILD_SA_NOT_FOUND"
