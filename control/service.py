@@ -244,12 +244,47 @@ class ControlService:
             if isinstance(r, SaRecord) and r.tunnel_id == tunnel_id and r.account_id == account_id
         ]
         child.sort(key=lambda v: (v["child_id"], v["generation"], v["direction"]))
-        ike = [
-            v.view()
-            for v in self._ike_sas.values()
-            if v.tunnel_id == tunnel_id and v.account_id == account_id
-        ]
+        ike = self._engine_ike_view(account_id, tunnel_id)
+        if ike is None:
+            ike = [
+                v.view()
+                for v in self._ike_sas.values()
+                if v.tunnel_id == tunnel_id and v.account_id == account_id
+            ]
         return {"ike_sas": ike, "child_sas": child}
+
+    def _engine_ike_view(self, account_id: str, tunnel_id: str) -> list[dict[str, Any]] | None:
+        """The engine's own IKE SAs of the tunnel (authoritative, also after a
+        restart restored them); None if the engine cannot list them."""
+        if self.engine is None or not hasattr(self.engine, "ike_sas"):
+            return None
+        try:
+            offset = float(getattr(self.engine.config, "unix_time_offset", 0.0))
+            out = []
+            for sa in self.engine.ike_sas(tunnel_id):
+                if sa.tunnel is None or sa.tunnel.account_id != account_id:
+                    continue
+                spi_i, spi_r = (
+                    s.hex() if isinstance(s, bytes) else f"{s:016x}" for s in (sa.spi_i, sa.spi_r)
+                )
+                out.append(
+                    {
+                        "initiator_spi": spi_i,
+                        "responder_spi": spi_r,
+                        "state": str(getattr(sa.state, "value", sa.state)),
+                        "remote_addr": sa.remote[0],
+                        "remote_port": int(sa.remote[1]),
+                        "nat_detected": bool(sa.nat_detected),
+                        "udp_encap": bool(sa.udp_encap),
+                        "id_type": sa.id_kind,
+                        "proposal": sa.suite.name if sa.suite is not None else "",
+                        "created": _iso(sa.created + offset),
+                    }
+                )
+            return out
+        except Exception as exc:  # an engine change must not break the status API
+            log.warning("cannot list the engine's IKE SAs: %s", type(exc).__name__)
+            return None
 
     def _subscribers(self) -> list[Any]:
         """Live subscribers (workers) of the bus."""

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from control.api.openapi import build_openapi
 from control.ike.engine import IkeConfig, IkeEngine, TunnelAuth
 from control.ike.events import ChildSaInstalled, IkeSaDeleted, IkeSaEstablished
 from replication.records import Direction, SaRecord, TrafficSelector
 from tests.control.api_support import add_token, ipsec
+from tests.control.test_api_openapi import check, response_schema
 from tests.control.test_service import ACCT, Bus, api, start
 
 SERVER = ("203.0.113.1", 500)
@@ -96,6 +98,11 @@ async def test_real_engine_negotiates_publishes_and_deletes(tmp_path: Path) -> N
         assert outbound.enc_key == mine[0].inbound.enc_key
         assert inbound.tunnel_id == tid and inbound.account_id == ACCT
         view = await api(service, token, "GET", f"{base}/{tid}/sas")
+        doc = build_openapi()
+        schema = response_schema(
+            doc, "/accounts/{account_id}/magic/ipsec_tunnels/{id}/sas", "GET", 200
+        )
+        check(doc, schema["properties"]["result"], view)  # real IKE data conforms too
         assert len(view["ike_sas"]) == 1 and view["ike_sas"][0]["id_type"] == "fqdn"
         assert {c["spi"] for c in view["child_sas"]} == {
             f"0x{inbound.spi:08x}",
@@ -193,6 +200,10 @@ async def test_control_restart_continues_ike_sas(tmp_path: Path) -> None:
         published = service.publisher.get(f"sa/in/{new.outbound.spi:08x}")
         assert published is not None and published.enc_key == new.outbound.enc_key
         assert not [e for e in peer.events if isinstance(e, IkeSaEstablished)]  # no new IKE SA
+        view = await api(service, token, "GET", f"{base}/{tid}/sas")
+        (ike,) = view["ike_sas"]
+        assert ike["state"] == "established" and ike["id_type"] == "rfc822"
+        assert ike["remote_addr"] == CLIENT[0] and ike["created"].startswith("20")
     finally:
         await service.stop()
         store.close()
