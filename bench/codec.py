@@ -145,7 +145,65 @@ class _ReplayFeed:
         return self._sa.decapsulate(self._ring[i])
 
 
-SUITES: dict[str, Callable[[int], Iterator[Case]]] = {"esp": esp_suite}
+def gre_suite(size: int) -> Iterator[Case]:
+    """GRE encap/decap (RFC 2784/2890) and the per-packet IP helpers of the
+    GRE/IP path, as a ratio to a bare copy of the same bytes (the one copy a
+    GRE encap cannot avoid) measured in the same rounds."""
+    import struct
+
+    from dataplane import gre, ip
+    from dataplane.mss import clamp_mss
+
+    a, b = bytes([10, 0, 0, 1]), bytes([10, 1, 0, 1])
+    tcp = bytearray(size)  # IPv4 + TCP ACK with consistent lengths
+    struct.pack_into("!BBHHHBBH4s4sHHIIBBHHH", tcp, 0, 0x45, 0, size, 1, 0, 64, 6, 0, a, b,
+                     40000, 443, 1, 1, 0x50, 0x10, 65535, 0, 0)  # fmt: skip
+    syn = bytearray(44)  # IPv4 + TCP SYN carrying MSS 1460
+    struct.pack_into("!BBHHHBBH4s4sHHIIBBHHHI", syn, 0, 0x45, 0, 44, 1, 0, 64, 6, 0, a, b,
+                     40000, 443, 1, 0, 0x60, 0x02, 65535, 0, 0, 0x020405B4)  # fmt: skip
+    out = bytearray(size + 64)
+
+    def copy() -> object:
+        out[20 : 20 + size] = tcp
+        return None
+
+    yield Case("bare", "bare-copy", size, "copy", copy, baseline="bare-copy")
+    for name, key, seq, csum in (
+        ("gre", None, None, False),
+        ("gre key", 0x1234, None, False),
+        ("gre key+seq+csum", 0x1234, 7, True),
+    ):
+
+        def encap(key: int | None = key, seq: int | None = seq, csum: bool = csum) -> object:
+            return gre.encapsulate_into(out, 20, tcp, 0x0800, key=key, seq=seq, checksum=csum)
+
+        wire = bytearray(size + 64)
+        view = memoryview(wire)[: gre.encapsulate_into(wire, 0, tcp, 0x0800, key=key, seq=seq,
+                                                        checksum=csum)]  # fmt: skip
+        yield Case("gre", name, size, "encap", encap, "bare-copy")
+        yield Case("gre", name, size, "decap", lambda v=view: gre.decapsulate(v), "bare-copy")
+    yield Case("gre", "gre key, header only", size, "encap",
+               lambda: gre.write_header(out, 20, 0x0800, size, key=1), "bare-copy")  # fmt: skip
+    yield Case("gre", "parse_flow v4 tcp", size, "flow", lambda: ip.parse_flow(tcp), "bare-copy")
+    yield Case("gre", "clamp_mss non-SYN", size, "mss", lambda: clamp_mss(tcp, 1360, 1340),
+               "bare-copy")  # fmt: skip
+
+    def clamp() -> object:
+        syn[42:44] = b"\x05\xb4"  # back to 1460, so every call clamps
+        return clamp_mss(syn, 1360, 1340)
+
+    yield Case("gre", "clamp_mss SYN 1460->1360", size, "mss", clamp, "bare-copy")
+    yield Case("gre", "apply_ecn_decap ECT(0) outer", size, "ecn",
+               lambda: ip.apply_ecn_decap(tcp, 0b10), "bare-copy")  # fmt: skip
+    frozen, gw = bytes(tcp), bytes([10, 9, 9, 9])
+    if size > 576:
+        yield Case("gre", "fragment_ipv4 to 576", size, "pmtu",
+                   lambda: ip.fragment_ipv4(frozen, 576), "bare-copy")  # fmt: skip
+    yield Case("gre", "icmp_frag_needed", size, "pmtu",
+               lambda: ip.icmp_frag_needed(frozen, 1280, gw), "bare-copy")  # fmt: skip
+
+
+SUITES: dict[str, Callable[[int], Iterator[Case]]] = {"esp": esp_suite, "gre": gre_suite}
 """Benchmark suites by name; each yields the cases for one inner size."""
 
 
