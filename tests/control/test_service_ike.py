@@ -9,9 +9,12 @@ tombstones every SA. No stubs: every part below the API is the real one."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from control.api.openapi import build_openapi
 from control.ike.engine import IkeConfig, IkeEngine, TunnelAuth
@@ -68,7 +71,10 @@ class Peer:
         self.pump()
 
 
-async def test_real_engine_negotiates_publishes_and_deletes(tmp_path: Path) -> None:
+async def test_real_engine_negotiates_publishes_and_deletes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     bus = Bus(tmp_path)
     service, store = await start(tmp_path, bus)
     service.engine = IkeEngine(ike_config(service), service.lookup)
@@ -153,6 +159,11 @@ async def test_real_engine_negotiates_publishes_and_deletes(tmp_path: Path) -> N
     finally:
         await service.stop()
         store.close()
+    # Secrets-in-logs, with the real engine in the loop: no PSK, no SA key.
+    logs = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "IKE SA up" in logs
+    for secret in (psk, new_psk, inbound.enc_key.hex(), new.inbound.enc_key.hex(), token):
+        assert secret not in logs
 
 
 async def test_control_restart_continues_ike_sas(tmp_path: Path) -> None:
