@@ -243,7 +243,7 @@ def stream_run(
 ) -> dict[str, Any]:
     """Pace ``rate`` updates/s for ``seconds`` to ``n_subs`` subscriber processes."""
     pub = lab.publisher()
-    procs = [lab.spawn(pub, "stream", i, seconds + 30) for i in range(n_subs)]
+    procs = [lab.spawn(pub, "stream", i, 10 * seconds + 30) for i in range(n_subs)]
     try:
         readies = [read_json(p, 60) for p in procs]
         assert all("ready" in r for r in readies), readies
@@ -264,7 +264,7 @@ def stream_run(
             pub.set(_with_generation(base, time.monotonic_ns()))
         sent_s = time.perf_counter() - t0
         pub.set(end_marker(1))
-        results = finish(procs, 60)
+        results = finish(procs, 10 * seconds + 60)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -299,22 +299,29 @@ def _with_generation(rec: SaRecord, gen: int) -> SaRecord:
     return new
 
 
-def snapshot_run(lab: Lab, n_records: int) -> dict[str, Any]:
+def snapshot_run(lab: Lab, n_records: int, runs: int = 1) -> dict[str, Any]:
+    """Fresh subscriber processes, one after the other; the best of ``runs``
+    (other tenants of a shared machine only ever add time)."""
     initial: list[Record] = [sa(0x100000 + i) for i in range(n_records)]
     pub = lab.publisher(initial)
+    readies, walls, received = [], [], []
     try:
-        t0 = time.perf_counter()
-        proc = lab.spawn(pub, "snapshot", 0, 60)
-        first = read_json(proc, 120)
-        wall = time.perf_counter() - t0
-        finish([proc], 60)
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            proc = lab.spawn(pub, "snapshot", 0, 60)
+            first = read_json(proc, 120)
+            walls.append(time.perf_counter() - t0)
+            finish([proc], 60)
+            readies.append(first.get("ready", float("nan")))
+            received.append(first.get("records"))
     finally:
         pub.stop()
     return {
         "records": n_records,
-        "received": first.get("records"),
-        "ready_s": first.get("ready"),
-        "wall_with_process_start_s": wall,
+        "received": min((r for r in received if r is not None), default=None),
+        "ready_s": min(readies),
+        "ready_all_s": readies,
+        "wall_with_process_start_s": min(walls),
     }
 
 
@@ -357,10 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         print("== snapshot to a fresh subscriber process")
         snaps = []
         for n in (1000, 10000) if quick else (1000, 10000, 100000):
-            r = snapshot_run(lab, n)
+            r = snapshot_run(lab, n, runs=1 if quick else 3)
             snaps.append(r)
             print(
-                f"  {n:6d} SaRecords: ready in {r['ready_s']:.3f} s "
+                f"  {n:6d} SaRecords: ready in {r['ready_s']:.3f} s (best of "
+                f"{len(r['ready_all_s'])}) "
                 f"(with process start {r['wall_with_process_start_s']:.3f} s), "
                 f"received {r['received']}"
             )
