@@ -30,7 +30,7 @@ import pytest
 from scapy.compat import raw
 from scapy.layers.inet import IP, TCP, UDP
 
-from dataplane import ip
+from dataplane import gre, ip
 from dataplane.mss import clamp_mss
 
 pytestmark = pytest.mark.netns
@@ -59,9 +59,9 @@ class Lab:
         with in_netns(self.ns.name):
             yield
 
-    def socket(self, family: int, kind: int) -> socket.socket:
+    def socket(self, family: int, kind: int, proto: int = 0) -> socket.socket:
         with self.inside():
-            return socket.socket(family, kind)
+            return socket.socket(family, kind, proto)
 
     def write(self, packet: bytes) -> None:
         os.write(self.fd, packet)
@@ -207,3 +207,60 @@ def test_kernel_accepts_clamped_syn_and_uses_its_mss(lab: Lab) -> None:
         with conn:
             # the connection's MSS toward us is what the clamped SYN announced
             assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == 1200
+
+
+def test_kernel_accepts_our_outer_headers(lab: Lab) -> None:
+    """Outer IPv4 (GRE, and UDP with checksum 0 as RFC 3948 sends it) and IPv6
+    + UDP with our checksum reach the kernel's sockets; a corrupted IPv4
+    header checksum does not."""
+    raw_gre = lab.socket(socket.AF_INET, socket.SOCK_RAW, 47)
+    udp4 = lab.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp6 = lab.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    with raw_gre, udp4, udp6:
+        udp4.bind((HOST4, 4500))
+        udp6.bind((HOST6, 4500))
+        for s in (raw_gre, udp4, udp6):
+            s.settimeout(3)
+        peer4, host4 = a4("10.78.0.9"), a4(HOST4)
+        inner = raw(IP(src="192.168.1.1", dst="192.168.2.2") / UDP() / b"inner")
+
+        def gre_packet(ident: int) -> bytearray:
+            buf = bytearray(200)
+            n = gre.encapsulate_into(buf, 20, inner, gre.ETH_P_IP, key=7)
+            ip.write_ipv4_header(buf, 0, src=peer4, dst=host4, proto=47, payload_len=n,
+                                 ident=ident, tos=ip.ecn_encap(0b10))  # fmt: skip
+            return buf[: 20 + n]
+
+        bad = gre_packet(1)
+        bad[10] ^= 0xFF  # header checksum
+        lab.write(bytes(bad))
+        lab.write(bytes(gre_packet(2)))
+        got = raw_gre.recv(2000)  # raw IPv4 sockets deliver the IP header too
+        assert got[4:6] == b"\x00\x02", "the corrupted header must not be delivered"
+        assert gre.decapsulate(got[20:]) == (gre.ETH_P_IP, 7, 8)
+        assert got[28:] == inner
+
+        esp = b"\x00\x00\x10\x01" + b"\x00\x00\x00\x01" + b"e" * 30
+        buf = bytearray(28 + len(esp))
+        ip.write_ipv4_header(buf, 0, src=peer4, dst=host4, proto=17, payload_len=8 + len(esp))
+        ip.write_udp_header(buf, 20, sport=4501, dport=4500, payload_len=len(esp))
+        buf[28:] = esp
+        lab.write(bytes(buf))
+        assert udp4.recvfrom(2000) == (esp, ("10.78.0.9", 4501))
+
+        peer6 = ipaddress.ip_address("fd00:78::9").packed
+        host6 = ipaddress.ip_address(HOST6).packed
+        buf = bytearray(48 + len(esp))
+        ip.write_ipv6_header(buf, 0, src=peer6, dst=host6, next_header=17,
+                             payload_len=8 + len(esp), flow_label=0x12345)  # fmt: skip
+        ip.write_udp_header(buf, 40, sport=4501, dport=4500, payload_len=len(esp))
+        buf[48:] = esp
+        zero = bytes(buf)  # checksum 0: IPv6 forbids it (RFC 8200 §8.1), dropped
+        ip.set_udp_checksum(buf, 40, 8 + len(esp), peer6, host6)
+        lab.write(zero)
+        lab.write(bytes(buf))
+        data, addr = udp6.recvfrom(2000)
+        assert data == esp and addr[:2] == ("fd00:78::9", 4501)
+        udp6.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            udp6.recvfrom(2000)  # and nothing else arrived (the zero-checksum one)
