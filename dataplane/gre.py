@@ -119,7 +119,9 @@ def encapsulate_into(
     ``protocol`` is the EtherType of ``inner`` (:data:`ETH_P_IP` or
     :data:`ETH_P_IPV6`). ``seq`` wraps modulo 2**32 (RFC 2890 §2.2). ``out``
     must have room (a bytearray slice assignment past its end would grow it,
-    so the length is checked).
+    so the length is checked). ``inner`` must not overlap the destination
+    unless it already sits exactly there: then :func:`write_header` is the
+    call that skips the copy.
     """
     n = len(inner)
     if seq is None and not checksum:  # the common shapes, one pack each
