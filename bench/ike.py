@@ -1,6 +1,6 @@
 """IKEv2 benchmark: our initiator drives our responder in memory, one core.
 
-    python -m bench.ike [--quick] [--fuzz N] [--json out.json]
+    python -m bench.ike [--quick] [--fuzz N] [--strongswan N] [--json out.json]
 
 Reports, per DH group (ECP-384, MODP-2048):
 
@@ -11,6 +11,10 @@ Reports, per DH group (ECP-384, MODP-2048):
 * memory per established IKE SA (with its Child SA) in the responder, at 1 000
   tunnels (and 10 000 without ``--quick``), measured as RSS growth and as
   Python-heap growth (tracemalloc; excludes OpenSSL's own allocations).
+
+``--strongswan N`` (root; netns ``awb-ike-*``): the same initiator does N
+handshakes over UDP against Debian's strongSwan responder and against ours,
+each alone in a namespace; responder CPU time and RSS growth come from /proc.
 
 ``--fuzz N`` runs the mutation fuzzer of tests/control/ike for at least N
 mutated messages (the soak target; CI runs a few thousand).
@@ -31,6 +35,7 @@ import tracemalloc
 from typing import Any
 
 from control.ike.engine import IkeConfig, IkeEngine, PeerIdentity, TunnelAuth
+from control.ike.events import ChildSaInstalled
 from control.ike.proposals import CHILD_SUITES_NO_PFS, IkeSuite
 from replication.records import TrafficSelector
 
@@ -53,6 +58,19 @@ def tunnel(i: int, local: str) -> TunnelAuth:
     )
 
 
+def client_tunnel(i: int, local: str) -> TunnelAuth:
+    """The initiator's view: its own side first."""
+    t = tunnel(i, local)
+    return TunnelAuth(
+        account_id=t.account_id,
+        tunnel_id=t.tunnel_id,
+        psk=PSK,
+        local_addr=local,
+        local_ts=t.remote_ts,
+        remote_ts=t.local_ts,
+    )
+
+
 class Bench:
     def __init__(self, n_tunnels: int) -> None:
         self.tunnels = {f"{i:032x}": tunnel(i, SERVER[0]) for i in range(n_tunnels)}
@@ -60,13 +78,14 @@ class Bench:
         self.server = IkeEngine(cfg, self.lookup)
         self.client = IkeEngine(IkeConfig(dpd_interval=1e9), lambda ident: None)
         self.server_time = 0.0
+        self.children = 0
 
     def lookup(self, ident: PeerIdentity) -> TunnelAuth | None:
         t = self.tunnels.get(ident.tunnel_id or "")
         return t if t is not None and t.account_id == ident.account_id else None
 
     def handshake(self, i: int, suite: IkeSuite, port: int) -> None:
-        client_t = tunnel(i, "198.51.100.7")
+        client_t = client_tunnel(i, "198.51.100.7")
         local = (f"198.51.{(port >> 8) & 0xFF}.{port & 0xFF}", 500)
         self.client.initiate(
             client_t,
@@ -88,8 +107,8 @@ class Bench:
             for data, src, dst in self.server.datagrams_to_send():
                 self.client.receive_datagram(data, dst, src, 0.0)
         # drain events; forget the client side so only the responder keeps state
-        while self.server.next_event() is not None:
-            pass
+        while (e := self.server.next_event()) is not None:
+            self.children += isinstance(e, ChildSaInstalled)
         while self.client.next_event() is not None:
             pass
         self.client.sas.clear()
@@ -110,6 +129,7 @@ def bench_rate(name: str, suite: IkeSuite, n: int) -> dict[str, Any]:
     b.server.sas.clear()
     b.server.by_tunnel.clear()
     b.server_time = 0.0
+    b.children = 0
     t_start = time.perf_counter()
     cpu_start = time.thread_time()
     for i in range(n):
@@ -120,6 +140,7 @@ def bench_rate(name: str, suite: IkeSuite, n: int) -> dict[str, Any]:
     cpu = time.thread_time() - cpu_start
     established = sum(1 for sa in b.server.sas.values() if sa.state.value == "established")
     assert established == n, f"only {established}/{n} handshakes completed"
+    assert b.children == n, f"only {b.children}/{n} Child SAs installed"
     lat.sort()
     return {
         "group": name,
@@ -175,15 +196,211 @@ def run_fuzz(target: int) -> dict[str, Any]:
     return {"mutated_messages": total, "runs": seed, "seconds": time.perf_counter() - t0}
 
 
+# ----------------------------------------------------------------- vs strongSwan
+
+SS_PREFIX = "awb-ike-"
+SITE_IP, GW_IP = "10.99.0.2", "10.99.0.1"
+SS_PROPOSALS = {
+    "ecp384": "aes128gcm16-prfsha256-ecp384",
+    "modp2048": "aes128gcm16-prfsha256-modp2048",
+}
+
+
+def proc_cpu_rss(pid: int) -> tuple[float, int]:
+    """(user+system CPU seconds, RSS bytes) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, rss
+
+
+def drive(n: int, group: str) -> dict[str, Any]:
+    """Our initiator over a real UDP socket (run inside the site namespace)."""
+    import socket
+
+    from control.ike.events import NegotiationFailed
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((SITE_IP, 500))
+    sock.settimeout(3.0)
+    eng = IkeEngine(IkeConfig(dpd_interval=1e9, retransmit_timeout=2.0), lambda i: None)
+    lat: list[float] = []
+    failed = 0
+    t_start = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        eng.initiate(
+            client_tunnel(i, SITE_IP),
+            local=(SITE_IP, 500),
+            remote=(GW_IP, 500),
+            now=time.monotonic(),
+            ike_suites=[SUITES[group]],
+            child_suites=[CHILD_SUITES_NO_PFS[0]],
+            initial_contact=False,
+        )
+        done = False
+        while not done:
+            for data, _, remote in eng.datagrams_to_send():
+                sock.sendto(data, remote)
+            try:
+                data, addr = sock.recvfrom(65535)
+            except TimeoutError:
+                failed += 1
+                break
+            eng.receive_datagram(data, (SITE_IP, 500), addr, time.monotonic())
+            while (e := eng.next_event()) is not None:
+                if isinstance(e, ChildSaInstalled):
+                    done = True
+                elif isinstance(e, NegotiationFailed):
+                    failed += 1
+                    done = True
+        lat.append(time.perf_counter() - t0)
+        eng.sas.clear()
+        eng.by_tunnel.clear()
+        eng.spis_in_use.clear()
+    wall = time.perf_counter() - t_start
+    lat.sort()
+    return {
+        "handshakes": n,
+        "failed": failed,
+        "wall_s": wall,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p99_ms": 1000 * lat[int(0.99 * (len(lat) - 1))],
+    }
+
+
+def serve() -> None:
+    """Our responder over a real UDP socket (run inside the gw namespace)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((GW_IP, 500))
+    tunnels = Bench(0)
+
+    def lookup(ident: PeerIdentity) -> TunnelAuth | None:
+        i = int(ident.tunnel_id or "0", 16)
+        return tunnel(i, GW_IP)
+
+    del tunnels
+    eng = IkeEngine(IkeConfig(dpd_interval=1e9, child_lifetime=1e9, ike_lifetime=1e9), lookup)
+    while True:
+        data, addr = sock.recvfrom(65535)
+        eng.receive_datagram(data, (GW_IP, 500), addr, time.monotonic())
+        for out, _, remote in eng.datagrams_to_send():
+            sock.sendto(out, remote)
+        while eng.next_event() is not None:
+            pass
+
+
+def bench_vs_strongswan(n: int) -> list[dict[str, Any]]:
+    """The same initiator against a strongSwan responder and against ours, one
+    group after the other, in two namespaces over a veth; the responders' CPU
+    time and RSS come from /proc."""
+    from deploy.netns import Topology, cleanup_prefix
+    from deploy.strongswan import Charon, Child, Connection
+
+    cleanup_prefix(SS_PREFIX)
+    out: list[dict[str, Any]] = []
+    quiet = {k: 0 for k in ("default", "ike", "cfg", "knl", "net", "enc", "esp")}
+    with Topology(SS_PREFIX) as topo:
+        site, gw = topo.namespace("site"), topo.namespace("gw")
+        topo.veth(site, "s0", gw, "g0", addr_a=f"{SITE_IP}/24", addr_b=f"{GW_IP}/24")
+        py = [sys.executable, "-m", "bench.ike"]
+        for group in SUITES:
+            for responder in ("strongswan", "anywan"):
+                charon = None
+                server = None
+                if responder == "strongswan":
+                    charon = Charon(gw, name=f"bench-{group}", log_levels=quiet)
+                    charon.start()
+                    charon.load(
+                        [
+                            Connection(
+                                name="bench",
+                                local_addrs=GW_IP,
+                                remote_addrs="%any",
+                                local_id=GW_IP,
+                                remote_id="%any",
+                                psk=PSK,
+                                proposals=[SS_PROPOSALS[group]],
+                                children=[
+                                    Child(
+                                        local_ts=["10.0.0.0/8"],
+                                        remote_ts=["192.168.0.0/16"],
+                                        esp_proposals=["aes128gcm16"],
+                                    )
+                                ],
+                                encap=False,
+                            )
+                        ]
+                    )
+                    assert charon.proc is not None
+                    pid = charon.proc.pid
+                else:
+                    server = gw.popen([*py, "--serve"], cwd=os.getcwd())
+                    pid = server.pid
+                    time.sleep(1.0)
+                cpu0, rss0 = proc_cpu_rss(pid)
+                res = site.run([*py, "--drive", str(n), "--group", group], timeout=600)
+                cpu1, rss1 = proc_cpu_rss(pid)
+                r = json.loads(res.stdout)
+                r.update(
+                    group=group,
+                    responder=responder,
+                    responder_cpu_s=cpu1 - cpu0,
+                    responder_handshakes_per_cpu_s=(n - r["failed"]) / max(cpu1 - cpu0, 1e-9),
+                    handshakes_per_s_wall=(n - r["failed"]) / r["wall_s"],
+                    responder_rss_growth_per_sa=(rss1 - rss0) / n,
+                )
+                out.append(r)
+                print(
+                    f"{group:9s} {responder:10s} {r['handshakes_per_s_wall']:6.0f}/s wall  "
+                    f"responder CPU {1000 * r['responder_cpu_s'] / n:.2f} ms/handshake "
+                    f"({r['responder_handshakes_per_cpu_s']:.0f}/CPU-s)  p99 {r['p99_ms']:.1f} ms  "
+                    f"RSS +{r['responder_rss_growth_per_sa'] / 1024:.1f} KiB/SA  "
+                    f"failed {r['failed']}"
+                )
+                if charon is not None:
+                    charon.stop()
+                if server is not None:
+                    topo.stop(server)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short run (CI smoke)")
     ap.add_argument("--fuzz", type=int, default=0, metavar="N", help="fuzz N mutated messages")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument(
+        "--strongswan",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N handshakes over UDP in netns against strongSwan's responder and ours",
+    )
     ap.add_argument("--memory", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--drive", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--group", default="ecp384", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory:
         print(json.dumps(bench_memory(args.memory)))
+        return 0
+    if args.drive:
+        print(json.dumps(drive(args.drive, args.group)))
+        return 0
+    if args.serve:
+        serve()
+        return 0
+    if args.strongswan:
+        results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        results["vs_strongswan"] = bench_vs_strongswan(args.strongswan)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
         return 0
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
