@@ -25,6 +25,14 @@ it sees another epoch (publisher restart), a gap (an update past ``seq+1`` or
 a heartbeat announcing a sequence it never got), or a silent stream for
 ``heartbeat_timeout``.
 
+Beyond the zguide's clonecli: the subscriber waits for a first stream message
+before asking for the snapshot (the publisher's XPUB answers every new
+subscription with a heartbeat at once), so no update published between the
+snapshot and the subscription taking effect can slip by; heartbeats carry
+the last published sequence, so even the loss of the *last* update is a gap
+seen within one heartbeat; snapshot requests carry an id, and a stale reply is
+ignored; acks give the publisher make-before-break ("applied everywhere").
+
 Atomicity: while a (re-)snapshot is in flight the old state stays in force.
 When it completes, the new state replaces the old in one step and only real
 differences are reported: :class:`RecordChanged` for new or changed values,
@@ -155,7 +163,7 @@ class RequestSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class SendAck:
-    """Report our applied sequence to the publisher (coalesced: at most one per drain)."""
+    """Report our applied sequence to the publisher (at most one per ``ack_interval``)."""
 
     frames: list[bytes]
 
