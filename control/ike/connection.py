@@ -517,7 +517,9 @@ class IkeSa:
                 c.rekey_at = now + 60.0  # retry later if this attempt fails
                 self.request("rekey_child", c.spi_in)
         if self.ike_rekey_at and now >= self.ike_rekey_at and "rekey_ike" not in queued:
-            self.ike_rekey_at = now + 60.0
+            # retry later if this attempt fails; jittered so two peers that both
+            # answered TEMPORARY_FAILURE do not collide again
+            self.ike_rekey_at = now + 30.0 + self._jittered(60.0)
             self.request("rekey_ike", None)
         if not busy and not self.queue and now >= self.last_heard + cfg.dpd_interval:
             self.request("dpd", None)
@@ -972,6 +974,11 @@ class IkeSa:
         if not isinstance(sa, SaPayload) or not isinstance(nonce, NoncePayload):
             raise InvalidSyntax("CREATE_CHILD_SA without SA or Ni")
         if sa.proposals and sa.proposals[0].protocol == Protocol.IKE:
+            if self.pending is not None and self.pending.kind == "rekey_ike":
+                # §2.25.2 / §2.8.2: we are rekeying this IKE SA ourselves; the peer
+                # answers ours normally and retries its own later, so both sides
+                # end on the same new IKE SA without the nonce tie-break.
+                raise TemporaryFailure()
             return self._respond_ike_rekey(msg, sa, nonce.nonce, now), None
         old: ChildSa | None = None
         rekey = msg.notify(Notify.REKEY_SA)

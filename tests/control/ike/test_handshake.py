@@ -606,3 +606,22 @@ def test_child_limits_and_unknown_rekey() -> None:
     assert p.client.rekey_child(TUNNEL, p.now)
     p.roundtrip()
     assert p.events(ev.NegotiationFailed, "client")[-1].notify == "CHILD_SA_NOT_FOUND"
+
+
+def test_simultaneous_ike_rekey_converges() -> None:
+    """§2.8.2 collision: both sides rekey the IKE SA at once; one IKE SA survives."""
+    cfg = IkeConfig(strict=True, ike_lifetime=100, rekey_jitter=0.0, dpd_interval=1e6)
+    p = make_pair(config=cfg, client_config=IkeConfig(strict=True, dpd_interval=1e6))
+    p.connect()
+    assert p.client.rekey_ike(TUNNEL, p.now)
+    assert p.server.rekey_ike(TUNNEL, p.now)
+    p.roundtrip()
+    p.step(200)
+    (s_sa,) = p.server.ike_sas(TUNNEL)
+    (c_sa,) = p.client.ike_sas(TUNNEL)
+    assert (s_sa.spi_i, s_sa.spi_r) == (c_sa.spi_i, c_sa.spi_r)
+    assert len(s_sa.children) == 1 and len(c_sa.children) == 1
+    assert p.client.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert_pair_matches(p)
+    assert not p.events(ev.IkeSaDeleted)
