@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,8 @@ from tests.replication.conftest import (
 
 
 @pytest.fixture
-def forwarder(tcp_bus: Bus, keys: Keys) -> Iterator[Forwarder]:
+def forwarder(tcp_bus: Bus, keys: Keys, tmp_path: Path) -> Iterator[Forwarder]:
+    """Upstream over tcp (another node), downstream over ipc (this node's workers)."""
     pub = tcp_bus.publisher(heartbeat_interval=0.05)
     pub.set(make_tunnel(1))
     fwd = Forwarder(
@@ -32,9 +34,9 @@ def forwarder(tcp_bus: Bus, keys: Keys) -> Iterator[Forwarder]:
         client_public=keys.clients[3][0],
         client_secret=keys.clients[3][1],
         worker_id="node-a",
-        snapshot_endpoint="tcp://127.0.0.1:*",
-        update_endpoint="tcp://127.0.0.1:*",
-        ack_endpoint="tcp://127.0.0.1:*",
+        snapshot_endpoint=f"ipc://{tmp_path}/fwd-snap",
+        update_endpoint=f"ipc://{tmp_path}/fwd-upd",
+        ack_endpoint=f"ipc://{tmp_path}/fwd-ack",
         local_public=keys.server[0],
         local_secret=keys.server[1],
         allowed_clients=[keys.clients[0][0], keys.clients[1][0]],
