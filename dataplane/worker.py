@@ -32,6 +32,22 @@ Paths (issue 5):
 * IKE on UDP 500, or on 4500 with the non-ESP marker, is relayed to control
   with the peer's address and port; control's replies leave from this
   worker's socket, so their source is the anycast address.
+
+Sequence numbers (DESIGN §5): with ``replay_protection`` off every worker
+sends on every SA with its own counter, its index in the GCM IV's high bits.
+With it on, the SA's *owner* among the node's live workers (rendezvous hash
+of the SPI over the indices whose lock files are held) is the only sender:
+the others hand it the cleartext over an abstract AF_UNIX datagram socket.
+An owner reserves sequence numbers ahead in a node-local file
+(``<run_dir>/seq-<tunnel>-<spi>``, :data:`SEQ_RESERVATION` at a time); a new
+owner starts above the last reservation, so a number is never sent twice
+even after SIGKILL. Scope: one node. Across nodes the reservation is not
+replicated (the bus is one-way), so a replay-protected tunnel must have its
+inner traffic reach one node.
+
+Raw ESP/GRE sockets all receive every packet; each worker installs a classic
+BPF filter taking its share (SPI or outer source modulo the live workers),
+re-installed within 0.25 s when a sibling appears or dies.
 """
 
 from __future__ import annotations

@@ -10,8 +10,15 @@ import pytest
 
 from dataplane.cli import build_parser, resolve
 
+from ._worker_netns_names import sweep_dead, unique_prefix
+
 ROOT = Path(__file__).resolve().parents[2]
-PREFIX = "awt-w-cli-"
+PREFIX = unique_prefix("cli")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sweep_crashed_runs() -> None:
+    sweep_dead("cli")
 
 
 def test_precedence_flag_env_toml_default(tmp_path: Path) -> None:

@@ -12,8 +12,15 @@ import pytest
 
 from dataplane import sockets, tun
 
+from ._worker_netns_names import sweep_dead, unique_prefix
+
 pytestmark = pytest.mark.netns
-PREFIX = "awt-w-io-"
+PREFIX = unique_prefix("io")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sweep_crashed_runs() -> None:
+    sweep_dead("io")
 
 
 def _wait_readable(fds: list[int], timeout: float = 2.0) -> list[int]:

@@ -34,11 +34,12 @@ import pytest
 from dataplane import tun
 from replication.records import Cipher, Direction, TrafficSelector, TunnelKind
 
+from ._worker_netns_names import sweep_dead, unique_prefix
 from ._worker_records import ACCOUNT_A, ACCOUNT_B, route, sa, tid, tunnel
 
 pytestmark = pytest.mark.netns
 
-PREFIX = "awt-w-e2e-"
+PREFIX = unique_prefix("e2e")
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ANYCAST = "192.0.2.1"
@@ -233,6 +234,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     from replication import curve
     from replication.publisher import Publisher
 
+    sweep_dead("e2e")
     cleanup_prefix(PREFIX)
     tmp = tmp_path_factory.mktemp("awt-w-e2e")
     topo = Topology(PREFIX)
