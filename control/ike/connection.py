@@ -503,8 +503,9 @@ class IkeSa:
             return
         if self.state is not IkeState.ESTABLISHED:
             return
-        queued = {k for k, _ in self.queue}
         busy = self.pending is not None or bool(self.queue)
+        # Every due deadline moves forward here, queued or not, so get_timer()
+        # never returns a past time that handle_timer() would not act on.
         for c in list(self.children.values()):
             if c.deleting:
                 continue
@@ -513,17 +514,27 @@ class IkeSa:
             elif c.rekeyed and c.delete_at is not None and now >= c.delete_at:
                 c.delete_at = None
                 self._queue_child_delete(c, "rekeyed")
-            elif not c.rekeyed and now >= c.rekey_at and "rekey_child" not in queued:
-                c.rekey_at = now + 60.0  # retry later if this attempt fails
-                self.request("rekey_child", c.spi_in)
-        if self.ike_rekey_at and now >= self.ike_rekey_at and "rekey_ike" not in queued:
+            elif not c.rekeyed and now >= c.rekey_at:
+                c.rekey_at = now + 30.0 + self._jittered(60.0)  # retry if this one fails
+                if not self._queued("rekey_child", c.spi_in):
+                    self.request("rekey_child", c.spi_in)
+        if self.ike_rekey_at and now >= self.ike_rekey_at:
             # retry later if this attempt fails; jittered so two peers that both
             # answered TEMPORARY_FAILURE do not collide again
             self.ike_rekey_at = now + 30.0 + self._jittered(60.0)
-            self.request("rekey_ike", None)
+            if not self._queued("rekey_ike", None):
+                self.request("rekey_ike", None)
         if not busy and not self.queue and now >= self.last_heard + cfg.dpd_interval:
             self.request("dpd", None)
         self.pump(now)
+
+    def _queued(self, kind: str, spi: int | None) -> bool:
+        for k, arg in self.queue:
+            if k != kind:
+                continue
+            if spi is None or arg == spi or (isinstance(arg, tuple) and arg[0] == spi):
+                return True
+        return False
 
     def _queue_child_delete(self, c: ChildSa, reason: str) -> None:
         c.deleting = True

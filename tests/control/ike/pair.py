@@ -133,6 +133,10 @@ class Pair:
             self.now = max(self.now, nxt)
             self.client.handle_timer(self.now)
             self.server.handle_timer(self.now)
+            for eng in (self.client, self.server):
+                # a deadline handle_timer() did not move would make a transport spin
+                t = eng.get_timer()
+                assert t is None or t > self.now, (t, self.now)
             self.roundtrip()
         self.now = end
         self.roundtrip()

@@ -625,3 +625,20 @@ def test_simultaneous_ike_rekey_converges() -> None:
     p.roundtrip()
     assert_pair_matches(p)
     assert not p.events(ev.IkeSaDeleted)
+
+
+def test_due_deadlines_move_while_requests_queue_up() -> None:
+    """Several rekeys due while a request is unanswered: get_timer() stays in the
+    future (the pair's step() asserts it) and the peer is finally declared dead."""
+    cfg = IkeConfig(
+        strict=True, child_lifetime=20, ike_lifetime=25, dpd_interval=5, retransmit_timeout=2
+    )
+    p = make_pair(config=cfg, client_config=IkeConfig(strict=True, dpd_interval=1e6))
+    p.connect()
+    p.client.create_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert len(installed(p)) == 2
+    p.drop = lambda d, to_s: True
+    p.step(200)
+    assert p.events(ev.IkeSaDeleted)[0].reason in ("dpd", "timeout")
+    assert not p.server.sas and p.server.get_timer() is None
