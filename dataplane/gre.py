@@ -82,6 +82,12 @@ def write_header(
     ``checksum`` the payload must be in place, since the checksum covers
     header and payload (RFC 2784 §2.5). Returns the header length.
     """
+    if seq is None and not checksum:  # the common shapes, one pack each
+        if key is None:
+            _BASE.pack_into(out, offset, 0, protocol)
+            return 4
+        _BASE_KEY.pack_into(out, offset, FLAG_K, protocol, key)
+        return 8
     flags = 0
     off = offset + 4
     if checksum:
