@@ -277,13 +277,11 @@ def serve() -> None:
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((GW_IP, 500))
-    tunnels = Bench(0)
 
     def lookup(ident: PeerIdentity) -> TunnelAuth | None:
         i = int(ident.tunnel_id or "0", 16)
         return tunnel(i, GW_IP)
 
-    del tunnels
     eng = IkeEngine(IkeConfig(dpd_interval=1e9, child_lifetime=1e9, ike_lifetime=1e9), lookup)
     while True:
         data, addr = sock.recvfrom(65535)

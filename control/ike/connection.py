@@ -1365,13 +1365,13 @@ class IkeSa:
             # §2.8.1: of the two new SAs, the one made with the lowest of the four
             # nonces is redundant and closed by whoever created it; the other
             # one's creator deletes the old SA.
-            peer_spi, peer_ni, our_nr = collision
+            _peer_spi, peer_ni, our_nr = collision
             lowest = min(ctx["ni"], nonce.nonce, peer_ni, our_nr)
             self.engine.count("rekey_collision")
             if lowest in (ctx["ni"], nonce.nonce):
                 self._queue_child_delete(child, "rekeyed")
                 return
-            del peer_spi  # the peer deletes its redundant SA; we delete the old one
+            # else the peer deletes its redundant SA and we delete the old one
         if old is not None:
             # make-before-break: the old SA goes after the new one had time to spread
             old.delete_at = now + self.engine.config.rekey_delete_delay
@@ -1396,7 +1396,7 @@ class IkeSa:
         except (NoProposalChosen, dhmod.DhError):
             self.engine.count("bad_rekey_response")
             return
-        new = self._successor(
+        self._successor(
             suite,
             g_ir,
             ctx["ni"],
@@ -1406,7 +1406,6 @@ class IkeSa:
             initiator=True,
             now=now,
         )
-        del new
         self.queue.clear()
         self.request("delete_ike", None)
 
