@@ -192,3 +192,15 @@ def test_mutated_packets_only_raise_drop(
         gre.decapsulate(wire)
     except Drop as e:
         assert isinstance(e.reason, DropReason)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=str)
+def test_zero_copy_header_equals_encapsulation(opts: dict[str, object]) -> None:
+    h = gre.header_len(**opts)  # type: ignore[arg-type]
+    buf = bytearray(b"\xee" * 120)  # stale bytes where the header goes
+    buf[5 + h : 5 + h + len(INNER_V6)] = INNER_V6
+    assert gre.write_header(buf, 5, 0x86DD, len(INNER_V6), **opts) == h  # type: ignore[arg-type]
+    assert bytes(buf[5 : 5 + h + len(INNER_V6)]) == ours(INNER_V6, 0x86DD, **opts)
+    assert buf[:5] == b"\xee" * 5 and buf[5 + h + len(INNER_V6) :] == b"\xee" * (
+        120 - 5 - h - len(INNER_V6)
+    )
