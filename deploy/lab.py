@@ -439,7 +439,7 @@ class Api:
     """Control's REST API, called from inside its namespace with curl (the
     lab process itself stays in the root namespace)."""
 
-    def __init__(self, ns: str, base: str, token: str) -> None:
+    def __init__(self, ns: str | None, base: str, token: str) -> None:
         self.ns = ns
         self.base = base
         self._token = token
@@ -453,8 +453,9 @@ class Api:
         if body is not None:
             cfg += 'header = "Content-Type: application/json"\n'
             argv += ["--data-binary", json.dumps(body)]
+        prefix = ["ip", "netns", "exec", self.ns] if self.ns else []
         res = subprocess.run(
-            ["ip", "netns", "exec", self.ns, *argv, self.base + path],
+            [*prefix, *argv, self.base + path],
             input=cfg,
             capture_output=True,
             text=True,
@@ -1380,6 +1381,121 @@ def print_status(cfg: LabConfig, st: dict[str, Any]) -> None:
     p("  workers: " + " ".join(u["worker_metrics"]))
 
 
+# --------------------------------------------------------------------------
+# docker-compose roles: the same code paths, one role per container
+# --------------------------------------------------------------------------
+
+
+def _block_until_signal(procs: list[subprocess.Popen[Any]]) -> int:
+    """Wait for SIGTERM/SIGINT (or a child's exit), then end the children by PID."""
+    stop = {"now": False}
+
+    def handler(_sig: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop["now"] and all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            end_pid(p.pid)
+    return 0
+
+
+def compose_role(command: str, cfg: LabConfig, args: argparse.Namespace) -> int:
+    """``provision``, ``site`` and ``core-services`` for deploy/docker-compose.yml:
+    what ``up`` does per namespace, done inside one container."""
+    psk_dir = Path(args.psk_dir or "/var/lib/anywan/psk")
+    if command == "core-services":
+        www = Path("/tmp/anywan-www")
+        www.mkdir(parents=True, exist_ok=True)
+        (www / "index.html").write_text("anywan compose: core\n")
+        procs = [subprocess.Popen(["iperf3", "-s", "-p", str(p)]) for p in CORE_PORTS]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "http.server", str(HTTP_PORT), "--directory", str(www)]
+            )
+        )
+        return _block_until_signal(procs)
+    if command == "provision":
+        if not args.api:
+            raise LabError("provision needs --api URL")
+        token = os.environ.get("ANYWAN_API_TOKEN", "")
+        if not token:
+            res = subprocess.run(
+                [
+                    *entry_point("anywan-control", "control.cli"),
+                    "--config",
+                    str(ANYWAN_CONFIG),
+                    "token",
+                    "create",
+                    "--operator",
+                    "--description",
+                    "compose provision",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise LabError(f"cannot create an API token: {res.stderr.strip()[-300:]}")
+            token = res.stdout.strip().splitlines()[-1]
+        api = Api(None, args.api.rstrip("/"), token)
+        if not wait_until(lambda: _healthy(api), 120, 1.0):
+            raise LabError(f"control at {args.api} did not become healthy in 120 s")
+        psk_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for site in cfg.sites:
+            if args.name and site.name not in args.name.split(","):
+                continue
+            st = SiteState(site)
+            provision_site(api, cfg, site, st)
+            path = psk_dir / f"{site.name}.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"tunnel_id": st.tunnel_id, "local_id": st.local_id, "psk": st.psk}, fh)
+            print(f"provision: {site.name} tunnel {st.tunnel_id}")
+        return 0
+    if command == "site":
+        from deploy.netns import Topology
+        from deploy.strongswan import Charon
+
+        site = next((s for s in cfg.sites if s.name == args.name), None)
+        if site is None or site.kind != "ipsec":
+            raise LabError(f"site: --name must be one of the strongSwan sites in {args.config}")
+        path = psk_dir / f"{site.name}.json"
+        if not wait_until(path.exists, 300, 1.0):
+            raise LabError(f"site: {path} did not appear (is the provision service done?)")
+        data = json.loads(path.read_text())
+        st = SiteState(
+            site, tunnel_id=data["tunnel_id"], local_id=data["local_id"], psk=data["psk"]
+        )
+        # the LAN side: the router's LAN address, which strongSwan needs inside local_ts
+        subprocess.run(["ip", "addr", "replace", f"{site.lan_router}/32", "dev", "lo"], check=True)
+        workdir = Path(args.run_dir or "/var/lib/anywan") / "charon" / site.name
+        charon = Charon(Topology("awc-").root, workdir, name=site.name)
+        charon.start()
+        charon.load([site_connection(cfg, st)])
+        for _ in range(30):
+            with contextlib.suppress(Exception):
+                charon.initiate(child="net", timeout=10)
+                break
+            time.sleep(2)
+        print(f"site {site.name}: {len(charon.established())} IKE SA(s) established", flush=True)
+        assert charon.proc is not None
+        return _block_until_signal([charon.proc])
+    raise LabError(f"unknown command {command}")
+
+
+def _healthy(api: Api) -> bool:
+    try:
+        api.call("GET", "/healthz", timeout=2)
+        return True
+    except (ApiError, ValueError, subprocess.SubprocessError):
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m deploy.lab", description="anywan netns lab")
     p.add_argument(
@@ -1429,9 +1545,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print_status(cfg, st)
             return 0
-        from deploy import compose_roles
-
-        return compose_roles.run(args.command, cfg, args)
+        return compose_role(args.command, cfg, args)
     except LabError as exc:
         print(f"lab: {exc}", file=sys.stderr)
         return 2

@@ -82,10 +82,11 @@ def workers(services: dict[str, Any]) -> dict[str, Any]:
 
 def test_cluster_shape(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    control = [
-        s for s in services.values() if s.get("command", [None])[:2] == ["anywan-control", "serve"]
-    ]
+    control = [s for s in services.values() if s.get("hostname") == "control"]
     assert len(control) == 1
+    script = ROOT / control[0]["command"][0].removeprefix("/opt/anywan/")
+    assert re.search(r"exec anywan-control .* serve$", script.read_text(), re.M)
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
     ws = workers(services)
     assert len(ws) >= 2, "N >= 2 worker containers"
     for name, svc in ws.items():
@@ -95,6 +96,28 @@ def test_cluster_shape(resolved: dict[str, Any]) -> None:
     assert site and all("/dev/net/tun:/dev/net/tun" in s["devices"] for s in site)
     assert any(s.get("command", [None])[0] == "prometheus" for s in services.values())
     assert any(s.get("image", "").startswith("grafana/") for s in services.values())
+
+
+def test_commands_parse_with_the_real_command_lines(resolved: dict[str, Any]) -> None:
+    """Every anywan-worker and `python -m deploy.lab` command in the file is
+    accepted by the argument parser of the code it runs."""
+    from dataplane import cli as worker_cli
+    from deploy import lab
+
+    seen = 0
+    for name, svc in resolved["services"].items():
+        cmd = svc.get("command") or []
+        if cmd[:1] == ["anywan-worker"]:
+            worker_cli.build_parser().parse_args(cmd[1:])
+            seen += 1
+        elif cmd[:3] == ["python", "-m", "deploy.lab"]:
+            args = lab.build_parser().parse_args(cmd[3:])
+            assert args.command in ("site", "provision", "core-services"), name
+            if args.command in ("site", "provision"):
+                cfg = lab.LabConfig.load(DEPLOY / "lab.toml")
+                assert args.name in {s.name for s in cfg.sites}, name
+            seen += 1
+    assert seen >= 5
 
 
 def test_every_worker_carries_the_anycast_address_and_the_edge_spreads_to_all(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab import Lab, LabConfig, down, http_get, ns_exec, status
+from deploy.lab import DEFAULT_CONFIG, Lab, LabConfig, down, http_get, ns_exec, status
 from deploy.netns import list_namespaces, unique_prefix
 
 BASE = "awt-l-lab-"
@@ -664,3 +664,83 @@ def test_two_accounts_with_the_same_prefixes_stay_apart(lab: Lab) -> None:
     assert marker not in text.lower()
     # globex's own traffic did show up there (the capture worked)
     assert "10.10.1.10" in "".join(outs)
+
+
+# -- the docker-compose roles, run against the lab ---------------------------------
+
+EXTRA_SITE = """
+[[accounts]]
+id = "compose"
+core = "core-compose"
+
+[[sites]]
+name = "siteE"
+account = "compose"
+kind = "ipsec"
+wan = "198.51.100.16/30"
+lan = "10.10.9.0/24"
+interface_address = "10.255.0.8/31"
+ike_port = 500
+"""
+
+
+def test_compose_provision_and_site_roles(lab: Lab, tmp_path: Path) -> None:
+    """docker-compose's `provision` and `site` containers run
+    `python -m deploy.lab provision|site`; here the same commands run in lab
+    namespaces against the lab's control: the tunnel is created through the
+    API, the PSK handed over in a 0600 file, and the strongSwan site comes up."""
+    need(lab, "control", "worker", "ike")
+    cfg = lab.cfg
+    conf = tmp_path / "lab.toml"
+    conf.write_text(DEFAULT_CONFIG.read_text() + EXTRA_SITE)
+    psk_dir = tmp_path / "psk"
+    token = lab.token
+    assert token
+    env_argv = ["env", f"ANYWAN_API_TOKEN={token}"]
+    res = ns_exec(
+        cfg.ns("control"),
+        [
+            *env_argv,
+            sys.executable,
+            "-m",
+            "deploy.lab",
+            "provision",
+            f"--config={conf}",
+            f"--api={cfg.api_url}",
+            "--name=siteE",
+            f"--psk-dir={psk_dir}",
+        ],
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    handed = psk_dir / "siteE.json"
+    assert handed.stat().st_mode & 0o777 == 0o600
+    tunnel_id = json.loads(handed.read_text())["tunnel_id"]
+
+    site_ns = lab.topo.namespace("siteE")
+    lab.topo.veth(
+        lab.ns["edge"], "sE", site_ns, "wan", addr_a="198.51.100.17/30", addr_b="198.51.100.18/30"
+    )
+    site_ns.route("default", via="198.51.100.17")
+    lab.spawn(
+        site_ns,
+        "compose-siteE",
+        [
+            sys.executable,
+            "-m",
+            "deploy.lab",
+            "site",
+            f"--config={conf}",
+            "--name=siteE",
+            f"--psk-dir={psk_dir}",
+            f"--run-dir={tmp_path / 'run'}",
+        ],
+    )
+    assert wait_for(lambda: "1 IKE SA(s) established" in lab.log_tail("compose-siteE", 50), 45), (
+        lab.log_tail("compose-siteE", 30)
+    )
+    sas = lab.api.call("GET", f"/accounts/compose/magic/ipsec_tunnels/{tunnel_id}/sas")
+    assert sas["ike_sas"] and sas["child_sas"], sas
+    end = lab.procs["compose-siteE"]
+    end.terminate()
+    end.wait(10)
