@@ -17,8 +17,10 @@ the worker re-installs it when the set of live workers on the node changes.
 
 UDP GSO (``UDP_SEGMENT``, Linux ≥ 4.18): :class:`GsoBatcher` concatenates
 equal-sized datagrams to one destination and sends them with one
-``sendmsg``; the kernel splits them. Python has no ``recvmmsg``: receive
-loops use ``recv_into`` on preallocated buffers until ``BlockingIOError``.
+``sendmsg``; the kernel splits them. UDP GRO (``UDP_GRO``) is the receive
+side: one ``recvmsg_into`` may return several datagrams of a flow. Python has
+no ``recvmmsg``: receive loops use ``recv_into`` / ``recvmsg_into`` on
+preallocated buffers until ``BlockingIOError``.
 """
 
 from __future__ import annotations
@@ -138,6 +140,30 @@ def attach_share_filter(sock: socket.socket, proto: int, rank: int, count: int) 
     fprog, keep = _sock_fprog(insns)
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
     del keep  # the kernel copied the program
+
+
+UDP_GRO = 104
+GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
+def enable_gro(sock: socket.socket) -> bool:
+    """UDP GRO (Linux >= 5.0): the kernel may hand one ``recvmsg`` several
+    datagrams of one flow back to back, with their size in a ``UDP_GRO``
+    control message; :func:`gro_segment_size` reads it. False if refused."""
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def gro_segment_size(ancdata: list[tuple[int, int, bytes]], n: int) -> int:
+    """The size of each coalesced datagram (``n`` when there was no GRO)."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+            seg = int.from_bytes(data[:4] if len(data) >= 4 else data[:2], "little")
+            return seg if seg > 0 else n
+    return n
 
 
 def gso_supported(sock: socket.socket) -> bool:

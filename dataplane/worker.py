@@ -609,6 +609,7 @@ class Worker:
                 self.udp4500 = s.open_udp(cfg.anycast, 4500)
                 self._register(self.udp4500.fileno(), self._drain_udp4500)
                 self._gso = s.GsoBatcher(self.udp4500)
+                s.enable_gro(self.udp4500)
             if "udp500" in cfg.listen:
                 self.udp500 = s.open_udp(cfg.anycast, 500)
                 self._register(self.udp500.fileno(), self._drain_udp500)
@@ -873,23 +874,28 @@ class Worker:
         buf, view, dp = self.buf, self.view, self.dp
         classify = udpencap.classify
         esp_kind, ike_kind = udpencap.Udp4500.ESP, udpencap.Udp4500.IKE
+        bufs = [buf]
+        cmsg = self._sockets.GRO_CMSG_SPACE
+        seg_size = self._sockets.gro_segment_size
         for _ in range(self.BATCH):
             try:
-                n, addr = sock.recvfrom_into(buf)
+                n, anc, _flags, addr = sock.recvmsg_into(bufs, cmsg)
             except BlockingIOError:
                 return
-            payload = view[:n]
-            try:
-                kind = classify(payload)
-            except Drop as exc:
-                dp._drop(exc)
-                continue
-            if kind == esp_kind:
-                dp.inbound_esp(payload)
-            elif kind == ike_kind:
-                self._relay_ike(bytes(payload[4:]), 4500, addr)
-            else:
-                dp.count(DropReason.KEEPALIVE)
+            seg = seg_size(anc, n) if anc else n
+            for off in range(0, n, seg):  # UDP GRO: several datagrams of one flow
+                payload = view[off : min(off + seg, n)]
+                try:
+                    kind = classify(payload)
+                except Drop as exc:
+                    dp._drop(exc)
+                    continue
+                if kind == esp_kind:
+                    dp.inbound_esp(payload)
+                elif kind == ike_kind:
+                    self._relay_ike(bytes(payload[4:]), 4500, addr)
+                else:
+                    dp.count(DropReason.KEEPALIVE)
 
     def _drain_udp500(self) -> None:
         sock = self.udp500
