@@ -744,3 +744,92 @@ def test_compose_provision_and_site_roles(lab: Lab, tmp_path: Path) -> None:
     end = lab.procs["compose-siteE"]
     end.terminate()
     end.wait(10)
+
+
+# -- rekeying under traffic ---------------------------------------------------------
+
+
+def worker_sa_counts(lab: Lab) -> list[float]:
+    return [
+        scrape(lab, url).get("anywan_worker_sas", -1.0)
+        for name, _k, _i, url in worker_ids(lab)
+        if lab.procs[name].poll() is None
+    ]
+
+
+def test_rekey_under_traffic_started_by_the_site(lab: Lab) -> None:
+    """strongSwan rekeys its Child SA and then its IKE SA while iperf3 and a
+    10 ms ping run: a handful of packets at most, new SAs everywhere, old
+    ones gone on strongSwan and on every worker."""
+    need_site(lab, "siteA")
+    charon = lab.sites["siteA"].charon
+    before = charon.established()[0]
+    child_before = before["child-sas"][0]["spi-in"]
+    assert wait_for(lambda: len(set(worker_sa_counts(lab))) == 1, 10)
+    sa_count = worker_sa_counts(lab)[0]
+    src = lan(lab, "siteA")
+    pinger = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            src,
+            "ping",
+            "-q",
+            "-c",
+            "300",
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            lab.cfg.core_addr,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    tcp = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            src,
+            "iperf3",
+            "-c",
+            lab.cfg.core_addr,
+            "-p",
+            "5203",
+            "-t",
+            "3",
+            "-J",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)
+    charon.rekey(child="net")
+    time.sleep(1.0)
+    charon.rekey(ike="anywan")
+    out, _ = pinger.communicate(timeout=30)
+    data = json.loads(tcp.communicate(timeout=30)[0])
+    assert "error" not in data, data.get("error")
+    assert data["end"]["sum_received"]["bytes"] > 1_000_000
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m and int(m.group(1)) - int(m.group(2)) <= 5, out
+
+    def rekeyed() -> bool:
+        sas = charon.established()
+        return (
+            len(sas) == 1
+            and sas[0]["initiator-spi"] != before["initiator-spi"]
+            and len(sas[0]["child-sas"]) == 1
+            and sas[0]["child-sas"][0]["spi-in"] != child_before
+        )
+
+    assert wait_for(rekeyed, 15), charon.established()
+    # old SAs removed everywhere: every worker back to the same SA count
+    assert wait_for(lambda: worker_sa_counts(lab) == [sa_count] * len(worker_sa_counts(lab)), 15), (
+        worker_sa_counts(lab),
+        sa_count,
+    )
+    sent, got = ping(lab, src, lab.cfg.core_addr, 10, 0.05)
+    assert got == sent
