@@ -243,8 +243,12 @@ class Dataplane:
         self.drops[reason] += 1
 
     # ---- inbound ---------------------------------------------------------
-    def inbound_esp(self, packet: memoryview) -> None:
-        """An ESP packet (SPI first), from raw proto 50 or UDP 4500."""
+    def inbound_esp(self, packet: memoryview, outer_tos: int = 0) -> None:
+        """An ESP packet (SPI first), from raw proto 50 or UDP 4500.
+
+        ``outer_tos``: the outer IPv4 TOS byte when known (raw socket); its
+        ECN field is propagated to the inner packet per RFC 6040 §4.2 (CE
+        over a Not-ECT inner packet is dropped, reason ``ecn``)."""
         try:
             if len(packet) < 8:
                 raise Drop(DropReason.MALFORMED, "ESP shorter than its header")
@@ -264,6 +268,10 @@ class Dataplane:
             if net is None:
                 raise Drop(DropReason.NO_TUNNEL, "account has no inner network here")
             self._check_account(entry.account_id, net, f.version, f.dst)
+            if outer_tos & 3:
+                if inner.readonly:
+                    inner = memoryview(bytearray(inner))
+                ip.apply_ecn_decap(inner, outer_tos)
             if self.mss_clamp and f.proto == _TCP:
                 inner = self._clamp(entry.tunnel_id, inner, f.version)
             net.write(inner)
@@ -274,7 +282,7 @@ class Dataplane:
         except Drop as exc:
             self._drop(exc)
 
-    def inbound_gre(self, packet: memoryview, local: str, remote: str) -> None:
+    def inbound_gre(self, packet: memoryview, local: str, remote: str, outer_tos: int = 0) -> None:
         """A GRE packet (GRE header first) between outer ``remote`` → ``local``."""
         try:
             t = self.sad.gre.get((local, remote))
@@ -292,6 +300,10 @@ class Dataplane:
             if net is None:
                 raise Drop(DropReason.NO_TUNNEL, "account has no inner network here")
             self._check_account(account, net, f.version, f.dst)
+            if outer_tos & 3:
+                if inner.readonly:
+                    inner = memoryview(bytearray(inner))
+                ip.apply_ecn_decap(inner, outer_tos)
             if self.mss_clamp and f.proto == _TCP:
                 inner = self._clamp(t.record.tunnel_id, inner, f.version)
             net.write(inner)
@@ -850,7 +862,7 @@ class Worker:
             except BlockingIOError:
                 return
             ihl = (buf[0] & 0x0F) * 4
-            inbound(view[ihl:n])
+            inbound(view[ihl:n], buf[1])
 
     def _drain_raw_gre(self) -> None:
         sock = self.raw_gre
@@ -866,7 +878,7 @@ class Worker:
             if n < 20:
                 self.dp.count(DropReason.MALFORMED)
                 continue
-            inbound(view[ihl:n], ntoa(view[16:20]), ntoa(view[12:16]))
+            inbound(view[ihl:n], ntoa(view[16:20]), ntoa(view[12:16]), buf[1])
 
     def _drain_udp4500(self) -> None:
         sock = self.udp4500

@@ -201,3 +201,18 @@ def test_replay_protected_tunnel_hands_off_to_the_owner_only() -> None:
     for spi, o in owners.items():
         if o != 2:
             assert rendezvous_owner(spi, (0, 1)) == o
+
+
+def test_outer_ecn_ce_propagates_or_drops_per_rfc6040() -> None:
+    dp, box, _ = make(*BASE)
+    s = scapy_sa(IN, "198.51.100.2", "192.0.2.1")
+    ect = IP(src="10.2.0.9", dst="10.1.0.2", tos=0x02) / ICMP()  # ECT(0)
+    dp.inbound_esp(memoryview(bytes(s.encrypt(ect)[ESP])), outer_tos=0x03)  # outer CE
+    got = IP(box.tun[ACCOUNT_A][-1])
+    assert got.tos & 3 == 3
+    csum = got.chksum
+    del got.chksum
+    assert IP(bytes(got)).chksum == csum  # header checksum fixed up
+    not_ect = IP(src="10.2.0.9", dst="10.1.0.2", tos=0) / ICMP()
+    dp.inbound_esp(memoryview(bytes(s.encrypt(not_ect)[ESP])), outer_tos=0x03)
+    assert dp.drops[DropReason.ECN] == 1 and len(box.tun[ACCOUNT_A]) == 1
