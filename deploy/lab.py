@@ -52,10 +52,12 @@ import importlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -504,13 +506,16 @@ class Lab:
         self.token: str | None = None
         self.api: Api | None = None
         self.hash_policy_used: int | None = None
+        self._lock = threading.RLock()
 
     # -- state file -------------------------------------------------------------
     def _save(self) -> None:
-        self.cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.cfg.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True))
-        tmp.replace(self.cfg.state_path)
+        # sites start in threads: one writer at a time
+        with self._lock:
+            self.cfg.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = self.cfg.state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True, default=str))
+            tmp.replace(self.cfg.state_path)
 
     def _record_pid(self, name: str, pid: int) -> None:
         self.state.setdefault("pids", {})[name] = [pid, _proc_start(pid)]
@@ -972,8 +977,6 @@ class Lab:
     def start_sites(self) -> None:
         """GRE routers, then every strongSwan site started and initiated in
         parallel (an IKE timeout costs seconds; three in a row would add up)."""
-        import threading
-
         threads = []
         for site in self.cfg.sites:
             st = self.sites[site.name]
@@ -1356,9 +1359,20 @@ def print_status(cfg: LabConfig, st: dict[str, Any]) -> None:
     for name, why in sorted(st.get("missing", {}).items()):
         p(f"  MISSING {name}: {why}")
     p("  processes: " + ", ".join(f"{n}={s}" for n, s in sorted(st["processes"].items())))
+    names = {}
     for t in st.get("tunnels", []):
+        names[t["id"]] = f"{t['account']}/{t['name']}"
         sas = t.get("sas") or {}
-        p(f"  tunnel {t['account']}/{t['name']} ({t['kind']}, {t['id']}): {json.dumps(sas)[:300]}")
+        if t["kind"] == "gre":
+            detail = "GRE (stateless: any worker)"
+        else:
+            kids = ", ".join(
+                f"{c.get('direction')} {c.get('spi')} {c.get('cipher')} "
+                f"{c.get('remote_addr')}:{c.get('remote_port')}"
+                for c in sas.get("child_sas", [])
+            )
+            detail = f"{len(sas.get('ike_sas', []))} IKE SA(s); child SAs: {kids or 'none'}"
+        p(f"  tunnel {t['account']}/{t['name']} ({t['kind']} {t['id'][:8]}): {detail}")
     for site, sas in st.get("strongswan", {}).items():
         for sa in sas:
             kids = ", ".join(
@@ -1372,10 +1386,12 @@ def print_status(cfg: LabConfig, st: dict[str, Any]) -> None:
         if counters.get("_down"):
             p(f"    {wid}: /metrics not answering")
         else:
-            p(
-                f"    {wid}: "
-                + (", ".join(f"{k}={v:.0f}" for k, v in counters.items()) or "nothing yet")
-            )
+            parts = []
+            for labels, v in counters.items():
+                m = re.search(r'direction="(\w+)",tunnel="(\w+)"', labels)
+                if m:
+                    parts.append(f"{names.get(m.group(2), m.group(2)[:8])} {m.group(1)}={v:.0f}")
+            p(f"    {wid}: " + (", ".join(parts) or "nothing yet"))
     u = st["urls"]
     p(f"  API {u['api']}  Prometheus {u['prometheus']}  control {u['control_metrics']}")
     p("  workers: " + " ".join(u["worker_metrics"]))
