@@ -63,6 +63,22 @@ class Lab:
         with self.inside():
             return socket.socket(family, kind, proto)
 
+    def wait_ipv6_usable(self, timeout: float = 3.0) -> None:
+        """The address is listed at once, but the kernel finishes setting it
+        up in a work queue (even without DAD): wait until it can be bound."""
+        deadline = time.monotonic() + timeout
+        for _ in range(1000):
+            probe = self.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            try:
+                probe.bind((HOST6, 0))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+            finally:
+                probe.close()
+
     def write(self, packet: bytes) -> None:
         os.write(self.fd, packet)
 
@@ -101,7 +117,9 @@ def lab(netns_topology: Callable[[str], Any]) -> Iterator[Lab]:
             addresses=[f"{HOST4}/24", f"{HOST6}/64"],
             routes=[PEER4_NET, PEER6_NET],
         )
-        yield Lab(ns, fd)
+        lab = Lab(ns, fd)
+        lab.wait_ipv6_usable()
+        yield lab
     finally:
         os.close(fd)
 
