@@ -637,11 +637,12 @@ class IkeSa:
             pfs_hint=pfs_hint if pfs_hint is not None else (old.pfs_hint if old else None),
             replaces=(old.spi_in, old.spi_out) if old else None,
         )
+        records = self._records(child)  # validates everything before any state changes
         if old is not None:
             old.rekeyed = True
             old.delete_at = None
         self.children[spi_in] = child
-        self._publish(child, updated=False)
+        self._publish(child, updated=False, records=records)
         return child
 
     def _records(self, c: ChildSa) -> tuple[SaRecord, SaRecord]:
@@ -686,9 +687,11 @@ class IkeSa:
             rec(Direction.OUT, c.spi_out, c.keys_out, c.replaces[1] if c.replaces else 0),
         )
 
-    def _publish(self, c: ChildSa, *, updated: bool) -> None:
+    def _publish(
+        self, c: ChildSa, *, updated: bool, records: tuple[SaRecord, SaRecord] | None = None
+    ) -> None:
         assert self.tunnel is not None
-        c.records = self._records(c)
+        c.records = records or self._records(c)
         t = self.tunnel
         if updated:
             self._emit(ChildSaUpdated(t.tunnel_id, t.account_id, *c.records))
@@ -1331,6 +1334,11 @@ class IkeSa:
         ):
             raise InvalidSyntax("bad CREATE_CHILD_SA response")
         proposal, suite = select_child(sa, allow_null=True, pfs=True)
+        # the responder may only narrow what we offered (§2.9)
+        ts_local = narrow(tsi.selectors, self.tunnel.local_ts)
+        ts_remote = narrow(tsr.selectors, self.tunnel.remote_ts)
+        if not ts_local or not ts_remote:
+            raise TsUnacceptable()
         g_ir = None
         if suite.dh is not None:
             ke = msg.get(PayloadType.KE)
@@ -1354,8 +1362,8 @@ class IkeSa:
             spi_out=int.from_bytes(proposal.spi, "big"),
             keys=keys,
             we_initiated_exchange=True,
-            ts_local=tsi.selectors,
-            ts_remote=tsr.selectors,
+            ts_local=ts_local,
+            ts_remote=ts_remote,
             now=now,
             old=old,
             pfs_hint=ctx["group"],
@@ -1584,6 +1592,10 @@ class IkeSa:
         if isinstance(sa, SaPayload) and isinstance(tsi, TsPayload) and isinstance(tsr, TsPayload):
             try:
                 proposal, suite = select_child(sa, allow_null=True, pfs=False)
+                ts_local = narrow(tsi.selectors, self.tunnel.local_ts)
+                ts_remote = narrow(tsr.selectors, self.tunnel.remote_ts)
+                if not ts_local or not ts_remote:
+                    raise NoProposalChosen
                 keys = child_keymat(
                     self.prf,
                     self.keys.sk_d,
@@ -1598,8 +1610,8 @@ class IkeSa:
                     spi_out=int.from_bytes(proposal.spi, "big"),
                     keys=keys,
                     we_initiated_exchange=True,
-                    ts_local=tsi.selectors,
-                    ts_remote=tsr.selectors,
+                    ts_local=ts_local,
+                    ts_remote=ts_remote,
                     now=now,
                 )
                 done = True

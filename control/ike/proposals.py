@@ -245,7 +245,12 @@ def ike_groups_offered(sa: SaPayload) -> list[int]:
 
 def select_child(sa: SaPayload, *, allow_null: bool, pfs: bool) -> tuple[Proposal, ChildSuite]:
     """Pick the ESP proposal. ``pfs`` False (IKE_AUTH, §1.2) ignores DH transforms."""
-    offers = [_Offer(p) for p in sa.proposals if p.protocol == Protocol.ESP and len(p.spi) == 4]
+    # RFC 4303 §2.1: SPIs 0-255 are reserved; such a proposal is unusable.
+    offers = [
+        _Offer(p)
+        for p in sa.proposals
+        if p.protocol == Protocol.ESP and len(p.spi) == 4 and int.from_bytes(p.spi, "big") >= 256
+    ]
     encrs = CHILD_ENCR + (CHILD_NULL if allow_null else [])
     for encr, bits, integ in encrs:
         for dh in CHILD_DH if pfs else [None]:

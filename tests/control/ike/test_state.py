@@ -79,3 +79,11 @@ def test_select_child_esn_null_and_pfs() -> None:
     with pytest.raises(NoProposalChosen):  # group 20 is not a PFS group of ours (DESIGN §3)
         select_child(esp(gcm, Transform(4, 20), Transform(5, 0)), allow_null=False, pfs=True)
     assert len(ALL_CHILD_SUITES) == 24
+
+
+def test_reserved_esp_spi_is_not_selectable() -> None:
+    """RFC 4303 §2.1: SPI 1-255 reserved (a soak run found one crash a record check)."""
+    for spi in (b"\x00\x00\x00\x00", b"\x00\x00\x00\xff"):
+        sa = SaPayload([Proposal(1, Protocol.ESP, spi, [Transform(1, 20, 128), Transform(5, 0)])])
+        with pytest.raises(NoProposalChosen):
+            select_child(sa, allow_null=False, pfs=False)
