@@ -16,6 +16,7 @@ MYPY_STRICT=(
 )
 for f in dataplane/esp.py dataplane/gre.py dataplane/udpencap.py dataplane/ip.py \
          dataplane/mss.py dataplane/replay.py dataplane/sad.py dataplane/routes.py \
+         dataplane/selectors.py \
          control/ike; do
     [[ -e $f ]] && MYPY_STRICT+=("$f")
 done

@@ -27,6 +27,7 @@ CORE_GLOBS = [
     "dataplane/drops.py",
     "dataplane/sad.py",
     "dataplane/routes.py",
+    "dataplane/selectors.py",
     "replication/records.py",
     "replication/clone.py",
     "control/ike/*.py",
