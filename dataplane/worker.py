@@ -359,6 +359,9 @@ class Dataplane:
             table = self.routes.tables.get(net.account_id)
             choice = None if table is None else table.choice(f.version, f.dst)
             if choice is None:
+                if (f.dst >> 120 == 0xFF) if f.version == 6 else (f.dst >> 28 == 0xE):
+                    # the namespace's own multicast (IPv6 RS/MLD...): not a routing gap
+                    raise Drop(DropReason.UNSUPPORTED, "multicast")
                 raise Drop(DropReason.NO_ROUTE)
             if len(choice.tunnels) == 1:
                 tid = choice.tunnels[0]
