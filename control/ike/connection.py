@@ -752,6 +752,7 @@ class IkeSa:
             "last_response": self.last_response,
             "pending": None if req is None else [req.kind, req.exchange, req.message_id, req.data],
             "ike_rekey_at": self.ike_rekey_at - shift if self.ike_rekey_at else 0.0,
+            "created": self.created - shift,
             "children": [
                 [
                     c.spi_in,
@@ -813,6 +814,7 @@ class IkeSa:
             sa.pending = OutRequest(kind, exchange, mid, data, now, now, 0, {})
         sa.ike_rekey_at = d["ike_rekey_at"] + now if d["ike_rekey_at"] else 0.0
         sa.last_heard = now
+        sa.created = float(d.get("created", 0.0)) + now
         for c in d["children"]:
             child = ChildSa(
                 spi_in=c[0],
