@@ -123,7 +123,8 @@ def build(kind: str, size: int) -> dict[str, Callable[[], object]]:
             return gre.decapsulate(gre_pkt)
 
         def worker_decap() -> object:
-            return dp.inbound_gre(gre_pkt, LOCAL, REMOTE)
+            dp.inbound_gre(gre_pkt, LOCAL, REMOTE)
+            return None
     else:
         for d in (Direction.IN, Direction.OUT):
             rec = _sa(d, kind)
@@ -140,10 +141,12 @@ def build(kind: str, size: int) -> dict[str, Callable[[], object]]:
             return bare_in.decapsulate(esp_pkt)
 
         def worker_decap() -> object:
-            return dp.inbound_esp(esp_pkt)
+            dp.inbound_esp(esp_pkt)
+            return None
 
     def worker_encap() -> object:
-        return dp.outbound(net, inner_view)
+        dp.outbound(net, inner_view)
+        return None
 
     # sanity: the worker path really delivered, no drops
     worker_encap()
@@ -339,7 +342,7 @@ def network(seconds: float, udp_encap: bool) -> dict[str, Any]:
                         "-m",
                         "dataplane.cli",
                         "--netns",
-                        ns.name,
+                        str(ns.name),
                         "--anycast",
                         "192.0.2.1" if side == "a" else "192.0.2.2",
                         "--state-file",

@@ -34,6 +34,8 @@ class InboundCodec(Protocol):
 
 class OutboundCodec(Protocol):
     spi: int
+    seq: int
+    """Last sequence number sent (owner mode reads it for reservations)."""
 
     def overhead(self, inner_len: int) -> int: ...
 
