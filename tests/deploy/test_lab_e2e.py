@@ -315,10 +315,11 @@ def charon_inits(lab: Lab, site: str) -> int:
     return len(lab.sites[site].charon.log_lines(r"IKE_SA_INIT request"))
 
 
-def test_worker_failover_under_ping(lab: Lab, record_property: object) -> None:
-    """SIGKILL the worker carrying a tunnel under a 10 ms ping: the flow moves
-    to another worker, the outage is measured, no IKE renegotiation, and the
-    restarted worker takes traffic again."""
+def test_worker_failover_under_ping(lab: Lab) -> None:
+    """SIGKILL the worker carrying a tunnel under a 10 ms ping and an iperf3
+    TCP flow: another worker decrypts the tunnel from then on, the outage is
+    measured, no IKE renegotiation, and the restarted worker takes traffic
+    again after its snapshot."""
     ipsec = "ike" not in lab.missing and "control" not in lab.missing
     site = "siteA" if ipsec and lab.sites["siteA"].status == "IKE SA established" else "siteC"
     need_site(lab, site)
@@ -348,10 +349,36 @@ def test_worker_failover_under_ping(lab: Lab, record_property: object) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    tcp = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            src,
+            "iperf3",
+            "-c",
+            lab.cfg.core_addr,
+            "-p",
+            "5203",
+            "-t",
+            "3",
+            "-J",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.8)
     lab.procs[victim].kill()
     lab.procs[victim].wait(5)
+    killed = tunnel_packets(lab, tid)
     out, _ = pinger.communicate(timeout=30)
+    data = json.loads(tcp.communicate(timeout=30)[0])
+    assert "error" not in data, data.get("error")
+    assert data["end"]["sum_received"]["bytes"] > 1_000_000
+    time.sleep(1.2)
+    later = tunnel_packets(lab, tid)
+    takers = [w for w in later if later[w]["in"] > killed.get(w, {}).get("in", 0)]
+    assert takers and victim not in takers, (killed, later)
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m, out
     lost = int(m.group(1)) - int(m.group(2))
@@ -466,10 +493,20 @@ print(json.dumps({"sent": len(pk)}))
 """
 
 
+def relayed_to_control(lab: Lab) -> float:
+    key = 'anywan_worker_ike_relayed_packets_total{direction="to_control"}'
+    return sum(
+        scrape(lab, url).get(key, 0.0)
+        for name, _k, _i, url in worker_ids(lab)
+        if lab.procs[name].poll() is None
+    )
+
+
 def test_bad_traffic_is_dropped_and_counted(lab: Lab) -> None:
     need_site(lab, "siteC")
     cfg = lab.cfg
     before = drops(lab)
+    relayed = relayed_to_control(lab)
     legit = subprocess.Popen(
         [
             "ip",
@@ -503,6 +540,8 @@ def test_bad_traffic_is_dropped_and_counted(lab: Lab) -> None:
     assert delta.get("malformed", 0) >= n, delta  # truncated GRE
     assert delta.get("no_tunnel", 0) >= n, delta
     assert delta.get("bad_version", 0) >= n, delta
+    # the IKE flood reached control (which judges IKE), counted on the way
+    assert relayed_to_control(lab) - relayed >= 2 * n
     # the legitimate flow kept running, and nobody died
     m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
     assert m and int(m.group(1)) - int(m.group(2)) <= 4, out[-300:]
