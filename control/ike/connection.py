@@ -218,6 +218,45 @@ class OutRequest:
 class IkeSa:
     """One IKE SA. ``initiator`` is the ORIGINAL initiator role (§2.2, the I flag)."""
 
+    __slots__ = (
+        "auth_ctx",
+        "children",
+        "created",
+        "engine",
+        "half_open_deadline",
+        "id_kind",
+        "ike_rekey_at",
+        "init_key",
+        "init_request",
+        "init_response",
+        "initiator",
+        "iv_counter",
+        "kex",
+        "keys",
+        "last_heard",
+        "last_response",
+        "linger_until",
+        "local",
+        "nat_detected",
+        "ni",
+        "nr",
+        "our_next",
+        "peer_next",
+        "pending",
+        "prf",
+        "queue",
+        "remote",
+        "scheduled",
+        "sk_in",
+        "sk_out",
+        "spi_i",
+        "spi_r",
+        "state",
+        "suite",
+        "tunnel",
+        "udp_encap",
+    )
+
     def __init__(
         self, engine: IkeEngine, *, initiator: bool, spi_i: bytes, spi_r: bytes, now: float
     ) -> None:
