@@ -528,49 +528,59 @@ class Bench:
             )
         return ""
 
-    def start_workers(self, n: int) -> None:
+    def _worker_argv(self, i: int, n: int) -> list[str]:
         lab = _lab()
         keys = self.run_dir / "control" / "keys"
+        return [
+            *lab.entry_point("anywan-worker", "dataplane.cli"),
+            "--config",
+            str(lab.ANYWAN_CONFIG),
+            "--netns",
+            self.node.name,
+            "--anycast",
+            ANYCAST,
+            "--node",
+            "node",
+            "--index",
+            str(i),
+            "--workers",
+            str(n),
+            "--run-dir",
+            str(self.run_dir / "node"),
+            "--netns-template",
+            self.acct.name.replace(ACCOUNT, "{account}"),
+            "--metrics-port",
+            str(9101 + i),
+            "--bus-server-key",
+            str(keys / "control.pub"),
+            "--bus-client-key",
+            str(keys / "workers" / "node.key"),
+            "--log-level",
+            "WARNING",
+        ]
+
+    def start_worker(self, i: int, n: int) -> subprocess.Popen[Any]:
+        """Start worker ``i`` of ``n`` (from the root namespace; it enters
+        ``node`` itself) and put it in slot ``i``."""
+        log = open(self.run_dir / f"worker{i}.log", "ab")  # noqa: SIM115
+        proc = self.topo.root.popen(self._worker_argv(i, n), stdout=log, stderr=log)
+        log.close()
+        while len(self.workers) <= i:
+            self.workers.append(proc)
+        self.workers[i] = proc
+        return proc
+
+    def worker_up(self, i: int) -> bool:
+        lab = _lab()
+        url = f"http://10.99.0.11:{9101 + i}/metrics"
+        return bool(lab.http_get(self.ctl.name, url, 1.0)[0] == 200)
+
+    def start_workers(self, n: int) -> None:
+        lab = _lab()
         self.workers = []
         for i in range(n):
-            argv = [
-                *lab.entry_point("anywan-worker", "dataplane.cli"),
-                "--config",
-                str(lab.ANYWAN_CONFIG),
-                "--netns",
-                self.node.name,
-                "--anycast",
-                ANYCAST,
-                "--node",
-                "node",
-                "--index",
-                str(i),
-                "--workers",
-                str(n),
-                "--run-dir",
-                str(self.run_dir / "node"),
-                "--netns-template",
-                self.acct.name.replace(ACCOUNT, "{account}"),
-                "--metrics-port",
-                str(9101 + i),
-                "--bus-server-key",
-                str(keys / "control.pub"),
-                "--bus-client-key",
-                str(keys / "workers" / "node.key"),
-                "--log-level",
-                "WARNING",
-            ]
-            log = open(self.run_dir / f"worker{i}.log", "wb")  # noqa: SIM115
-            self.workers.append(self.topo.root.popen(argv, stdout=log, stderr=log))
-            log.close()
-
-        def up() -> bool:
-            return all(
-                lab.http_get(self.ctl.name, f"http://10.99.0.11:{9101 + i}/metrics", 1.0)[0] == 200
-                for i in range(n)
-            )
-
-        if not lab.wait_until(up, 30, 0.3):
+            self.start_worker(i, n)
+        if not lab.wait_until(lambda: all(self.worker_up(i) for i in range(n)), 30, 0.3):
             dead = [i for i, p in enumerate(self.workers) if p.poll() is not None]
             raise SetupError(
                 f"workers did not serve /metrics in 30 s (exited: {dead}): " + self._tail("worker0")
@@ -584,19 +594,22 @@ class Bench:
         res = self.acct.run(["ip", "-4", "route", "show", "dev", "aw0"], check=False, timeout=5)
         return res.returncode == 0 and all(s.lan in res.stdout for s in self.sites)
 
-    def worker_packets(self) -> list[float]:
-        """Per worker: sum of packet counters in its /metrics (to show the split)."""
+    def worker_packets(self, tunnel_id: str | None = None) -> list[float]:
+        """Per worker: inner packets carried (``anywan_worker_tunnel_packets``,
+        both directions; one tunnel or all), to show how the load was split.
+        The workers flush their counters about once a second."""
         lab = _lab()
         out = []
         for i in range(len(self.workers)):
             _, body = lab.http_get(self.ctl.name, f"http://10.99.0.11:{9101 + i}/metrics", 2.0)
             total = 0.0
             for line in body.splitlines():
-                if line.startswith("anywan_worker_packets_total") or (
-                    line.startswith("anywan_worker_") and "_packets_total{" in line
-                ):
-                    with contextlib.suppress(ValueError):
-                        total += float(line.rsplit(" ", 1)[1])
+                if not line.startswith("anywan_worker_tunnel_packets_total{"):
+                    continue
+                if tunnel_id is not None and f'tunnel="{tunnel_id}"' not in line:
+                    continue
+                with contextlib.suppress(ValueError):
+                    total += float(line.rsplit(" ", 1)[1])
             out.append(total)
         return out
 

@@ -1,0 +1,357 @@
+"""PNG plots of a :mod:`bench.run` result (matplotlib, no display needed).
+
+    python -m bench.plot bench/results/latest/results.json   # re-plot a result
+
+Every plot has units on its axes, a legend, and error bars spanning the
+repetitions (min–max); a configuration that did not run is absent from the
+plot and named in the title's note.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+SERIES = (
+    ("strongswan", "strongSwan kernel-libipsec", "#888888"),
+    ("anywan-1w", "anywan, 1 worker", "#1f77b4"),
+    ("anywan-2w", "anywan, 2 workers", "#ff7f0e"),
+    ("plain", "plain routing (no tunnel)", "#2ca02c"),
+)
+CIPHER_LABEL = {
+    "aes256gcm": "AES-256-GCM",
+    "aes128gcm": "AES-128-GCM",
+    "aes256cbc-sha256": "AES-256-CBC+HMAC-SHA256",
+    "gre": "GRE",
+}
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _rows(results: dict[str, Any], suite: str) -> list[dict[str, Any]]:
+    step = results.get("suites", {}).get(suite, {}).get(suite) or {}
+    data = step.get("data") or {}
+    return [r for r in data.get("rows", []) if "median" in r and not r.get("status")]
+
+
+def _err(row: dict[str, Any], scale: float = 1.0) -> tuple[float, float]:
+    return ((row["median"] - row["min"]) * scale, (row["max"] - row["median"]) * scale)
+
+
+def _subtitle(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    return (
+        f"{results.get('date')} · {m.get('cores')} cores {m.get('cpu_model') or ''} · "
+        f"load {results.get('loadavg_before')} · {results.get('command')}"
+    )
+
+
+def throughput_figure(results: dict[str, Any], cipher: str, path: Path) -> bool:
+    """Three panels: UDP received packets/s vs inner packet size, and the same
+    in Gbit/s, and TCP Gbit/s both directions; one series per responder."""
+    rows = _rows(results, "throughput")
+    idx = {(r["mode"], r["cipher"], r["test"]): r for r in rows}
+    mine = [r for r in rows if r["cipher"] == cipher]
+    if not mine:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    sizes = [(64, "udp64"), (1400, "udp1400")]
+    for mode, label, color in SERIES:
+        c = "none" if mode == "plain" else cipher
+        pts = [(s, idx[(mode, c, t)]) for s, t in sizes if (mode, c, t) in idx]
+        if not pts:
+            continue
+        xs = [s for s, _ in pts]
+        for ax, scale in ((axes[0], 1.0), (axes[1], None)):
+            if scale is None:  # kpps -> Gbit/s of inner packets
+                ys = [r["median"] * 1e3 * s * 8 / 1e9 for s, r in pts]
+                errs = [_err(r, 1e3 * s * 8 / 1e9) for s, r in pts]
+            else:
+                ys = [r["median"] for _, r in pts]
+                errs = [_err(r) for _, r in pts]
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=list(zip(*errs, strict=True)),
+                marker="o",
+                capsize=4,
+                label=label,
+                color=color,
+                linestyle="--" if mode == "plain" else "-",
+            )
+    axes[0].set_title("UDP flood, site → core")
+    axes[0].set_ylabel("received packets/s (thousands)")
+    axes[1].set_title("UDP flood, site → core")
+    axes[1].set_ylabel("received inner Gbit/s")
+    for ax in axes[:2]:
+        ax.set_xlabel("inner IPv4 packet size (bytes)")
+        ax.set_xscale("log")
+        ax.set_xticks([64, 1400], ["64", "1400"])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    # TCP bars
+    tests = [t for t in ("tcp-up", "tcp-down") if any(r["test"] == t for r in mine)]
+    width = 0.8 / len(SERIES)
+    ax = axes[2]
+    for i, (mode, label, color) in enumerate(SERIES):
+        c = "none" if mode == "plain" else cipher
+        xs, ys, errs = [], [], []
+        for j, t in enumerate(tests):
+            r = idx.get((mode, c, t))
+            if r:
+                xs.append(j + (i - 1.5) * width)
+                ys.append(r["median"])
+                errs.append(_err(r))
+        if xs:
+            ax.bar(
+                xs,
+                ys,
+                width,
+                yerr=list(zip(*errs, strict=True)),
+                capsize=3,
+                label=label,
+                color=color,
+            )
+    ax.set_xticks(
+        range(len(tests)),
+        [
+            "site→core\n(responder decrypts)" if t == "tcp-up" else "core→site\n(encrypts)"
+            for t in tests
+        ],
+    )
+    ax.set_ylabel("TCP goodput (Gbit/s)")
+    ax.set_yscale("log")
+    ax.set_title("TCP (log scale)")
+    ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8, loc="best")
+    missing = sorted(
+        {
+            r["mode"]
+            for r in (results["suites"]["throughput"]["throughput"]["data"] or {}).get("rows", [])
+            if r.get("status") and r["cipher"] == cipher
+        }
+    )
+    note = f" (not run: {', '.join(missing)})" if missing else ""
+    fig.suptitle(
+        f"Tunnel throughput, {CIPHER_LABEL.get(cipher, cipher)}{note} — error bars: "
+        "min–max of repetitions\n" + _subtitle(results),
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def ratio_figure(results: dict[str, Any], path: Path) -> bool:
+    """anywan ÷ anchor for each cipher and test (error bars from the extreme
+    repetitions: min÷max to max÷min)."""
+    rows = _rows(results, "throughput")
+    have = [r for r in rows if r.get("anchor_median") and r["mode"].startswith("anywan")]
+    if not have:
+        return False
+    idx = {(r["mode"], r["cipher"], r["test"]): r for r in rows}
+    plt = _plt()
+    keys = sorted(
+        {(r["cipher"], r["test"]) for r in have},
+        key=lambda k: (list(CIPHER_LABEL).index(k[0]) if k[0] in CIPHER_LABEL else 9, k[1]),
+    )
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 4.5))
+    width = 0.38
+    for i, mode in enumerate(("anywan-1w", "anywan-2w")):
+        xs, ys, lo, hi = [], [], [], []
+        for j, (c, t) in enumerate(keys):
+            r = idx.get((mode, c, t))
+            if not r or not r.get("anchor_median"):
+                continue
+            a = idx.get((r["anchor"], "none" if r["anchor"] == "plain" else c, t))
+            ratio = r["median"] / r["anchor_median"]
+            xs.append(j + (i - 0.5) * width)
+            ys.append(ratio)
+            if a and a["max"] > 0 and a["min"] > 0:
+                lo.append(max(ratio - r["min"] / a["max"], 0))
+                hi.append(max(r["max"] / a["min"] - ratio, 0))
+            else:
+                lo.append(0)
+                hi.append(0)
+        if xs:
+            ax.bar(
+                xs,
+                ys,
+                width,
+                yerr=[lo, hi],
+                capsize=3,
+                label=dict((s[0], s[1]) for s in SERIES)[mode],
+                color=dict((s[0], s[2]) for s in SERIES)[mode],
+            )
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(
+        range(len(keys)),
+        [f"{CIPHER_LABEL.get(c, c)}\n{t}" + ("\n(÷ plain)" if c == "gre" else "") for c, t in keys],
+        fontsize=7,
+    )
+    ax.set_ylabel("throughput ÷ same-run anchor (×)")
+    ax.set_title(
+        "anywan ÷ strongSwan libipsec (IPsec) and ÷ plain routing (GRE)\n" + _subtitle(results),
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def failover_figure(results: dict[str, Any], path: Path) -> bool:
+    rows = [r for r in _rows(results, "failover") if r["test"] == "worker-kill"]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, r in enumerate(rows):
+        xs = [
+            i + 0.06 * (k - len(r["reps"]) / 2) / max(len(r["reps"]), 1) * 4
+            for k in range(len(r["reps"]))
+        ]
+        ax.scatter(
+            xs,
+            r["reps"],
+            alpha=0.7,
+            label=f"{CIPHER_LABEL.get(r['cipher'], r['cipher'])}: each repetition",
+        )
+        ax.errorbar(
+            [i + 0.3],
+            [r["median"]],
+            yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]],
+            marker="s",
+            capsize=5,
+            color="black",
+            label="median, min–max" if i == 0 else None,
+        )
+    ax.set_xticks(range(len(rows)), [CIPHER_LABEL.get(r["cipher"], r["cipher"]) for r in rows])
+    ax.set_ylabel("outage (ms)")
+    ax.set_xlabel("tunnel")
+    ax.set_ylim(bottom=0)
+    ax.set_title(
+        "Outage when the worker carrying the flow is SIGKILLed\n" + _subtitle(results), fontsize=8
+    )
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def ike_figure(results: dict[str, Any], path: Path) -> bool:
+    step = results.get("suites", {}).get("ike", {}).get("ike-vs-strongswan") or {}
+    data = (step.get("data") or {}).get("vs_strongswan") or []
+    if not data:
+        return False
+    plt = _plt()
+    groups = sorted({r["group"] for r in data})
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    width = 0.38
+    for i, (resp, label, color) in enumerate(
+        (
+            ("strongswan", "strongSwan responder", "#888888"),
+            ("anywan", "anywan responder", "#1f77b4"),
+        )
+    ):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            r = next((x for x in data if x["group"] == g and x["responder"] == resp), None)
+            if r:
+                xs.append(j + (i - 0.5) * width)
+                ys.append(r["responder_handshakes_per_cpu_s"])
+        ax.bar(xs, ys, width, label=label, color=color)
+    ax.set_xticks(range(len(groups)), [g.upper() for g in groups])
+    ax.set_xlabel("DH group")
+    ax.set_ylabel("handshakes per CPU-second of the responder")
+    ax.set_title(
+        "IKE_SA_INIT + IKE_AUTH, same initiator (one run each, no error bars)\n"
+        + _subtitle(results),
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def replication_figure(results: dict[str, Any], path: Path) -> bool:
+    step = results.get("suites", {}).get("replication", {}).get("replication") or {}
+    prop = (step.get("data") or {}).get("propagation") or []
+    if not prop:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ns = [p["subscribers"] for p in prop]
+    for key, label, style in (
+        ("p50_ms", "p50", "o-"),
+        ("p99_ms", "p99", "s-"),
+        ("max_ms", "max", "^--"),
+    ):
+        ax.plot(ns, [p[key] for p in prop], style, label=label)
+    ax.axhline(10, color="red", linewidth=0.8, linestyle=":", label="goal p99 10 ms")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("subscriber processes")
+    ax.set_ylabel("set() → applied latency (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Replication propagation at 1000 updates/s\n" + _subtitle(results), fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def make_all(results: dict[str, Any], out_dir: Path) -> list[str]:
+    """Write every plot that has data; returns the file names."""
+    made = []
+    rows = _rows(results, "throughput")
+    ciphers = [c for c in CIPHER_LABEL if any(r["cipher"] == c for r in rows)]
+    for c in ciphers:
+        name = "throughput.png" if c == "aes256gcm" else f"throughput-{c}.png"
+        if throughput_figure(results, c, out_dir / name):
+            made.append(name)
+    for name, fn in (
+        ("ratios.png", ratio_figure),
+        ("failover.png", failover_figure),
+        ("ike.png", ike_figure),
+        ("replication.png", replication_figure),
+    ):
+        if fn(results, out_dir / name):
+            made.append(name)
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.plot RESULTS.json", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    results = json.loads(path.read_text())
+    for name in make_all(results, path.parent):
+        print(path.parent / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

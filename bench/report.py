@@ -1,0 +1,531 @@
+"""``results.md`` from the ``results.json`` of :mod:`bench.run`.
+
+Every figure appears with its same-run anchor and the ratio to it; measured
+spreads are shown as ``median (min–max)`` over the repetitions. A suite that
+did not run says so, with the reason — never a number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODES = ("strongswan", "anywan-1w", "anywan-2w")
+MODE_LABEL = {
+    "plain": "plain routing",
+    "strongswan": "strongSwan libipsec",
+    "anywan-1w": "anywan 1 worker",
+    "anywan-2w": "anywan 2 workers",
+}
+CIPHER_LABEL = {
+    "aes256gcm": "AES-256-GCM",
+    "aes128gcm": "AES-128-GCM",
+    "aes256cbc-sha256": "AES-256-CBC+SHA256",
+    "gre": "GRE",
+    "none": "none",
+}
+TEST_LABEL = {
+    "tcp-up": "TCP site→core (responder decrypts), Gbit/s",
+    "tcp-down": "TCP core→site (responder encrypts), Gbit/s",
+    "udp1400": "UDP 1400 B inner packets site→core, received kpps",
+    "udp64": "UDP 64 B inner packets site→core, received kpps",
+}
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{digits}g}" if x else "0"
+
+
+def spread(row: dict[str, Any]) -> str:
+    if "median" not in row:
+        return row.get("status", "not run")
+    if len(row.get("reps", [])) > 1:
+        return f"{num(row['median'])} ({num(row['min'])}–{num(row['max'])})"
+    return num(row["median"])
+
+
+def ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out) + "\n"
+
+
+def _step(results: dict[str, Any], suite: str, step: str) -> dict[str, Any] | None:
+    return results.get("suites", {}).get(suite, {}).get(step)
+
+
+def _status_note(res: dict[str, Any] | None, name: str) -> str | None:
+    if res is None:
+        return None
+    if res["status"] != "ok":
+        tail = " / ".join(str(x) for x in (res.get("tail") or [])[-3:])
+        return f"**{name}: {res['status']}** ({tail[:400]})\n"
+    if isinstance(res.get("data"), dict) and res["data"].get("skipped"):
+        return f"**{name}: skipped** — {res['data']['skipped']}\n"
+    return None
+
+
+# --------------------------------------------------------------------------
+# per suite
+# --------------------------------------------------------------------------
+
+
+def throughput_md(results: dict[str, Any]) -> str:
+    res = _step(results, "throughput", "throughput")
+    if res is None:
+        return ""
+    out = ["## Tunnel throughput (`bench.throughput`)\n"]
+    note = _status_note(res, "throughput")
+    if note:
+        out.append(note)
+    data = res.get("data") or {}
+    rows = data.get("rows", [])
+    if not rows:
+        return "\n".join(out)
+    cfg = data.get("config", {})
+    out.append(
+        f"{cfg.get('sites')} strongSwan kernel-libipsec initiator sites in parallel, one "
+        f"iperf3 client each (sum shown), {cfg.get('reps')} repetitions of "
+        f"{cfg.get('seconds')} s; median (min–max). Ratios: anywan ÷ strongSwan "
+        "(same cipher, same run); GRE and strongSwan ÷ plain routing; 2 workers ÷ 1 worker.\n"
+    )
+    index = {(r["mode"], r["cipher"], r["test"]): r for r in rows}
+    tests = [t for t in TEST_LABEL if any(r["test"] == t for r in rows)]
+    ciphers = [c for c in CIPHER_LABEL if c != "none" and any(r["cipher"] == c for r in rows)]
+    for test in tests:
+        out.append(f"### {TEST_LABEL[test]}\n")
+        body = []
+        plain = index.get(("plain", "none", test))
+        for c in ciphers:
+            sw = index.get(("strongswan", c, test))
+            a1 = index.get(("anywan-1w", c, test))
+            a2 = index.get(("anywan-2w", c, test))
+            body.append(
+                [
+                    CIPHER_LABEL[c],
+                    spread(sw) if sw else ("no GRE in strongSwan" if c == "gre" else "—"),
+                    ratio(sw.get("ratio")) if sw else "—",
+                    spread(a1) if a1 else "—",
+                    ratio(a1.get("ratio")) if a1 else "—",
+                    spread(a2) if a2 else "—",
+                    ratio(a2.get("ratio")) if a2 else "—",
+                    ratio(a2.get("ratio_vs_1w")) if a2 else "—",
+                ]
+            )
+        body.append(
+            ["plain routing (no tunnel)", spread(plain) if plain else "—", "", "", "", "", "", ""]
+        )
+        out.append(
+            table(
+                [
+                    "cipher",
+                    "strongSwan",
+                    "sS ÷ plain",
+                    "anywan 1w",
+                    "1w ÷ anchor",
+                    "anywan 2w",
+                    "2w ÷ anchor",
+                    "2w ÷ 1w",
+                ],
+                body,
+            )
+        )
+    out.append("### What limited each number\n")
+    out.append(
+        "CPU of each process (% of one core; busiest thread in brackets) during the "
+        "median repetition, and the whole machine's busy share. A process near 100 % of a "
+        "core is the bottleneck; a machine near 100 % means all processes were starved "
+        "together (2 cores shared by initiators, responder, iperf3 and the kernel).\n"
+    )
+    lim = []
+    for r in rows:
+        if "cpu" not in r:
+            continue
+        procs = r["cpu"].get("processes", {})
+        top = sorted(procs.items(), key=lambda kv: -kv[1]["cpu_pct"])[:5]
+        lim.append(
+            [
+                MODE_LABEL.get(r["mode"], r["mode"]),
+                CIPHER_LABEL.get(r["cipher"], r["cipher"]),
+                r["test"],
+                ", ".join(
+                    f"{k} {v['cpu_pct']:.0f}% ({v['busiest_thread_pct']:.0f}%)" for k, v in top
+                ),
+                f"{r['cpu'].get('machine_busy_pct', 0):.0f}%",
+            ]
+        )
+    out.append(table(["responder", "cipher", "test", "top processes", "machine busy"], lim))
+    extra = [r for r in rows if r.get("worker_packet_counters")]
+    if extra:
+        out.append(
+            "Per-worker inner packet counters (anywan, cumulative, last repetition) show how "
+            "SO_REUSEPORT split the sites' flows: "
+            + "; ".join(
+                f"{r['mode']} {r['cipher']} {r['test']}: {r['worker_packet_counters']}"
+                for r in extra
+                if r["mode"] == "anywan-2w"
+            )
+            + "\n"
+        )
+    bad = [r for r in rows if r.get("status")]
+    if bad:
+        out.append(
+            table(
+                ["responder", "cipher", "test", "status"],
+                [[r["mode"], r["cipher"], r["test"], r["status"]] for r in bad],
+            )
+        )
+    return "\n".join(out)
+
+
+def failover_md(results: dict[str, Any]) -> str:
+    res = _step(results, "failover", "failover")
+    if res is None:
+        return ""
+    out = ["## Failover and rekey (`bench.failover`)\n"]
+    note = _status_note(res, "failover")
+    if note:
+        out.append(note)
+    data = res.get("data") or {}
+    cfg = data.get("config", {})
+    rows = data.get("rows", [])
+    if not rows:
+        return "\n".join(out)
+    out.append(
+        f"Probe: {cfg.get('rate_pps')} UDP echoes/s through the tunnel (resolution "
+        f"{1000 / (cfg.get('rate_pps') or 1000):.0f} ms). worker-kill: SIGKILL of the worker that "
+        "carried the tunnel, outage = longest run of lost echoes; rekey-loss: echoes lost in "
+        "the 1.6 s after `swanctl --rekey` minus those lost in the 1.6 s before (the load "
+        "alone), with iperf3 TCP on the same tunnel.\n"
+    )
+    body = []
+    for r in rows:
+        anchor = (
+            f"{MODE_LABEL.get(r['anchor'], r['anchor'])}: {num(r.get('anchor_median'))}"
+            if r.get("anchor")
+            else "—"
+        )
+        body.append(
+            [
+                r["test"],
+                CIPHER_LABEL.get(r["cipher"], r["cipher"]),
+                MODE_LABEL.get(r["mode"], r["mode"]),
+                spread(r),
+                r.get("unit", ""),
+                str(len(r.get("reps", []))),
+                anchor,
+                ratio(r.get("ratio")),
+            ]
+        )
+    out.append(
+        table(
+            ["test", "tunnel", "responder", "median (min–max)", "unit", "reps", "anchor", "ratio"],
+            body,
+        )
+    )
+    return "\n".join(out)
+
+
+def codec_md(results: dict[str, Any]) -> str:
+    res = _step(results, "codec", "codec")
+    if res is None:
+        return ""
+    out = ["## Codecs (`bench.codec`)\n"]
+    note = _status_note(res, "codec")
+    if note:
+        out.append(note)
+    data = res.get("data") or {}
+    rows = data.get("rows", [])
+    meta = data.get("meta", {})
+    out.append(
+        f"ns/packet, median of {meta.get('rounds')} rounds of {meta.get('iterations')} calls; "
+        "ratio to the bare call named in 'anchor', interleaved in the same run.\n"
+    )
+    out.append(
+        table(
+            ["suite", "case", "size B", "op", "ns/packet", "anchor", "ratio"],
+            [
+                [
+                    str(r.get("suite")),
+                    str(r.get("case")),
+                    str(r.get("size")),
+                    str(r.get("op")),
+                    num(r.get("ns_per_packet")),
+                    str(r.get("baseline")),
+                    ratio(r.get("ratio")),
+                ]
+                for r in rows
+                if r.get("suite") != "bare"
+            ],
+        )
+    )
+    return "\n".join(out)
+
+
+def worker_md(results: dict[str, Any]) -> str:
+    res = _step(results, "worker", "worker")
+    if res is None:
+        return ""
+    out = ["## Worker packet path from memory (`bench.worker`)\n"]
+    note = _status_note(res, "worker")
+    if note:
+        out.append(note)
+    data = res.get("data") or {}
+    out.append(
+        "The worker's per-packet code with no kernel (no TUN/socket syscalls): the code's "
+        "own ceiling, to compare with the end-to-end figures above. Ratio: worker path ÷ "
+        "bare codec call, same run.\n"
+    )
+    out.append(
+        table(
+            ["transform", "size B", "op", "ns/packet", "bare ns", "kpps", "Gbit/s", "÷ bare"],
+            [
+                [
+                    CIPHER_LABEL.get(r["kind"], r["kind"]),
+                    str(r["size"]),
+                    r["op"],
+                    str(r["worker_ns"]),
+                    str(r["bare_ns"]),
+                    num(r["kpps"]),
+                    num(r["gbit_s"]),
+                    ratio(r["ratio_to_bare"]),
+                ]
+                for r in data.get("rows", [])
+            ],
+        )
+    )
+    if data.get("scaling"):
+        out.append(
+            table(
+                ["encap", "size B", "1 process kpps", "2 processes kpps", "2 ÷ 1"],
+                [
+                    [
+                        CIPHER_LABEL.get(s["kind"], s["kind"]),
+                        str(s["size"]),
+                        num(s["kpps_1"]),
+                        num(s["kpps_2"]),
+                        ratio(s["ratio_2_to_1"]),
+                    ]
+                    for s in data["scaling"]
+                ],
+            )
+        )
+    net = _step(results, "worker", "worker-network")
+    if net is not None:
+        note = _status_note(net, "worker --network")
+        if note:
+            out.append(note)
+        elif net.get("data"):
+            out.append(
+                "Two anywan workers back to back (no strongSwan), iperf3 TCP through them "
+                "(`bench.worker --network`):\n"
+            )
+            out.append("```\n" + "\n".join(str(x) for x in net["data"]) + "\n```\n")
+    return "\n".join(out)
+
+
+def ike_md(results: dict[str, Any]) -> str:
+    res = _step(results, "ike", "ike")
+    vs = _step(results, "ike", "ike-vs-strongswan")
+    if res is None and vs is None:
+        return ""
+    out = ["## IKE (`bench.ike`)\n"]
+    for r, name in ((res, "ike"), (vs, "ike --strongswan")):
+        note = _status_note(r, name)
+        if note:
+            out.append(note)
+    data = (res or {}).get("data") or {}
+    if data.get("rates"):
+        out.append(
+            "In memory, one core, CPU time: our initiator and our responder in one process.\n"
+        )
+        out.append(
+            table(
+                ["DH group", "pair handshakes/s", "responder handshakes/s", "p50 ms", "p99 ms"],
+                [
+                    [
+                        r["group"],
+                        num(r["pair_handshakes_per_s"]),
+                        num(r["responder_handshakes_per_s"]),
+                        num(r["p50_ms"]),
+                        num(r["p99_ms"]),
+                    ]
+                    for r in data["rates"]
+                ],
+            )
+        )
+    if data.get("memory"):
+        out.append(
+            table(
+                ["IKE SAs", "RSS bytes/SA", "Python heap bytes/SA"],
+                [
+                    [
+                        str(m.get("ike_sas")),
+                        num(m.get("rss_bytes_per_sa")),
+                        num(m.get("python_heap_bytes_per_sa")),
+                    ]
+                    for m in data["memory"]
+                ],
+            )
+        )
+    vdata = (vs or {}).get("data") or {}
+    if vdata.get("vs_strongswan"):
+        out.append(
+            "Over UDP in a namespace, the same initiator against strongSwan's responder and "
+            "ours in turn; handshakes per second of responder CPU (from /proc), wall-clock "
+            "rate, latency, RSS growth per SA. Ratio: anywan ÷ strongSwan.\n"
+        )
+        by = {(r["group"], r["responder"]): r for r in vdata["vs_strongswan"]}
+        body = []
+        for g in sorted({r["group"] for r in vdata["vs_strongswan"]}):
+            sw, aw = by.get((g, "strongswan")), by.get((g, "anywan"))
+            if not sw or not aw:
+                continue
+            k = "responder_handshakes_per_cpu_s"
+            body.append(
+                [
+                    g,
+                    f"{num(aw[k])} / {num(sw[k])}",
+                    ratio(aw[k] / sw[k] if sw[k] else None),
+                    f"{num(aw['handshakes_per_s_wall'])} / {num(sw['handshakes_per_s_wall'])}",
+                    f"{num(aw['p99_ms'])} / {num(sw['p99_ms'])}",
+                    f"{num(aw['responder_rss_growth_per_sa'])} / "
+                    f"{num(sw['responder_rss_growth_per_sa'])}",
+                    f"{aw['handshakes']}",
+                ]
+            )
+        out.append(
+            table(
+                [
+                    "group",
+                    "per CPU-s anywan / sS",
+                    "ratio",
+                    "wall /s anywan / sS",
+                    "p99 ms anywan / sS",
+                    "RSS B/SA anywan / sS",
+                    "handshakes",
+                ],
+                body,
+            )
+        )
+    return "\n".join(out)
+
+
+def replication_md(results: dict[str, Any]) -> str:
+    res = _step(results, "replication", "replication")
+    if res is None:
+        return ""
+    out = ["## Replication bus (`bench.replication`)\n"]
+    note = _status_note(res, "replication")
+    if note:
+        out.append(note)
+    data = res.get("data") or {}
+    prop = data.get("propagation", [])
+    if prop:
+        base = next((p for p in prop if p["subscribers"] == 1), None)
+        out.append(
+            "Publisher.set() → applied in each subscriber process at 1000 updates/s; "
+            "ratio: p99 ÷ p99 with 1 subscriber (same run).\n"
+        )
+        out.append(
+            table(
+                ["subscribers", "p50 ms", "p99 ms", "max ms", "gaps", "p99 ÷ N=1"],
+                [
+                    [
+                        str(p["subscribers"]),
+                        num(p["p50_ms"]),
+                        num(p["p99_ms"]),
+                        num(p["max_ms"]),
+                        str(p["gaps"]),
+                        ratio(p["p99_ms"] / base["p99_ms"] if base and base["p99_ms"] else None),
+                    ]
+                    for p in prop
+                ],
+            )
+        )
+    snap = data.get("snapshot", [])
+    if snap:
+        base = snap[0]
+        out.append(
+            "Snapshot to a fresh subscriber; ratio: seconds per record ÷ the smallest size.\n"
+        )
+        out.append(
+            table(
+                ["SA records", "ready s", "with process start s", "per-record ÷ smallest"],
+                [
+                    [
+                        str(s["records"]),
+                        num(s["ready_s"]),
+                        num(s.get("wall_with_process_start_s")),
+                        ratio(
+                            (s["ready_s"] / s["records"]) / (base["ready_s"] / base["records"])
+                            if base["ready_s"]
+                            else None
+                        ),
+                    ]
+                    for s in snap
+                ],
+            )
+        )
+    thr = data.get("throughput", [])
+    if thr:
+        out.append(
+            table(
+                ["subscribers", "target /s", "sent /s", "p99 ms", "gaps", "sustained"],
+                [
+                    [
+                        str(t["subscribers"]),
+                        str(t["rate_target"]),
+                        num(t["rate_sent"]),
+                        num(t["p99_ms"]),
+                        str(t["gaps"]),
+                        str(t.get("sustained")),
+                    ]
+                    for t in thr
+                ],
+            )
+        )
+    return "\n".join(out)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results.get("machine", {})
+    pk = m.get("packages", {})
+    head = [
+        f"# anywan benchmark — {results.get('date')}\n",
+        f"Command: `{results.get('command')}` ({'quick' if results.get('quick') else 'full'} "
+        f"run, {results.get('seconds')} s)\n",
+        f"Machine: {m.get('cpu_model')}, {m.get('cores')} cores, "
+        f"{(m.get('memory_bytes') or 0) / 2**30:.1f} GiB, Linux {m.get('kernel')}, "
+        f"Python {m.get('python')}; load average before {results.get('loadavg_before')}, "
+        f"after {results.get('loadavg_after')} (the machine is shared: only same-run "
+        "ratios are comparable across runs).\n",
+        "Versions: "
+        + ", ".join(f"{k} {v}" for k, v in pk.items() if v)
+        + f"; anywan {str(m.get('git_commit'))[:12]}"
+        + (" (dirty)" if m.get("git_dirty") else "")
+        + "\n",
+    ]
+    if results.get("interrupted"):
+        head.append("**Interrupted**: only the suites below ran.\n")
+    body = [
+        throughput_md(results),
+        failover_md(results),
+        worker_md(results),
+        codec_md(results),
+        ike_md(results),
+        replication_md(results),
+    ]
+    plots = results.get("plots") or []
+    if plots:
+        body.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n")
+    return "\n".join(head) + "\n" + "\n".join(b for b in body if b)
