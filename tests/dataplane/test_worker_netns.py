@@ -187,7 +187,7 @@ class Lab:
             )
         out: dict[str, float] = {}
         for line in body.splitlines():
-            if line.startswith("anywan_worker") and not line.startswith("#"):
+            if line.startswith(("anywan_worker", "anywan_bus")) and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)
         return out
@@ -469,6 +469,11 @@ def test_packets_counted_per_tunnel(lab: Lab) -> None:
         )
 
     _wait(grew, 3, "tunnel counters")
+    m = lab.metrics()
+    # bus health on the same endpoint: applied sequence, lag, SA count
+    assert m["anywan_bus_applied_sequence"] >= len(records())
+    assert m["anywan_bus_lag_sequences"] == 0
+    assert m["anywan_worker_sas"] == sum(1 for r in records() if r.key.startswith("sa/"))
 
 
 # ---- drops: each reason provoked and seen in /metrics -----------------------
