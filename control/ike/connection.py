@@ -192,6 +192,9 @@ class ChildSa:
     delete_at: float | None = None
     """Make-before-break: when we send DELETE for this superseded SA."""
     deleting: bool = False
+    unconfirmed_successor: int | None = None
+    """Our SPI of the Child SA that replaced this one in a rekey the PEER started:
+    we cannot know our response arrived until the peer deletes this one."""
     records: tuple[SaRecord, SaRecord] | None = None
 
     def __repr__(self) -> str:
@@ -246,12 +249,14 @@ class IkeSa:
         "prf",
         "queue",
         "remote",
+        "retire",
         "scheduled",
         "sk_in",
         "sk_out",
         "spi_i",
         "spi_r",
         "state",
+        "successor",
         "suite",
         "tunnel",
         "udp_encap",
@@ -297,8 +302,11 @@ class IkeSa:
         self.half_open_deadline = now + engine.config.half_open_timeout
         self.ike_rekey_at = 0.0
         self.linger_until = 0.0
+        self.retire = False
         self.scheduled: float | None = None
         self.init_key: tuple[bytes, str, int, bytes] | None = None
+        self.successor: IkeSa | None = None
+        """After an IKE SA rekey (§2.18): the IKE SA that now owns the Child SAs."""
 
     # ------------------------------------------------------------- helpers
 
@@ -538,7 +546,15 @@ class IkeSa:
             self.engine.discard(self, "half_open_timeout")
             return
         if self.state is IkeState.REKEYED and self.linger_until and now >= self.linger_until:
-            self.engine.discard(self, "rekeyed")
+            self.linger_until = 0.0
+            if self.retire:
+                # §2.18: we rekeyed, so we delete the old IKE SA — after a grace
+                # period in which the peer's exchanges on it could finish.
+                self.retire = False
+                self.request("delete_ike", None)
+                self.pump(now)
+            else:
+                self.engine.discard(self, "rekeyed")
             return
         if self.state is not IkeState.ESTABLISHED:
             return
@@ -567,6 +583,17 @@ class IkeSa:
             self.request("dpd", None)
         self.pump(now)
 
+    def owner(self) -> IkeSa:
+        """The IKE SA that owns this one's Child SAs now: itself, or the newest
+        successor after rekeys — late responses and deletes on an old IKE SA
+        must act on the Child SAs where they moved."""
+        sa = self
+        for _ in range(8):
+            if sa.successor is None:
+                break
+            sa = sa.successor
+        return sa
+
     def _queued(self, kind: str, spi: int | None) -> bool:
         for k, arg in self.queue:
             if k != kind:
@@ -586,6 +613,7 @@ class IkeSa:
         if self.state is IkeState.CLOSED:
             return
         established = self.state is IkeState.ESTABLISHED
+        self._hand_over_pending()
         for c in list(self.children.values()):
             self._child_gone(c, reason)
         if established and self.tunnel is not None:
@@ -599,6 +627,25 @@ class IkeSa:
                 )
             )
         self.engine.discard(self, reason)
+
+    def _hand_over_pending(self) -> None:
+        """A rekeyed IKE SA closes with our Child SA request unanswered: ask again
+        on the IKE SA that now owns the Child SAs (strongSwan migrates such tasks
+        too). The peer sorts out a rekey it had answered (``rekey_answer_lost``)."""
+        req, owner = self.pending, self.owner()
+        if req is None or owner is self or owner.state is not IkeState.ESTABLISHED:
+            return
+        ctx = req.ctx
+        if req.kind == "rekey_child" and ctx.get("old") is not None:
+            owner.request("rekey_child", ctx["old"])
+        elif req.kind == "new_child":
+            owner.request("new_child", (ctx["suites"], ctx["group"], 0))
+        elif req.kind == "delete_child":
+            owner.request("delete_child", (ctx["spi_in"], ctx["reason"]))
+            ctx.pop("spi_in")  # that SPI lives on in the successor: keep it reserved
+        else:
+            return
+        owner.pump(self.engine.last_now)
 
     def _child_gone(self, c: ChildSa, reason: str) -> None:
         self.children.pop(c.spi_in, None)
@@ -1042,13 +1089,25 @@ class IkeSa:
             old = next((c for c in self.children.values() if c.spi_out == spi), None)
             if old is None or old.deleting:
                 raise ChildSaNotFound(data=b"")
-            if old.rekeyed:
+            lost = self.children.get(old.unconfirmed_successor or -1)
+            if old.rekeyed and lost is not None:
+                # A new exchange rekeying it again: the peer never saw our answer to
+                # its first rekey (its IKE SA moved on meanwhile). That replacement
+                # exists only here; drop it and serve this request.
+                self.engine.count("rekey_answer_lost")
+                self._child_gone(lost, "rekey_lost")
+                old.rekeyed = False
+                old.unconfirmed_successor = None
+            elif old.rekeyed:
                 # §2.8.1: already rekeyed (collision we lost or a late duplicate)
                 raise TemporaryFailure()
         nr = self.engine.rng(NONCE_LEN)
         before = set(self.children)
         payloads = self._respond_child(msg, now, ni=nonce.nonce, nr=nr, pfs=True, old=old)
         req = self.pending
+        if old is not None:
+            (created,) = set(self.children) - before
+            old.unconfirmed_successor = created
         if (
             old is not None
             and req is not None
@@ -1122,6 +1181,13 @@ class IkeSa:
         new.set_keys(suite, keys)
         new.children = self.children
         self.children = {}
+        self.successor = new
+        # queued Child SA work continues on the new IKE SA (a marked-for-delete
+        # Child SA must still be deleted there)
+        for kind, arg in self.queue:
+            if kind in ("rekey_child", "delete_child", "new_child"):
+                new.queue.append((kind, arg))
+        self.queue.clear()
         new.state = IkeState.ESTABLISHED
         new.last_heard = now
         new.ike_rekey_at = now + new._jittered(self.engine.config.ike_lifetime)
@@ -1129,6 +1195,7 @@ class IkeSa:
         self.linger_until = now + 4 * self.engine.config.retransmit_timeout * 8
         self.engine.register(new)
         self.engine.established(new)
+        new.pump(now)
         assert self.tunnel is not None
         self._emit(
             IkeSaRekeyed(
@@ -1162,11 +1229,12 @@ class IkeSa:
             elif body.protocol == Protocol.ESP:
                 for raw in body.spis:
                     spi = int.from_bytes(raw, "big")
-                    c = next((c for c in self.children.values() if c.spi_out == spi), None)
+                    owner = self.owner()
+                    c = next((c for c in owner.children.values() if c.spi_out == spi), None)
                     if c is None:
                         continue  # §3.11: unknown SPIs are ignored
                     out_spis.append(c.spi_in.to_bytes(4, "big"))
-                    self._child_gone(c, "rekeyed" if c.rekeyed else "peer_delete")
+                    owner._child_gone(c, "rekeyed" if c.rekeyed else "peer_delete")
         if delete_ike:
             # §1.4.1: answer with an empty INFORMATIONAL, then the IKE SA is gone.
             reason = "rekeyed" if self.state is IkeState.REKEYED else "peer_delete"
@@ -1315,9 +1383,10 @@ class IkeSa:
             self.engine.discard(self, "local_delete")
             return
         if req.kind == "delete_child":
-            c = self.children.get(req.ctx["spi_in"])
+            owner = self.owner()
+            c = owner.children.get(req.ctx["spi_in"])
             if c is not None:
-                self._child_gone(c, req.ctx["reason"])
+                owner._child_gone(c, req.ctx["reason"])
         # dpd: hearing back is all we wanted (last_heard already moved)
 
     def on_create_child_sa_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:
@@ -1396,8 +1465,9 @@ class IkeSa:
             integ_len=suite.integ_key_len,
             g_ir=g_ir,
         )
-        old = self.children.get(ctx["old"]) if ctx["old"] is not None else None
-        child = self.make_child(
+        owner = self.owner()  # the IKE SA may have been rekeyed meanwhile
+        old = owner.children.get(ctx["old"]) if ctx["old"] is not None else None
+        child = owner.make_child(
             suite=suite,
             spi_in=ctx["spi_in"],
             spi_out=int.from_bytes(proposal.spi, "big"),
@@ -1418,7 +1488,8 @@ class IkeSa:
             lowest = min(ctx["ni"], nonce.nonce, peer_ni, our_nr)
             self.engine.count("rekey_collision")
             if lowest in (ctx["ni"], nonce.nonce):
-                self._queue_child_delete(child, "rekeyed")
+                owner._queue_child_delete(child, "rekeyed")
+                owner.pump(now)
                 return
             # else the peer deletes its redundant SA and we delete the old one
         if old is not None:
@@ -1456,7 +1527,8 @@ class IkeSa:
             now=now,
         )
         self.queue.clear()
-        self.request("delete_ike", None)
+        self.retire = True
+        self.linger_until = now + self.engine.config.old_ike_sa_grace
 
     # ------------------------------------------------------------- initiator: handshake
 

@@ -97,6 +97,10 @@ class IkeConfig:
     rekey_delete_delay: float = 2.0
     """Make-before-break: after a rekey we started, the old Child SA is deleted
     this long after the new one was announced, giving the bus time to apply it."""
+    old_ike_sa_grace: float = 8.0
+    """After an IKE SA rekey we started (§2.18), the old IKE SA is deleted this
+    long later, so the peer's exchanges still in flight on it (a lost response
+    being retransmitted) complete from our cached answers instead of being cut."""
     replay_window: int = 1024
     """Anti-replay window put in SA records of tunnels with replay protection."""
     unix_time_offset: float = 0.0
@@ -204,6 +208,9 @@ class IkeEngine:
             self.drops["internal_error"] += 1
         if sa is not None:
             self._schedule(sa)
+            if sa.successor is not None or sa.state is IkeState.REKEYED:
+                # late responses on a rekeyed IKE SA act on its successor's Child SAs
+                self._schedule(sa.owner())
 
     def datagrams_to_send(self) -> list[tuple[bytes, Address, Address]]:
         """(data, local, remote) to send now; data without non-ESP marker."""
@@ -416,6 +423,11 @@ class IkeEngine:
 
     # ------------------------------------------------------------ hooks for IkeSa
 
+    @property
+    def last_now(self) -> float:
+        """The latest ``now`` the engine was given."""
+        return self._last_now
+
     def send(self, data: bytes, local: Address, remote: Address) -> None:
         self._out.append((data, local, remote))
 
@@ -469,7 +481,8 @@ class IkeEngine:
         for c in sa.children.values():
             self.release_spi(c.spi_in)
         # SPIs reserved for Child SAs still being negotiated
-        for ctx in (sa.pending.ctx if sa.pending else {}, sa.auth_ctx):
+        pending_ctx = sa.pending.ctx if sa.pending and sa.pending.kind != "delete_child" else {}
+        for ctx in (pending_ctx, sa.auth_ctx):
             spi = ctx.get("spi_in")
             if isinstance(spi, int):
                 self.release_spi(spi)

@@ -319,7 +319,11 @@ def test_rekeys_both_ways_make_before_break() -> None:
     rk = p.events(ev.IkeSaRekeyed)
     assert len(rk) == 2 and rk[1].old_spi_i == rk[0].spi_i
     assert all(isinstance(e, ev.IkeSaRekeyed) for e in p.server_events[before:])
+    # whoever rekeyed deletes the old IKE SA after a grace period (§2.18)
+    assert len(p.server.sas) == 3
+    p.step(IkeConfig().old_ike_sa_grace + 1)
     assert len(p.server.sas) == 1 and len(p.client.sas) == 1
+    assert all(isinstance(e, ev.IkeSaRekeyed) for e in p.server_events[before:])
     # the Child SA still works over the new IKE SA (rekey it once more)
     p.client.rekey_child(TUNNEL, p.now)
     p.roundtrip()
@@ -526,6 +530,7 @@ def test_export_import_state_keeps_ike_sas_across_restart() -> None:
     assert_pair_matches(p)
     p.server.rekey_ike(TUNNEL, p.now)
     p.roundtrip()
+    p.step(IkeConfig().old_ike_sa_grace + 1)
     p.client.delete_tunnel(TUNNEL, p.now)
     p.roundtrip()
     assert not p.server.sas and p.events(ev.IkeSaDeleted)[-1].reason == "peer_delete"
@@ -618,6 +623,7 @@ def test_simultaneous_ike_rekey_converges() -> None:
     assert p.server.rekey_ike(TUNNEL, p.now)
     p.roundtrip()
     p.step(200)
+    p.step(IkeConfig().old_ike_sa_grace + 1)
     (s_sa,) = p.server.ike_sas(TUNNEL)
     (c_sa,) = p.client.ike_sas(TUNNEL)
     assert (s_sa.spi_i, s_sa.spi_r) == (c_sa.spi_i, c_sa.spi_r)
