@@ -266,6 +266,11 @@ def test_strongswan_reports_sas_installed(lab: Lab) -> None:
     # siteB is behind the NAT: anywan saw its public address, not 192.168.2.2
     sas = lab.sites["siteB"].charon.established()
     assert sas[0]["local-port"] == "4500"
+    tid = lab.sites["siteB"].tunnel_id
+    control = lab.api.call("GET", f"/accounts/acme/magic/ipsec_tunnels/{tid}/sas")
+    nat_public = lab.sites["siteB"].site.public_addr
+    assert {c["remote_addr"] for c in control["child_sas"]} == {nat_public}
+    assert all(c["udp_encap"] for c in control["child_sas"])
 
 
 def test_worker_metrics_count_the_packets(lab: Lab) -> None:
