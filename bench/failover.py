@@ -1,6 +1,6 @@
 """Failover and rekey loss: ``python -m bench.failover [--quick] [--json out.json]`` (root).
 
-Uses the topology of :mod:`bench.throughput` (netns ``awb-tp-``) with two
+Uses the topology of :mod:`bench.throughput` (netns ``awb-fo-<pid>-``) with two
 anywan workers on the node.
 
 * **Worker failover**: a probe sends UDP datagrams at ``RATE`` per second from a
@@ -156,13 +156,17 @@ def read_probe(proc: subprocess.Popen[Any], timeout: float) -> dict[str, Any]:
 
 
 def failover_reps(
-    bench: tp.Bench, site: tp.SiteInfo, reps: int, log: Callable[[str], None]
+    bench: tp.Bench,
+    site: tp.SiteInfo,
+    reps: int,
+    log: Callable[[str], None],
+    seconds: float = 5.0,
 ) -> list[dict[str, Any]]:
     out = []
     n = len(bench.workers)
     for r in range(reps):
         t0 = time.monotonic()
-        proc = start_probe(site, 5.0)
+        proc = start_probe(site, seconds)
         time.sleep(1.0)
         p0 = bench.worker_packets(site.tunnel_id)
         time.sleep(1.2)
@@ -181,7 +185,7 @@ def failover_reps(
         out.append(res)
         log(
             f"  failover {'gre' if site.gre else 'ipsec'} rep {r + 1}/{reps}: "
-            f"killed worker {victim} (packets/s before: {deltas}) -> outage "
+            f"killed worker {victim} (its tunnel packets in the 1.2 s before: {deltas}) -> outage "
             f"{res['outage_ms']} ms, lost {res['lost']}/{res['sent']} "
             f"({time.monotonic() - t0:.1f}s)"
         )
@@ -290,15 +294,16 @@ def run(
 ) -> dict[str, Any]:
     if os.geteuid() != 0:
         return {"skipped": "needs root (network namespaces)", "rows": []}
-    from deploy.netns import cleanup_prefix
+    from deploy.netns import cleanup_prefix, unique_prefix
 
     reps = reps or (2 if quick else 10)
     rekey_n = 1 if quick else 5
     rekey_s = 3.0 if quick else 6.0
-    cleanup_prefix(tp.PREFIX)
+    probe_s = 3.5 if quick else 5.0  # the kill comes ~2.2 s in
+    prefix = unique_prefix(tp.PREFIX.replace("tp-", "fo-"))
     run_dir = Path(tempfile.mkdtemp(prefix="anywan-bench-fo-"))
     os.chmod(run_dir, 0o700)
-    bench = tp.Bench(sites=1, run_dir=run_dir, log=log)
+    bench = tp.Bench(sites=1, run_dir=run_dir, log=log, prefix=prefix)
     rows: list[dict[str, Any]] = []
 
     def not_run(test: str, kind: str, mode: str, why: str) -> None:
@@ -346,7 +351,7 @@ def run(
             return {"rows": rows}
         try:
             bench.start_sites(esp, anywan=True)
-            res = failover_reps(bench, bench.sites[0], reps, log)
+            res = failover_reps(bench, bench.sites[0], reps, log, probe_s)
             rows.append(_row("worker-kill", "aes256gcm", "anywan-2w", res, "outage_ms"))
             res = rekey_reps(bench, rekey_n, rekey_s, log, "anywan-2w")
             rows.append(_row("rekey-loss", "aes256gcm", "anywan-2w", res, "rekey_lost"))
@@ -356,7 +361,7 @@ def run(
             bench.stop_sites()
         try:
             bench.start_gre_sites()
-            res = failover_reps(bench, bench.gre_sites[0], reps, log)
+            res = failover_reps(bench, bench.gre_sites[0], reps, log, probe_s)
             rows.append(_row("worker-kill", "gre", "anywan-2w", res, "outage_ms"))
         except Exception as exc:
             not_run("worker-kill", "gre", "anywan-2w", str(exc)[-300:])
@@ -365,7 +370,7 @@ def run(
         bench.topo.stop(echo)
     finally:
         bench.close()
-        cleanup_prefix(tp.PREFIX)
+        cleanup_prefix(prefix)
         shutil.rmtree(run_dir, ignore_errors=True)
     for r in rows:
         if r.get("test") == "rekey-loss" and r.get("mode") == "anywan-2w":

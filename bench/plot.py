@@ -51,7 +51,7 @@ def _subtitle(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     return (
         f"{results.get('date')} · {m.get('cores')} cores {m.get('cpu_model') or ''} · "
-        f"load {results.get('loadavg_before')} · {results.get('command')}"
+        f"load {results.get('loadavg_before')}\n{results.get('command')}"
     )
 
 
@@ -89,16 +89,17 @@ def throughput_figure(results: dict[str, Any], cipher: str, path: Path) -> bool:
                 color=color,
                 linestyle="--" if mode == "plain" else "-",
             )
-    axes[0].set_title("UDP flood, site → core")
+    axes[0].set_title("UDP flood, site → core (log scale)")
     axes[0].set_ylabel("received packets/s (thousands)")
-    axes[1].set_title("UDP flood, site → core")
+    axes[1].set_title("same, as inner Gbit/s (log scale)")
     axes[1].set_ylabel("received inner Gbit/s")
     for ax in axes[:2]:
         ax.set_xlabel("inner IPv4 packet size (bytes)")
         ax.set_xscale("log")
         ax.set_xticks([64, 1400], ["64", "1400"])
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
+        ax.set_xlim(40, 2200)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
     # TCP bars
     tests = [t for t in ("tcp-up", "tcp-down") if any(r["test"] == t for r in mine)]
     width = 0.8 / len(SERIES)
@@ -113,7 +114,7 @@ def throughput_figure(results: dict[str, Any], cipher: str, path: Path) -> bool:
                 ys.append(r["median"])
                 errs.append(_err(r))
         if xs:
-            ax.bar(
+            bars = ax.bar(
                 xs,
                 ys,
                 width,
@@ -122,6 +123,7 @@ def throughput_figure(results: dict[str, Any], cipher: str, path: Path) -> bool:
                 label=label,
                 color=color,
             )
+            ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=2)
     ax.set_xticks(
         range(len(tests)),
         [

@@ -71,7 +71,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PREFIX = "awb-tp-"
+#: Namespace prefix; each run adds its PID (deploy.netns.unique_prefix), so
+#: concurrent runs never sweep each other. Tests set ``awt-b-`` through
+#: ``ANYWAN_BENCH_NETNS_PREFIX``.
+PREFIX = os.environ.get("ANYWAN_BENCH_NETNS_PREFIX", "awb-") + "tp-"
 ANYCAST = "203.0.113.1"
 CORE_ADDR = "10.200.0.10"
 CORE_NET = "10.200.0.0/24"
@@ -282,12 +285,15 @@ class SiteInfo:
 class Bench:
     """The topology and the configurations run on it."""
 
-    def __init__(self, *, sites: int, run_dir: Path, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, *, sites: int, run_dir: Path, log: Callable[[str], None], prefix: str = PREFIX
+    ) -> None:
         from deploy.netns import Topology
 
         self.log = log
         self.run_dir = run_dir
-        self.topo = Topology(PREFIX)
+        self.prefix = prefix
+        self.topo = Topology(prefix)
         self.sites = [SiteInfo(k, False) for k in range(1, sites + 1)]
         self.gre_sites = [SiteInfo(k, True) for k in range(1, sites + 1)]
         self.servers: dict[str, subprocess.Popen[Any]] = {}
@@ -755,17 +761,17 @@ def run(
     """Run the throughput suite; returns {"rows": [...], "config": {...}, "notes": [...]}."""
     if os.geteuid() != 0:
         return {"skipped": "needs root (network namespaces)", "rows": []}
-    from deploy.netns import cleanup_prefix
+    from deploy.netns import cleanup_prefix, unique_prefix
 
     ciphers = ciphers or (["aes256gcm", "gre"] if quick else list(CIPHERS))
     tests = tests or (["tcp-up", "udp64"] if quick else list(TESTS))
     modes = modes or ["plain", "strongswan", "anywan-1w", "anywan-2w"]
     reps = reps or (1 if quick else 3)
     seconds = seconds or (2.0 if quick else 5.0)
-    cleanup_prefix(PREFIX)
+    prefix = unique_prefix(PREFIX)
     run_dir = Path(tempfile.mkdtemp(prefix="anywan-bench-tp-"))
     os.chmod(run_dir, 0o700)
-    bench = Bench(sites=sites, run_dir=run_dir, log=log)
+    bench = Bench(sites=sites, run_dir=run_dir, log=log, prefix=prefix)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
 
@@ -877,7 +883,7 @@ def run(
                 bench.stop_workers()
     finally:
         bench.close()
-        cleanup_prefix(PREFIX)
+        cleanup_prefix(prefix)
         shutil.rmtree(run_dir, ignore_errors=True)
     add_ratios(rows)
     return {
