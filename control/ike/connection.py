@@ -192,6 +192,8 @@ class ChildSa:
     delete_at: float | None = None
     """Make-before-break: when we send DELETE for this superseded SA."""
     deleting: bool = False
+    rekeying: bool = False
+    """A rekey we started for it is in flight (on this or an older IKE SA)."""
     unconfirmed_successor: int | None = None
     """Our SPI of the Child SA that replaced this one in a rekey the PEER started:
     we cannot know our response arrived until the peer deletes this one."""
@@ -637,6 +639,9 @@ class IkeSa:
             return
         ctx = req.ctx
         if req.kind == "rekey_child" and ctx.get("old") is not None:
+            rekeyed = owner.children.get(ctx["old"])
+            if rekeyed is not None:
+                rekeyed.rekeying = False
             owner.request("rekey_child", ctx["old"])
         elif req.kind == "new_child":
             owner.request("new_child", (ctx["suites"], ctx["group"], 0))
@@ -1282,8 +1287,9 @@ class IkeSa:
         else:
             spi_in, group, attempt = arg, -1, 0
         c = self.children.get(spi_in)
-        if c is None or c.rekeyed or c.deleting:
+        if c is None or c.rekeyed or c.deleting or c.rekeying:
             return None
+        c.rekeying = True
         if group == -1:
             group = c.suite.dh if c.suite.dh is not None else c.pfs_hint
         built = self._child_request(
@@ -1391,6 +1397,10 @@ class IkeSa:
 
     def on_create_child_sa_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:
         err = self._error_notify(msg)
+        if req.kind == "rekey_child" and req.ctx.get("old") is not None:
+            rekeyed = self.owner().children.get(req.ctx["old"])
+            if rekeyed is not None:
+                rekeyed.rekeying = False
         if req.kind == "orphan":
             # a request restored by import_state whose context (DH key) was not kept
             self.engine.count("orphan_response")
@@ -1428,6 +1438,14 @@ class IkeSa:
 
     def _child_request_failed(self, err: NotifyPayload, req: OutRequest) -> None:
         self._emit(NegotiationFailed(self.remote, self.tunnel_id, notify_name(err.type), False))
+        old = req.ctx.get("old")
+        if err.type == Notify.CHILD_SA_NOT_FOUND and req.kind == "rekey_child" and old is not None:
+            # §3.10.1: the peer has no such Child SA (e.g. our answer creating it was
+            # lost while the IKE SA was rekeyed): it is of no use, remove it here too.
+            owner = self.owner()
+            c = owner.children.get(old)
+            if c is not None:
+                owner._child_gone(c, "peer_lost")
 
     def _finish_child(self, msg: wire.Message, req: OutRequest, now: float) -> None:
         assert self.prf is not None and self.keys is not None and self.tunnel is not None
