@@ -391,13 +391,15 @@ def decode(data: bytes) -> Record:
         raise RecordError("malformed", "record is not a map")
     if obj.get("schema") != SCHEMA:
         raise RecordError("version", f"unsupported schema {obj.get('schema')!r}")
-    cls = _KINDS.get(obj.get("type"))  # type: ignore[arg-type]
+    kind = obj.get("type")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None  # a list is unhashable
     if cls is None:
-        raise RecordError("malformed", f"unknown record type {obj.get('type')!r}")
+        raise RecordError("malformed", f"unknown record type {kind!r}")
     names = _FIELD_NAMES[cls]
     given = set(obj) - {"schema", "type"}
     if given - names:
-        raise RecordError("malformed", f"unknown fields {sorted(given - names)}")
+        # Keys may be str or bytes (strict_map_key allows both), which do not sort together.
+        raise RecordError("malformed", f"unknown fields {sorted(map(str, given - names))}")
     kwargs: dict[str, Any] = {}
     for name in given:
         value = obj[name]

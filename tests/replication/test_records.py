@@ -132,6 +132,20 @@ def test_decode_rejects_wrong_schema_unknown_fields_and_garbage() -> None:
         decode(b"\xc1")
 
 
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"schema": SCHEMA, "type": ["sa"]},  # unhashable type name
+        {"schema": SCHEMA, "type": {"sa": 1}},
+        {"schema": SCHEMA, "type": "route", b"x": 1, "y": 2},  # str and bytes keys
+    ],
+)
+def test_decode_of_hostile_maps_raises_record_error(obj: dict[object, object]) -> None:
+    with pytest.raises(RecordError) as exc:
+        decode(msgpack.packb(obj, use_bin_type=True))
+    assert exc.value.reason == "malformed"
+
+
 @given(st.binary(max_size=300))
 def test_decode_of_random_bytes_only_raises_record_error(data: bytes) -> None:
     with contextlib.suppress(RecordError):
