@@ -139,6 +139,42 @@ def throughput_md(results: dict[str, Any]) -> str:
                 body,
             )
         )
+    pc_rows = []
+    for test in tests:
+        for c in ciphers:
+            cells = []
+            for mode in MODES:
+                r = index.get((mode, c, test))
+                if r and "per_core" in r:
+                    pc = r["per_core"]
+                    cell = (
+                        f"{num(pc['median'])} ({num(pc['min'])}–{num(pc['max'])}) "
+                        f"@{r.get('responder_cpu_pct', 0):.0f}%"
+                    )
+                    if r.get("per_core_ratio") is not None:
+                        cell += f" = {ratio(r['per_core_ratio'])}"
+                    cells.append(cell)
+                else:
+                    cells.append("—")
+            if any(x != "—" for x in cells):
+                pc_rows.append([test, CIPHER_LABEL[c], *cells])
+    if pc_rows:
+        out.append("### Per core of the responder\n")
+        out.append(
+            "The same figures divided by the responder's CPU use (charon, or the sum over "
+            "anywan's workers; @ = % of one core in the median repetition): what one "
+            "dedicated core would carry if the responder's cost scaled linearly. On this "
+            "2-core shared machine the raw figures above are CPU-starved (see below), so this "
+            "is the fairer comparison of the two implementations' efficiency; it leaves out "
+            "kernel work done outside the responder's process context (softirq). "
+            "Ratio: anywan ÷ strongSwan.\n"
+        )
+        out.append(
+            table(
+                ["test", "cipher", "strongSwan /core", "anywan 1w /core", "anywan 2w /core"],
+                pc_rows,
+            )
+        )
     out.append("### What limited each number\n")
     out.append(
         "CPU of each process (% of one core; busiest thread in brackets) during the "

@@ -50,7 +50,11 @@ involved (``/proc/<pid>/stat``) and of its busiest thread
 machine's busy share (``/proc/stat``). A busiest thread at ~100 % is the
 bottleneck; a machine at ~100 % of both cores means the number is
 CPU-starvation-limited (2 cores shared by everything: initiators, responder,
-iperf3, the kernel's forwarding). Read the ratios, not the absolutes.
+iperf3, the kernel's forwarding). Read the ratios, not the absolutes. Each
+row also carries the figure *per core of the responder* (value ÷ the
+responder's CPU share: charon, or the sum over anywan's workers), which
+compares the two implementations' efficiency when the machine, not the
+responder, is what ran out.
 """
 
 from __future__ import annotations
@@ -177,6 +181,18 @@ class CpuWatch:
             "machine_busy_pct": round(100 * (busy1 - busy0) / max(total1 - total0, 1), 1),
             "cores": os.cpu_count(),
         }
+
+
+def responder_cpu(cpu: dict[str, Any]) -> float:
+    """CPU % (of one core) of the responder: strongSwan's charon, or the sum
+    over anywan's workers."""
+    return float(
+        sum(
+            v["cpu_pct"]
+            for k, v in cpu.get("processes", {}).items()
+            if k == "charon responder" or k.startswith("anywan-worker")
+        )
+    )
 
 
 def limiter(cpu: dict[str, Any]) -> str:
@@ -792,6 +808,7 @@ def run(
                     f"{res['value']:.3f} {res['unit']}  [{limiter(res['cpu'])}] "
                     f"({time.monotonic() - t0:.1f}s)"
                 )
+            mid = sorted(range(len(vals)), key=lambda i: vals[i])[len(vals) // 2]
             row = {
                 "suite": "throughput",
                 "mode": mode,
@@ -799,9 +816,17 @@ def run(
                 "test": test,
                 "unit": TESTS[test][1],
                 **_summary(vals),
-                "cpu": cpus[len(cpus) // 2],
-                "limit": limiter(cpus[len(cpus) // 2]),
+                "cpu": cpus[mid],
+                "limit": limiter(cpus[mid]),
             }
+            per_core = [
+                v / (c / 100)
+                for v, c in zip(vals, (responder_cpu(x) for x in cpus), strict=True)
+                if c > 1.0
+            ]
+            if mode != "plain" and per_core:
+                row["per_core"] = _summary(per_core)
+                row["responder_cpu_pct"] = responder_cpu(cpus[mid])
             if not gre and mode != "plain":
                 row["sa_bytes"] = bench.sa_bytes() - bytes0
                 if row["sa_bytes"] <= 0:
@@ -923,6 +948,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r["anchor"] = am
             r["anchor_median"] = a["median"]
             r["ratio"] = r["median"] / a["median"]
+            if am == "strongswan" and "per_core" in r and "per_core" in a:
+                r["per_core_ratio"] = r["per_core"]["median"] / a["per_core"]["median"]
         if r["mode"] == "anywan-2w":
             one = index.get(("anywan-1w", r["cipher"], r["test"]))
             if one and one["median"] > 0:
