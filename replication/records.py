@@ -212,6 +212,8 @@ class TunnelRecord:
         _check(isinstance(self.name, str) and 0 < len(self.name) <= 255, "bad name")
         _check_addr(self.local_addr, "local_addr")
         _check_addr(self.remote_addr, "remote_addr", optional=self.kind is TunnelKind.IPSEC)
+        # ipaddress also takes ints and packed bytes; the wire form is text.
+        _check(isinstance(self.interface_address, str), "interface_address must be a string")
         try:
             ipaddress.ip_interface(self.interface_address)
         except ValueError:
@@ -249,6 +251,7 @@ class RouteRecord:
     def __post_init__(self) -> None:
         _check_ids(self.account_id, self.tunnel_id)
         _check(isinstance(self.route_id, str) and bool(_HEX32.match(self.route_id)), "bad route_id")
+        _check(isinstance(self.prefix, str), "prefix must be a string")
         try:
             ipaddress.ip_network(self.prefix)
         except (ValueError, TypeError):
@@ -320,7 +323,8 @@ class SaRecord:
         _check(self.cipher in Cipher.__members__.values(), "bad cipher")
         _check(self.integ in Integ.__members__.values(), "bad integ")
         cipher, integ = Cipher(self.cipher), Integ(self.integ)
-        _check(isinstance(self.enc_key, bytes), "enc_key must be bytes")
+        for name in ("enc_key", "salt", "integ_key"):
+            _check(isinstance(getattr(self, name), bytes), f"{name} must be bytes")
         _check(len(self.enc_key) == CIPHER_KEY_BYTES[cipher], "enc_key length")
         aead = cipher in AEAD_CIPHERS
         _check(len(self.salt) == (GCM_SALT_BYTES if aead else 0), "salt length")

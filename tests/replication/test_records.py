@@ -99,11 +99,30 @@ def test_tunnel_and_route_round_trip() -> None:
         ({"ts_local": ()}, "selectors"),
         ({"remote_addr": "not-an-ip"}, "remote_addr"),
         ({"tunnel_id": "XYZ"}, "tunnel_id"),
+        ({"salt": "abcd"}, "salt must be bytes"),
+        (
+            {
+                "cipher": Cipher.AES256CBC,
+                "salt": b"",
+                "integ": Integ.SHA1_96,
+                "integ_key": "x" * 20,
+            },
+            "integ_key must be bytes",
+        ),
     ],
 )
 def test_sa_validation_rejects(overrides: dict[str, object], detail: str) -> None:
     with pytest.raises(RecordError, match=detail):
         make_sa(**overrides)
+
+
+@pytest.mark.parametrize("value", [167772160, b"\n\x00\x00\x00", True])
+def test_addresses_must_be_text(value: object) -> None:
+    """ipaddress takes ints and packed bytes too; a record carries text only."""
+    with pytest.raises(RecordError, match="interface_address"):
+        TunnelRecord("acct1", TUNNEL_ID, TunnelKind.GRE, "n", "203.0.113.1", "198.51.100.9", value)  # type: ignore[arg-type]
+    with pytest.raises(RecordError, match="prefix"):
+        RouteRecord("acct1", "ab" * 16, value, TUNNEL_ID)  # type: ignore[arg-type]
 
 
 def _raw(sa: SaRecord) -> dict[str, object]:
