@@ -97,7 +97,7 @@ class IkeConfig:
     rekey_delete_delay: float = 2.0
     """Make-before-break: after a rekey we started, the old Child SA is deleted
     this long after the new one was announced, giving the bus time to apply it."""
-    old_ike_sa_grace: float = 8.0
+    old_ike_sa_grace: float = 5.0
     """After an IKE SA rekey we started (§2.18), the old IKE SA is deleted this
     long later, so the peer's exchanges still in flight on it (a lost response
     being retransmitted) complete from our cached answers instead of being cut."""
