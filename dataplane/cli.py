@@ -151,6 +151,8 @@ def make_config(o: dict[str, Any]) -> Any:
         raise ConfigError(f"--listen: unknown listeners {sorted(bad)}")
     if not 0 <= o["index"] < max(1, o["workers"]):
         raise ConfigError(f"--index {o['index']} must be in 0..--workers-1")
+    if o["index"] > 255:
+        raise ConfigError("--index must be below 256 (8 bits of the GCM IV)")
     return WorkerConfig(
         anycast=o["anycast"],
         index=o["index"],

@@ -441,7 +441,8 @@ class WorkerConfig:
     anycast: str
     """The anycast address: every socket binds it, it must be on an interface."""
     index: int = 0
-    """This worker's index on the node (0..workers-1): its ESP IV/sequence space."""
+    """This worker's index on the node (0..workers-1, < 256): with the start
+    time it makes the worker's GCM IV space (``esp.iv_worker_id``)."""
     node: str = "node"
     workers: int = 1
     """How many worker indices the node may run (for the raw-socket share)."""
@@ -556,10 +557,15 @@ class Worker:
         self.udp500: socket.socket | None = None
         self.peers: NodePeers | None = None
 
-        worker_index = config.index
+        # GCM IVs are worker_id ‖ seq under a key every worker shares: the id
+        # must differ between workers AND between two lives of one index, or
+        # a restarted worker would repeat nonces (RFC 4106 §3.1). Index in the
+        # high 8 bits, the start time in tenths of a second below (esp docs).
+        self.iv_worker_id = esp.iv_worker_id(config.index, int(time.time() * 10))
+        iv_id = self.iv_worker_id
 
         def outbound_factory(rec: SaRecord) -> Any:
-            return esp.OutboundSa.from_record(rec, worker_id=worker_index)
+            return esp.OutboundSa.from_record(rec, worker_id=iv_id)
 
         self.dp = Dataplane(
             inbound_factory=esp.InboundSa.from_record,
@@ -1052,7 +1058,7 @@ class Worker:
                         limit = 0
                     first = max(limit + 1, e.codec.seq + 1)
                     e.codec = self._esp.OutboundSa.from_record(
-                        e.record, worker_id=self.cfg.index, first_seq=min(first, 1 << 32)
+                        e.record, worker_id=self.iv_worker_id, first_seq=min(first, 1 << 32)
                     )
                     self._owned_codec[key] = e.codec
                     self._write_reservation(key, first - 1 + SEQ_RESERVATION)

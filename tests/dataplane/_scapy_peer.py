@@ -79,7 +79,7 @@ def main() -> int:
     p.add_argument("--gre-key", type=int, default=None)
     p.add_argument("--duration", type=float, default=120.0)
     p.add_argument("--ready", default="")
-    p.add_argument("--seq-log", default="", help="append each received ESP sequence number")
+    p.add_argument("--seq-log", default="", help="append each received ESP sequence number and IV")
     args = p.parse_args()
 
     tun = open_tun(args.tun)
@@ -152,7 +152,8 @@ def main() -> int:
                     inner = bytes(sa_in.decrypt(IP(data)))
                     if seq_log is not None:
                         ihl = (data[0] & 0x0F) * 4
-                        seq_log.write(f"{struct.unpack_from('!I', data, ihl + 4)[0]}\n")
+                        seq = struct.unpack_from("!I", data, ihl + 4)[0]
+                        seq_log.write(f"{seq} {data[ihl + 8 : ihl + 16].hex()}\n")
                         seq_log.flush()
                 else:
                     assert sa_in is not None
