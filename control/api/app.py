@@ -106,7 +106,7 @@ async def read_json(request: web.Request) -> Any:
         raise BadRequest("body: a JSON body is required")
     try:
         return await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an int of > 4300 digits
         raise BadRequest("body: not valid JSON") from None
     except RecursionError:
         raise BadRequest("body: JSON nested too deeply") from None

@@ -504,3 +504,6 @@ async def test_random_bodies_never_500(control: Control) -> None:
     assert status == 400
     status, _ = await control.call("POST", f"{A}/routes", raw=b"[" * 5000 + b"]" * 5000)
     assert status == 400
+    # Python refuses to parse an int of more than 4300 digits (a ValueError).
+    status, _ = await control.call("POST", f"{A}/routes", raw=b'{"weight": ' + b"9" * 5000 + b"}")
+    assert status == 400
