@@ -127,9 +127,26 @@ class Api:
     def _resolve_nexthop(self, account_id: str, nexthop: str) -> str | None:
         return self.store.tunnel_by_peer(account_id, nexthop)
 
-    def _check_tunnel(self, account_id: str, row: dict[str, Any], path: str) -> None:
+    def _check_route(self, account_id: str, row: dict[str, Any], path: str) -> str:
+        """The tunnel the route's nexthop names; no other route of the account
+        with the same prefix and nexthop."""
+        tunnel_id = self._resolve_nexthop(account_id, row["nexthop"])
+        if tunnel_id is None:
+            raise FieldError(
+                path + "nexthop",
+                f"no tunnel of this account has peer interface address {row['nexthop']}",
+            )
+        for dup in self.store.route_ids(account_id, row["nexthop"], row["prefix"]):
+            if dup != row["id"]:
+                raise ConflictError(
+                    f"{path}prefix: route {row['prefix']} via {row['nexthop']} "
+                    f"already exists ({dup})"
+                )
+        return tunnel_id
+
+    def _check_tunnel(self, kind: str, account_id: str, row: dict[str, Any], path: str) -> None:
         """Name unique among the account's tunnels (both kinds); interface networks
-        disjoint, so that a nexthop names exactly one tunnel."""
+        disjoint, so that a nexthop names exactly one tunnel; a GRE outer pair unique."""
         named = self.store.tunnel_named(account_id, row["name"])
         if named is not None and named[1] != row["id"]:
             raise ConflictError(
@@ -141,6 +158,8 @@ class Api:
                 f"{path}interface_address: {row['interface_address']} overlaps "
                 f"tunnel {other['id']} ({other['interface_address']})"
             )
+        if kind == "gre":
+            self._check_gre_pair(row, path)
 
     def _check_gre_pair(self, row: dict[str, Any], path: str) -> None:
         """A GRE packet is matched to its tunnel by its outer address pair alone
@@ -199,34 +218,20 @@ class Api:
                 row = {"id": uuid.uuid4().hex, "account_id": account_id, **p}
                 row["created_on"] = row["modified_on"] = now
                 if kind == "route":
-                    tunnel_id = self._resolve_nexthop(account_id, row["nexthop"])
-                    if tunnel_id is None:
-                        raise FieldError(
-                            path + "nexthop",
-                            "no tunnel of this account has peer interface address "
-                            + row["nexthop"],
-                        )
-                    for dup in self.store.route_ids(account_id, row["nexthop"], row["prefix"]):
-                        raise ConflictError(
-                            f"{path}prefix: route {row['prefix']} via {row['nexthop']} "
-                            f"already exists ({dup})"
-                        )
+                    tunnel_id = self._check_route(account_id, row, path)
                     self.store.insert(kind, row)
                     changes.routes_set.append({**row, "tunnel_id": tunnel_id})
                 else:
-                    self._check_tunnel(account_id, row, path)
-                    if kind == "gre":
-                        self._check_gre_pair(row, path)
+                    self._check_tunnel(kind, account_id, row, path)
                     self.store.insert(kind, row)
                     if psk is not None:
                         self.store.set_psk(account_id, row["id"], psk.encode(), now)
-                    stored = self.store.get(kind, account_id, row["id"])
-                    assert stored is not None
+                stored = self.store.get(kind, account_id, row["id"])
+                assert stored is not None
+                if kind != "route":
                     changes.tunnels_set.append({**stored, "kind": kind})
                     if kind == "ipsec":
                         self._pair_messages(account_id, stored, messages)
-                stored = self.store.get(kind, account_id, row["id"])
-                assert stored is not None
                 created.append(self.present(kind, stored))
         if not validate_only:
             self.hooks.committed(changes)
@@ -274,22 +279,9 @@ class Api:
             psk = p.pop("psk", None)
             new = {**old, **p}
             if kind == "route":
-                tunnel_id = self._resolve_nexthop(account_id, new["nexthop"])
-                if tunnel_id is None:
-                    raise FieldError(
-                        "nexthop",
-                        f"no tunnel of this account has peer interface address {new['nexthop']}",
-                    )
-                for dup in self.store.route_ids(account_id, new["nexthop"], new["prefix"]):
-                    if dup != row_id:
-                        raise ConflictError(
-                            f"prefix: route {new['prefix']} via {new['nexthop']} already "
-                            f"exists ({dup})"
-                        )
+                tunnel_id = self._check_route(account_id, new, "")
             else:
-                self._check_tunnel(account_id, new, "")
-                if kind == "gre":
-                    self._check_gre_pair(new, "")
+                self._check_tunnel(kind, account_id, new, "")
                 if new["interface_address"] != old["interface_address"]:
                     users = self._routes_via(account_id, old)
                     if users and peer_address(new["interface_address"]) != peer_address(
