@@ -396,6 +396,9 @@ def network(seconds: float, udp_encap: bool) -> dict[str, Any]:
     finally:
         topo.close()
         cleanup_prefix(prefix)
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def network_main(argv: list[str]) -> int:
