@@ -78,31 +78,26 @@ def _iso(unix: float) -> str | None:
 
 
 def tunnel_record(row: dict[str, Any]) -> TunnelRecord:
+    """The bus record of a stored tunnel row; the two kinds name their outer
+    endpoints differently, as Magic WAN's API does."""
+    extra: dict[str, Any]
     if row["kind"] == "ipsec":
-        return TunnelRecord(
-            account_id=row["account_id"],
-            tunnel_id=row["id"],
-            kind=TunnelKind.IPSEC,
-            name=row["name"],
-            local_addr=row["cloudflare_endpoint"],
-            remote_addr=row["customer_endpoint"],
-            interface_address=row["interface_address"],
-            mtu=row["mtu"],
-            mss=row["mss"],
-            replay_protection=row["replay_protection"],
-            allow_null_cipher=row["allow_null_cipher"],
-        )
+        kind, local, remote = TunnelKind.IPSEC, "cloudflare_endpoint", "customer_endpoint"
+        extra = {k: row[k] for k in ("replay_protection", "allow_null_cipher")}
+    else:
+        kind, local, remote = TunnelKind.GRE, "cloudflare_gre_endpoint", "customer_gre_endpoint"
+        extra = {"ttl": row["ttl"]}
     return TunnelRecord(
         account_id=row["account_id"],
         tunnel_id=row["id"],
-        kind=TunnelKind.GRE,
+        kind=kind,
         name=row["name"],
-        local_addr=row["cloudflare_gre_endpoint"],
-        remote_addr=row["customer_gre_endpoint"],
+        local_addr=row[local],
+        remote_addr=row[remote],
         interface_address=row["interface_address"],
         mtu=row["mtu"],
         mss=row["mss"],
-        ttl=row["ttl"],
+        **extra,
     )
 
 
@@ -524,14 +519,16 @@ class ControlService:
             log.info("ignoring Child SA for deleted tunnel %s", ev.tunnel_id)
             self._delete_tunnel_sas(ev.tunnel_id)
             return
-        for rec in (ev.inbound, ev.outbound):
-            self._persist_sa(rec)
-        self.publisher.set(ev.inbound)
-        self._install_seq[ev.tunnel_id] = self.publisher.set(ev.outbound)
+        self._publish_pair(ev)
         if ev.replaces is not None:
             self.metrics.rekeys.labels("child").inc()
 
     def _on_ChildSaUpdated(self, ev: Any) -> None:
+        self._publish_pair(ev)
+
+    def _publish_pair(self, ev: Any) -> None:
+        """Seal both directions into the store, then publish them; the outbound
+        one's sequence is what a rekey's old SA waits for (make-before-break)."""
         for rec in (ev.inbound, ev.outbound):
             self._persist_sa(rec)
         self.publisher.set(ev.inbound)
