@@ -168,28 +168,27 @@ class Publisher:
 
     def set(self, record: Record) -> int:
         """Publish ``record`` under ``record.key``; returns its bus sequence."""
-        if self._mirror:
-            raise RuntimeError("a forwarder's publisher mirrors its upstream")
-        value = encode(record)
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
-            self._values[record.key] = value
-            self._records[record.key] = record
-            self._outbox.append((self.epoch, seq, record.key, value))
-        self._wake()
-        return seq
+        return self._publish(record.key, record)
 
     def delete(self, key: str) -> int:
         """Publish a tombstone for ``key``; returns its sequence."""
+        return self._publish(key, None)
+
+    def _publish(self, key: str, record: Record | None) -> int:
+        """Next sequence, table updated, update queued for the socket thread."""
         if self._mirror:
             raise RuntimeError("a forwarder's publisher mirrors its upstream")
+        value = b"" if record is None else encode(record)  # b"": the tombstone
         with self._lock:
             self._seq += 1
             seq = self._seq
-            self._values.pop(key, None)
-            self._records.pop(key, None)
-            self._outbox.append((self.epoch, seq, key, b""))
+            if record is None:
+                self._values.pop(key, None)
+                self._records.pop(key, None)
+            else:
+                self._values[key] = value
+                self._records[key] = record
+            self._outbox.append((self.epoch, seq, key, value))
         self._wake()
         return seq
 
