@@ -12,8 +12,9 @@ Reports, per DH group (ECP-384, MODP-2048):
   tunnels (and 10 000 without ``--quick``), measured as RSS growth and as
   Python-heap growth (tracemalloc; excludes OpenSSL's own allocations).
 
-``--strongswan N`` (root; netns ``awb-ike-*``): the same initiator does N
-handshakes over UDP against Debian's strongSwan responder and against ours,
+``--strongswan N`` (root; namespaces ``$ANYWAN_BENCH_NETNS_PREFIX`` (default
+``awb-``) + ``ike-*``): the same initiator does N handshakes over UDP against
+Debian's strongSwan responder and against ours,
 each alone in a namespace; responder CPU time and RSS growth come from /proc.
 
 ``--fuzz N`` runs the mutation fuzzer of tests/control/ike for at least N
@@ -198,7 +199,7 @@ def run_fuzz(target: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------- vs strongSwan
 
-SS_PREFIX = "awb-ike-"
+SS_PREFIX = os.environ.get("ANYWAN_BENCH_NETNS_PREFIX", "awb-") + "ike-"
 SITE_IP, GW_IP = "10.99.0.2", "10.99.0.1"
 SS_PROPOSALS = {
     "ecp384": "aes128gcm16-prfsha256-ecp384",
