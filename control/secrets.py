@@ -2,10 +2,10 @@
 
 The database never holds a PSK or key in the clear: every secret column is
 ``nonce || AES-256-GCM(master key, plaintext, aad)``, where the AAD names the
-row the secret belongs to (``b"psk/<tunnel_id>"``), so a ciphertext copied onto
-another row does not decrypt. The master key lives in its own file, created
-with mode 0600 by ``os.open`` (no window in which it is world-readable), so the
-database file alone reveals nothing (issue 7, "Store and secrets").
+row the secret belongs to (``b"psk/<account_id>/<tunnel_id>"``, ``b"state/<key>"``),
+so a ciphertext copied onto another row does not decrypt. The master key lives
+in its own file, created with mode 0600 by ``os.open`` (no window in which it
+is world-readable), so the database file alone reveals nothing (issue 7, "Store and secrets").
 
 API tokens are not encrypted but hashed: a token is 256 random bits, so one
 SHA-256 is enough (no password stretching needed), and the store only ever

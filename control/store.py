@@ -169,6 +169,15 @@ class TokenInfo:
         return self.account_id is None
 
 
+def _psk_aad(account_id: str, tunnel_id: str) -> bytes:
+    """AES-GCM AAD binding a sealed PSK to its row (see control.secrets)."""
+    return f"psk/{account_id}/{tunnel_id}".encode()
+
+
+def _state_aad(key: str) -> bytes:
+    return f"state/{key}".encode()
+
+
 def _row(row: sqlite3.Row) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in row.keys():  # noqa: SIM118 - sqlite3.Row is not a mapping
@@ -408,7 +417,7 @@ class Store:
     # -- PSKs -----------------------------------------------------------------
 
     def set_psk(self, account_id: str, tunnel_id: str, psk: bytes, when: str) -> None:
-        sealed = self._master.seal(psk, f"psk/{account_id}/{tunnel_id}".encode())
+        sealed = self._master.seal(psk, _psk_aad(account_id, tunnel_id))
         self._db.execute(
             "UPDATE ipsec_tunnels SET psk_sealed = ?, psk_generated_on = ? "
             "WHERE id = ? AND account_id = ?",
@@ -422,7 +431,7 @@ class Store:
         ).fetchone()
         if r is None or r[0] is None:
             return None
-        return self._master.open(bytes(r[0]), f"psk/{account_id}/{tunnel_id}".encode())
+        return self._master.open(bytes(r[0]), _psk_aad(account_id, tunnel_id))
 
     # -- API tokens -----------------------------------------------------------
 
@@ -456,7 +465,7 @@ class Store:
     # -- sealed state (IKE SAs, Child SA records) -----------------------------
 
     def put_sealed(self, key: str, plaintext: bytes) -> None:
-        sealed = self._master.seal(plaintext, f"state/{key}".encode())
+        sealed = self._master.seal(plaintext, _state_aad(key))
         self._db.execute(
             "INSERT INTO sealed_state (key, sealed, modified_on) VALUES (?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET sealed = excluded.sealed, "
@@ -466,7 +475,7 @@ class Store:
 
     def get_sealed(self, key: str) -> bytes | None:
         r = self._db.execute("SELECT sealed FROM sealed_state WHERE key = ?", (key,)).fetchone()
-        return None if r is None else self._master.open(bytes(r[0]), f"state/{key}".encode())
+        return None if r is None else self._master.open(bytes(r[0]), _state_aad(key))
 
     def delete_sealed(self, key: str) -> None:
         self._db.execute("DELETE FROM sealed_state WHERE key = ?", (key,))
@@ -476,7 +485,7 @@ class Store:
             "SELECT key, sealed FROM sealed_state WHERE substr(key, 1, ?) = ? ORDER BY key",
             (len(prefix), prefix),
         )
-        return [(k, self._master.open(bytes(s), f"state/{k}".encode())) for k, s in cur]
+        return [(k, self._master.open(bytes(s), _state_aad(k))) for k, s in cur]
 
     def ipsec_by_endpoints(
         self, cloudflare_endpoint: str, customer_endpoint: str
