@@ -109,16 +109,30 @@ _CTR = struct.Struct("!IIQ")
 """CBC counter block: worker id, sequence number, zero."""
 _HDR_IV = struct.Struct("!IIII")
 """SPI, sequence number and the GCM explicit IV in one write."""
+_HDR_IV_PACK = _HDR_IV.pack_into
+_HDR_UNPACK = _HDR.unpack_from
+_IV_PACK = _IV.pack_into
 _PAD = bytes(range(1, 256))
 """RFC 4303 §2.4: default padding is 1, 2, 3, ... ."""
+_PADS = tuple(_PAD[:i] for i in range(256))
+"""The expected padding for each pad length."""
 _TRAILERS = tuple(tuple(_PAD[:pad] + bytes((pad, nh)) for nh in range(256)) for pad in range(16))
 """Padding ‖ pad length ‖ next header for pad 0..15 and every next header:
 one table lookup and one slice assignment per packet."""
 
 _SCRATCH = 9216
-"""Initial per-SA plaintext scratch buffer (octets)."""
+"""Initial per-SA plaintext scratch buffer for AES-CBC (octets)."""
+_VIEW_CACHE = 16
+"""Most inner-packet lengths an AES-GCM SA keeps cut views for (per output
+buffer); traffic is dominated by a few sizes (full MSS segments, bare ACKs).
+When full the cache is emptied, never grown: about 10 KiB per SA at most."""
+_EMPTY = memoryview(b"")
 _GCM_IV = 8
 _GCM_ICV = 16
+_GCM_FIXED = ESP_HEADER_LEN + _GCM_IV + _GCM_ICV
+"""Octets an AES-GCM ESP packet adds around its plaintext (32)."""
+_GCM_MIN = _GCM_FIXED + 2
+"""Shortest AES-GCM ESP packet: an empty payload with its 2-octet trailer."""
 _CBC_BLOCK = 16
 _ICV_LEN = {Integ.SHA256_128: 16, Integ.SHA1_96: 12, Integ.NONE: 0}
 _HASH: dict[Integ, type[hashes.HashAlgorithm]] = {
@@ -129,6 +143,9 @@ _GCM = frozenset({Cipher.AES128GCM16, Cipher.AES256GCM16})
 _CBC = frozenset({Cipher.AES128CBC, Cipher.AES256CBC})
 
 Buffer = bytes | bytearray | memoryview
+_GcmViews = tuple[memoryview, memoryview, memoryview, tuple[bytes, ...], int]
+"""(plaintext, ciphertext ‖ tag, trailer slot) views into ``out``, the
+trailers for the pad length by next header, and the ESP packet length."""
 
 
 def iv_worker_id(index: int, incarnation: int) -> int:
@@ -247,16 +264,20 @@ class OutboundSa:
         """Last sequence number sent by this worker (0 before the first)."""
         self._iv_len, self._align, self.icv_len = _geometry(self.cipher, self.integ)
         self._fixed = ESP_HEADER_LEN + self._iv_len + self.icv_len
-        self._out_view = memoryview(b"")
-        # Plaintext is assembled here (inner ‖ padding ‖ trailer), then encrypted
-        # into the caller's buffer: one copy of the inner packet, no allocation.
-        # Sized for a 9000-octet jumbo inner packet; grows (rarely) beyond.
-        self._scratch_view = memoryview(bytearray(_SCRATCH))
+        self._out_view = _EMPTY
+        self._scratch_view = _EMPTY
 
     @classmethod
     def from_record(cls, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> OutboundSa:
         """Build the SA's cipher state once; ``worker_id`` goes into every IV."""
         return OutboundSa(rec, worker_id=worker_id, first_seq=first_seq)
+
+    @property
+    def payload_offset(self) -> int:
+        """Octets between ``offset`` and the inner packet in an ESP packet
+        (header and IV: 16 for AES-GCM, 24 for AES-CBC, 8 for NULL): where
+        :meth:`encapsulate_in_place` expects the inner packet."""
+        return ESP_HEADER_LEN + self._iv_len
 
     def overhead(self, inner_len: int) -> int:
         """Octets ESP adds to an inner packet of ``inner_len`` octets:
@@ -277,16 +298,31 @@ class OutboundSa:
         ``ValueError`` for caller bugs (buffer too small, inner > 65535 octets,
         next header outside 0..255); nothing is consumed then. AES-CBC may use
         up to 15 octets after the packet in ``out`` as scratch space. The SA
-        keeps a memoryview of the last ``out`` it saw (a worker reuses one
+        keeps memoryviews of the last ``out`` it saw (a worker reuses one
         buffer), so that bytearray cannot be resized while the SA lives.
+        ``inner`` must not overlap ``out[offset:offset + length]``; use
+        :meth:`encapsulate_in_place` for an inner packet already in ``out``.
         """
         raise NotImplementedError  # each cipher's subclass implements it
+
+    def encapsulate_in_place(self, out: bytearray, offset: int, n: int, next_header: int) -> int:
+        """Like :meth:`encapsulate_into` for an ``n``-octet inner packet that
+        already sits at ``out[offset + payload_offset:]`` (e.g. read there
+        from the TUN device): no copy of the inner packet for AES-GCM and NULL
+        (AES-CBC still copies it into its plaintext scratch buffer). Same
+        errors, same result; on an error ``out`` is unchanged."""
+        p = offset + ESP_HEADER_LEN + self._iv_len
+        if offset < 0 or n < 0 or p + n > len(out):
+            self._refuse(out, offset, n, next_header, 0)
+        # The CBC/NULL fallback: the inner packet is read completely (CBC into
+        # its scratch buffer) before any octet of out[p:] is written.
+        return self.encapsulate_into(out, offset, bytes(memoryview(out)[p : p + n]), next_header)
 
     def _refuse(self, out: bytearray, offset: int, n: int, next_header: int, total: int) -> None:
         """The slow path: say why a packet cannot be encapsulated."""
         if self.seq >= MAX_SEQ:
             raise Drop(DropReason.SEQ_EXHAUSTED)
-        if n > MAX_INNER or not 0 <= next_header <= 255:
+        if not 0 <= n <= MAX_INNER or not 0 <= next_header <= 255:
             raise ValueError("inner packet too large or bad next header")
         raise ValueError("output buffer too small for the ESP packet")
 
@@ -302,8 +338,11 @@ class OutboundSa:
         """Convenience for tests and tools: a new ``bytes`` ESP packet."""
         out = bytearray(self.overhead(len(inner)) + len(inner) + _CBC_BLOCK)
         n = self.encapsulate_into(out, 0, inner, next_header)
-        self._out_view = memoryview(b"")  # do not pin the temporary buffer
+        self._unbind()  # do not pin the temporary buffer
         return bytes(out[:n])
+
+    def _unbind(self) -> None:
+        self._out_view = _EMPTY
 
     def __repr__(self) -> str:
         return (
@@ -313,40 +352,132 @@ class OutboundSa:
 
 
 class _GcmOut(OutboundSa):
-    """AES-GCM-16 (RFC 4106): nonce = salt ‖ worker id ‖ seq, AAD = SPI ‖ seq."""
+    """AES-GCM-16 (RFC 4106): nonce = salt ‖ worker id ‖ seq, AAD = SPI ‖ seq.
 
-    __slots__ = ("_aead", "_nonce")
+    **Encrypted in place.** The inner packet and its trailer are written to
+    their final place in ``out`` and ``AESGCM.encrypt_into`` is handed two
+    views of ``out`` that start at the same address: the plaintext
+    ``out[p:p+L]`` and the output ``out[p:p+L+16]`` (ciphertext ‖ tag). Why
+    that is safe with cryptography 50 (checked 2026-11-29 against
+    pyca/cryptography ``src/rust/src/backend/aead.rs`` and OpenSSL's GCM):
+
+    * cryptography's ``EvpCipherAead.encrypt_with_context`` makes one
+      ``EVP_CipherUpdate(ctx, out, in, L)`` call for the whole payload (AES-GCM
+      has block size 1 in EVP, so ``process_data`` takes its streaming branch:
+      no stack bounce buffer, no second pass over ``in``), then
+      ``EVP_CipherFinal`` and writes the tag to ``out[L:L+16]``, which the
+      plaintext view does not cover. Nothing is read from ``in`` after the
+      update call.
+    * OpenSSL documents exactly this aliasing: EVP_EncryptUpdate(3) and
+      provider-cipher(7) "the pointers out and in may point to the same
+      location, in which case the encryption will be done in-place"; only a
+      *partial* overlap is undefined. Its GCM provider relies on it itself:
+      the TLS record path (``gcm_tls_cipher``) refuses to run unless
+      ``out == in``, so in-place GCM is what every TLS 1.2 connection does.
+      GCM is CTR mode plus GHASH over the ciphertext: each block of input is
+      read before the same block of output is written.
+    * What is *not* safe and never done here: a partial overlap (output
+      starting inside the input at another address). cryptography 50.0.2
+      silently produces a wrong ciphertext with a valid tag for that (fixed
+      upstream later by pyca/cryptography#15656); the views here are cut from
+      the same start offset, so the overlap is exact by construction.
+
+    ``tests/dataplane/test_esp_inplace.py`` pins this: in-place output equals
+    the out-of-place output of the same library for many sizes, scapy
+    decrypts it, and the partial-overlap hazard is shown so an upgrade that
+    changes either behaviour is noticed.
+
+    Per packet: one ``pack_into`` for SPI ‖ seq ‖ IV, one for the nonce, two
+    slice copies (inner, trailer) and the encrypt call. The AAD view and, per
+    inner length, the plaintext / output / trailer views are cut once per
+    output buffer and reused (at most ``_VIEW_CACHE`` lengths; traffic is
+    dominated by a few sizes). Only lengths that fit are cached, so a cache
+    hit skips the length checks; sequence number and next header are checked
+    on every packet.
+    """
+
+    __slots__ = ("_aad", "_bound", "_cache", "_encrypt_into", "_nonce", "_offset")
 
     def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
         super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
-        self._aead = AESGCM(rec.enc_key)
+        self._encrypt_into = AESGCM(rec.enc_key).encrypt_into
         self._nonce = bytearray(rec.salt + bytes(8))
+        self._bound: object = None
+        self._offset = -1
+        self._aad = _EMPTY
+        self._cache: dict[int, _GcmViews] = {}
+        """Views into the bound ``out`` by inner length; see :meth:`_slow`."""
 
-    def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
-        n = len(inner)
-        seq = self.seq + 1
+    def _bind(self, out: bytearray, offset: int) -> None:
+        """A new (buffer, offset): drop the views cut for the old one."""
+        ov = self._out_view = memoryview(out)
+        self._bound = out
+        self._offset = offset
+        self._cache = {}
+        self._aad = ov[offset : offset + ESP_HEADER_LEN] if offset >= 0 else _EMPTY
+
+    def _unbind(self) -> None:
+        self._out_view = self._aad = _EMPTY
+        self._bound = None
+        self._offset = -1
+        self._cache = {}
+
+    def _slow(self, out: bytearray, offset: int, n: int, next_header: int) -> _GcmViews:
+        """Refuse the packet (``_refuse`` raises), or cut and cache the views
+        for an ``n``-octet inner packet at the bound offset. Only lengths that
+        fit are cached, so a cache hit needs no length check."""
         pad = -(n + 2) & 3
         ptlen = n + pad + 2
-        total = ptlen + (ESP_HEADER_LEN + _GCM_IV + _GCM_ICV)
-        if seq > MAX_SEQ or n > MAX_INNER or next_header & ~0xFF or offset < 0:
+        total = ptlen + _GCM_FIXED
+        if (
+            self.seq >= MAX_SEQ
+            or not 0 <= n <= MAX_INNER
+            or not 0 <= next_header <= 255
+            or offset < 0
+            or offset + total > len(out)
+        ):
             self._refuse(out, offset, n, next_header, total)
-        if offset + total > len(out):
-            self._refuse(out, offset, n, next_header, total)
-        ov = self._out_view
-        if ov.obj is not out:
-            ov = self._view(out)
+        cache = self._cache
+        if len(cache) >= _VIEW_CACHE:
+            cache.clear()
+        p = offset + ESP_HEADER_LEN + _GCM_IV
+        ct = self._out_view[p : p + ptlen + _GCM_ICV]
+        entry = cache[n] = (ct[:ptlen], ct, ct[n:ptlen], _TRAILERS[pad], total)
+        return entry
+
+    def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
+        seq = self.seq + 1
+        if out is not self._bound or offset != self._offset:
+            self._bind(out, offset)
+        n = len(inner)
+        views = self._cache.get(n)
+        if views is None or seq > 0xFFFFFFFF or next_header & -256:
+            views = self._slow(out, offset, n, next_header)
+        pt, ct, tail, trailers, total = views
         wid = self.worker_id
-        _HDR_IV.pack_into(out, offset, self.spi, seq, wid, seq)
+        _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
         nonce = self._nonce
-        _IV.pack_into(nonce, 4, wid, seq)
-        sv = self._scratch_view
-        if ptlen > len(sv):
-            sv = self._scratch(ptlen)
-        sv[:n] = inner
-        sv[n:ptlen] = _TRAILERS[pad][next_header]
-        self._aead.encrypt_into(
-            nonce, sv[:ptlen], ov[offset : offset + 8], ov[offset + 16 : offset + total]
-        )
+        _IV_PACK(nonce, 4, wid, seq)
+        pt[:n] = inner
+        tail[:] = trailers[next_header]
+        self._encrypt_into(nonce, pt, self._aad, ct)  # exact in place: class doc
+        self.seq = seq
+        return total
+
+    def encapsulate_in_place(self, out: bytearray, offset: int, n: int, next_header: int) -> int:
+        seq = self.seq + 1
+        if out is not self._bound or offset != self._offset:
+            self._bind(out, offset)
+        views = self._cache.get(n)
+        if views is None or seq > 0xFFFFFFFF or next_header & -256:
+            views = self._slow(out, offset, n, next_header)
+        pt, ct, tail, trailers, total = views
+        wid = self.worker_id
+        _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
+        nonce = self._nonce
+        _IV_PACK(nonce, 4, wid, seq)
+        tail[:] = trailers[next_header]
+        self._encrypt_into(nonce, pt, self._aad, ct)
         self.seq = seq
         return total
 
@@ -362,6 +493,11 @@ class _CbcOut(OutboundSa):
         # any fixed value keeps the IVs unpredictable without the key.
         self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).encryptor()
         self._mac = Integrity(self.integ, rec.integ_key)
+        # Plaintext is assembled here (counter block ‖ inner ‖ padding ‖
+        # trailer), then encrypted into the caller's buffer: one copy of the
+        # inner packet, no allocation. Sized for a 9000-octet jumbo inner
+        # packet; grows (rarely) beyond.
+        self._scratch_view = memoryview(bytearray(_SCRATCH))
 
     def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
         n = len(inner)
@@ -392,8 +528,8 @@ class _CbcOut(OutboundSa):
         if len(out) - end >= _CBC_BLOCK - 1:
             self._cbc.update_into(data, ov[start:])
         else:
-            out[start:end] = self._cbc.update(data)
-        out[end : offset + total] = self._mac.icv(ov[offset:end])
+            ov[start:end] = self._cbc.update(data)
+        ov[end : offset + total] = self._mac.icv(ov[offset:end])
         self.seq = seq
         return total
 
@@ -421,11 +557,30 @@ class _NullOut(OutboundSa):
             ov = self._view(out)
         _HDR.pack_into(out, offset, self.spi, seq)
         p = offset + ESP_HEADER_LEN
-        out[p : p + n] = inner
+        ov[p : p + n] = inner
         p += n
         end = p + pad + 2
-        out[p:end] = _TRAILERS[pad][next_header]
-        out[end : offset + total] = self._mac.icv(ov[offset:end])
+        ov[p:end] = _TRAILERS[pad][next_header]
+        ov[end : offset + total] = self._mac.icv(ov[offset:end])
+        self.seq = seq
+        return total
+
+    def encapsulate_in_place(self, out: bytearray, offset: int, n: int, next_header: int) -> int:
+        seq = self.seq + 1
+        pad = -(n + 2) & 3
+        total = self._fixed + n + pad + 2
+        if seq > MAX_SEQ or not 0 <= n <= MAX_INNER or next_header & ~0xFF or offset < 0:
+            self._refuse(out, offset, n, next_header, total)
+        if offset + total > len(out):
+            self._refuse(out, offset, n, next_header, total)
+        ov = self._out_view
+        if ov.obj is not out:
+            ov = self._view(out)
+        _HDR.pack_into(out, offset, self.spi, seq)
+        p = offset + ESP_HEADER_LEN + n
+        end = p + pad + 2
+        ov[p:end] = _TRAILERS[pad][next_header]
+        ov[end : offset + total] = self._mac.icv(ov[offset:end])
         self.seq = seq
         return total
 
@@ -438,6 +593,20 @@ class InboundSa:
     window update (only for an authentic packet, §3.4.3) → padding → next
     header. Every refusal is a ``Drop`` with a countable reason. Constructing
     ``InboundSa(rec)`` returns the subclass for the record's cipher.
+
+    **Where the plaintext goes.** By default AES-GCM and AES-CBC decrypt into a
+    fresh buffer per packet and leave ``packet`` untouched. With
+    ``in_place=True`` the caller hands over ``packet`` (it must be writable,
+    e.g. a view of the worker's receive buffer): the plaintext is written over
+    the ciphertext, starting at the same address (exact in-place, see
+    ``_GcmOut`` for why that is safe with cryptography 50 / OpenSSL), the
+    returned inner packet is a view of ``packet`` and nothing is allocated.
+    The packet's ciphertext is gone afterwards, also when a ``Drop`` is raised
+    (for a bad ICV the region is zeroed, so no unauthenticated plaintext is
+    left behind). AES-CBC with HMAC-SHA1-96 keeps allocating even then
+    (cryptography's ``update_into`` wants 15 octets of room after the data,
+    the 12-octet ICV does not provide it). NULL always returns a view of
+    ``packet``.
     """
 
     __slots__ = ("_iv_len", "_min_len", "cipher", "icv_len", "integ", "replay", "spi")
@@ -467,29 +636,33 @@ class InboundSa:
         """Build the SA's cipher state once, when its record lands."""
         return InboundSa(rec)
 
-    def open(self, packet: Buffer) -> tuple[int, memoryview]:
+    def open(self, packet: Buffer, in_place: bool = False) -> tuple[int, memoryview]:
         """ESP processing without the tunnel-mode policy: (next header, payload).
 
         The payload view is writable when ``packet`` is (the MSS clamp edits in
-        place): it aliases ``packet`` for NULL encryption and is a fresh buffer
-        otherwise. Raises ``Drop``: MALFORMED, UNKNOWN_SPI, BAD_ICV, REPLAY, BAD_PAD.
+        place): it aliases ``packet`` for NULL encryption and with
+        ``in_place`` (class doc), and is a fresh buffer otherwise. Raises
+        ``Drop``: MALFORMED, UNKNOWN_SPI, BAD_ICV, REPLAY, BAD_PAD;
+        ``ValueError`` for ``in_place`` with a read-only ``packet``.
         """
         mv = memoryview(packet)
         n = len(mv)
         if n < self._min_len:
             raise Drop(DropReason.MALFORMED, "ESP packet too short")
-        spi, seq = _HDR.unpack_from(mv, 0)
+        spi, seq = _HDR_UNPACK(mv, 0)
         if spi != self.spi:
             raise Drop(DropReason.UNKNOWN_SPI, "SPI does not match this SA")
-        pt = self._unprotect(mv, n, seq)
+        if in_place and mv.readonly:
+            raise ValueError("in_place decryption needs a writable packet buffer")
+        pt = self._unprotect(mv, n, seq, in_place)
         m = len(pt)
         padlen = pt[m - 2]
         body = m - 2 - padlen
-        if body < 0 or pt[body : m - 2] != _PAD[:padlen]:
+        if body < 0 or (padlen and pt[body : m - 2] != _PADS[padlen]):
             raise Drop(DropReason.BAD_PAD)
         return pt[m - 1], pt[:body]
 
-    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
+    def _unprotect(self, mv: memoryview, n: int, seq: int, in_place: bool) -> memoryview:
         """Verify, replay-check and decrypt; the plaintext incl. its trailer."""
         raise NotImplementedError  # each cipher's subclass implements it
 
@@ -499,14 +672,14 @@ class InboundSa:
         if window is not None and not window.accept(seq):
             raise Drop(DropReason.REPLAY)
 
-    def decapsulate(self, packet: Buffer) -> tuple[int, memoryview]:
+    def decapsulate(self, packet: Buffer, in_place: bool = False) -> tuple[int, memoryview]:
         """Tunnel mode: (next header 4 or 41, the inner packet).
 
         Raises ``Drop`` with MALFORMED, UNKNOWN_SPI, BAD_ICV, REPLAY (only with
         a replay window, checked after the ICV), BAD_PAD, DUMMY (next header
-        59, RFC 4303 §2.6) or UNKNOWN_NEXT_HEADER.
+        59, RFC 4303 §2.6) or UNKNOWN_NEXT_HEADER. ``in_place``: class doc.
         """
-        nh, inner = self.open(packet)
+        nh, inner = self.open(packet, in_place)
         if nh in (NEXT_HEADER_IPV4, NEXT_HEADER_IPV6):
             return nh, inner
         if nh == NEXT_HEADER_NONE:
@@ -521,22 +694,64 @@ class InboundSa:
 
 
 class _GcmIn(InboundSa):
-    __slots__ = ("_aead", "_salt")
+    """AES-GCM-16: ``decapsulate`` is one straight-line method (the hot path)."""
+
+    __slots__ = ("_decrypt_into", "_salt")
 
     def __init__(self, rec: SaRecord) -> None:
         super().__init__(rec)
-        self._aead = AESGCM(rec.enc_key)
+        self._decrypt_into = AESGCM(rec.enc_key).decrypt_into
         self._salt = rec.salt
 
-    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
-        buf = bytearray(n - (ESP_HEADER_LEN + _GCM_IV + _GCM_ICV))
+    def _unprotect(self, mv: memoryview, n: int, seq: int, in_place: bool) -> memoryview:
+        # Plaintext at the ciphertext's own address (exact in place) or fresh.
+        pt = mv[16 : n - _GCM_ICV] if in_place else memoryview(bytearray(n - _GCM_FIXED))
         try:
-            self._aead.decrypt_into(self._salt + mv[8:16], mv[16:n], mv[0:8], buf)
+            self._decrypt_into(self._salt + mv[8:16], mv[16:n], mv[0:8], pt)
         except InvalidTag:
+            if in_place:
+                pt[:] = bytes(n - _GCM_FIXED)  # no unauthenticated plaintext left behind
             raise Drop(DropReason.BAD_ICV) from None
-        if self.replay is not None:
-            self._replay(seq)
-        return memoryview(buf)
+        window = self.replay
+        if window is not None and not window.accept(seq):
+            raise Drop(DropReason.REPLAY)
+        return pt
+
+    def decapsulate(self, packet: Buffer, in_place: bool = False) -> tuple[int, memoryview]:
+        # InboundSa.open + _unprotect + decapsulate inlined: two calls fewer.
+        mv = memoryview(packet)
+        n = len(mv)
+        if n < _GCM_MIN:
+            raise Drop(DropReason.MALFORMED, "ESP packet too short")
+        spi, seq = _HDR_UNPACK(mv, 0)
+        if spi != self.spi:
+            raise Drop(DropReason.UNKNOWN_SPI, "SPI does not match this SA")
+        m = n - _GCM_FIXED
+        if in_place:
+            if mv.readonly:
+                raise ValueError("in_place decryption needs a writable packet buffer")
+            pt = mv[16 : n - 16]
+        else:
+            pt = memoryview(bytearray(m))
+        try:
+            self._decrypt_into(self._salt + mv[8:16], mv[16:n], mv[0:8], pt)
+        except InvalidTag:
+            if in_place:
+                pt[:] = bytes(m)
+            raise Drop(DropReason.BAD_ICV) from None
+        window = self.replay
+        if window is not None and not window.accept(seq):
+            raise Drop(DropReason.REPLAY)
+        padlen = pt[m - 2]
+        body = m - 2 - padlen
+        if body < 0 or (padlen and pt[body : m - 2] != _PADS[padlen]):
+            raise Drop(DropReason.BAD_PAD)
+        nh = pt[m - 1]
+        if nh == 4 or nh == 41:
+            return nh, pt[:body]
+        if nh == NEXT_HEADER_NONE:
+            raise Drop(DropReason.DUMMY)
+        raise Drop(DropReason.UNKNOWN_NEXT_HEADER)
 
 
 class _CbcIn(InboundSa):
@@ -547,7 +762,7 @@ class _CbcIn(InboundSa):
         self._cbc = _Cipher(algorithms.AES(rec.enc_key), modes.CBC(bytes(16))).decryptor()
         self._mac = Integrity(self.integ, rec.integ_key)
 
-    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
+    def _unprotect(self, mv: memoryview, n: int, seq: int, in_place: bool) -> memoryview:
         end = n - self.icv_len
         if not hmac.compare_digest(self._mac.icv(mv[:end]), mv[end:n]):
             raise Drop(DropReason.BAD_ICV)
@@ -557,7 +772,13 @@ class _CbcIn(InboundSa):
         if self.replay is not None:
             self._replay(seq)
         # Feed IV ‖ ciphertext; the first output block is discarded and leaves
-        # the chaining state at the packet's IV (module docstring).
+        # the chaining state at the packet's IV (module docstring). Whole blocks
+        # only, so the context never holds a partial block between packets.
+        if in_place and n - end >= _CBC_BLOCK - 1:
+            # Exact in place: output starts where the input does; the (already
+            # verified) ICV provides update_into's 15 octets of slack.
+            m = self._cbc.update_into(mv[ESP_HEADER_LEN:end], mv[ESP_HEADER_LEN:])
+            return mv[ESP_HEADER_LEN + _CBC_BLOCK : ESP_HEADER_LEN + m]
         buf = bytearray(end - ESP_HEADER_LEN + _CBC_BLOCK - 1)
         m = self._cbc.update_into(mv[ESP_HEADER_LEN:end], buf)
         return memoryview(buf)[_CBC_BLOCK:m]
@@ -570,7 +791,7 @@ class _NullIn(InboundSa):
         super().__init__(rec)
         self._mac = Integrity(self.integ, rec.integ_key)
 
-    def _unprotect(self, mv: memoryview, n: int, seq: int) -> memoryview:
+    def _unprotect(self, mv: memoryview, n: int, seq: int, in_place: bool) -> memoryview:
         end = n - self.icv_len
         if not hmac.compare_digest(self._mac.icv(mv[:end]), mv[end:n]):
             raise Drop(DropReason.BAD_ICV)
