@@ -8,6 +8,13 @@ asyncio shell around it.
 
 Datagrams are IKE messages WITHOUT the RFC 3948 non-ESP marker; the port in
 ``local`` (500 or 4500) says where they arrived and where replies leave from.
+
+Beyond the aioquic-shaped core: ``delete_tunnel``, ``rekey_child``,
+``rekey_ike``, ``create_child``, ``delete_child``, ``send_dpd`` (operators and
+tests), ``initiate`` (a whole IKE SA as initiator: tests, benchmark),
+``ike_sas`` (status), ``export_state`` / ``import_state`` (control restarts),
+and ``drops`` — a Counter of bounded trigger labels (``bad_icv``,
+``unknown_spi``, ``cookie_sent``, ``retransmit_answered``, …) for metrics.
 """
 
 from __future__ import annotations
