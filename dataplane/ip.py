@@ -45,17 +45,14 @@ IPV6_MIN_MTU = 1280
 """RFC 8200 §5: every IPv6 link carries 1280 bytes; ICMPv6 errors fit in it."""
 
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
-_IPV4_FIXED = struct.Struct("!BBHHHBB")  # up to the checksum
 _IPV6 = struct.Struct("!IHBB16s16s")
 _UDP = struct.Struct("!HHHH")
 _H = struct.Struct("!H")
 _HH = struct.Struct("!HH")
 _V6_ADDRS = struct.Struct("!QQQQ")
 _V4_FLOW = struct.Struct("!BxHxxHxBxxII")  # ver/IHL, total, frag, proto, src, dst
-_BB = struct.Struct("!BB")
 _ICMP_HDR = struct.Struct("!BBHHH")  # type, code, checksum, unused, next-hop MTU
 _ICMPV6_HDR = struct.Struct("!BBHI")  # type, code, checksum, MTU
-_IPV6_PSEUDO_TAIL = struct.Struct("!IxxxB")  # upper-layer length, zero, next header
 
 _DF = 0x4000
 _MF = 0x2000
@@ -113,11 +110,6 @@ def checksum_replace16(checksum: int, old: int, new: int) -> int:
     """
     s = (~checksum & 0xFFFF) + (~old & 0xFFFF) + new
     return ~_fold(s) & 0xFFFF
-
-
-def _addr_sum(addr: Buffer) -> int:
-    """One's complement sum contribution of an address (4 or 16 bytes)."""
-    return ones_sum(addr)
 
 
 # -- header writers ------------------------------------------------------------
@@ -209,7 +201,7 @@ def pseudo_header_sum(src: Buffer, dst: Buffer, proto: int, length: int) -> int:
     The IPv6 form has a 32-bit length and the IPv4 form a 16-bit one; with
     lengths below 65536 both contribute ``length`` to the sum.
     """
-    return _addr_sum(src) + _addr_sum(dst) + proto + length
+    return ones_sum(src) + ones_sum(dst) + proto + length
 
 
 def set_udp_checksum(out: WBuffer, offset: int, length: int, src: bytes, dst: bytes) -> int:

@@ -25,14 +25,11 @@ from control.store import TokenInfo
 log = logging.getLogger("anywan.control.api")
 
 PREFIXES = ("", "/client/v4")
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
 MESSAGE_CODE = 1100
 
 API_KEY: web.AppKey[Api] = web.AppKey("api", Api)
 METRICS_KEY: web.AppKey[ControlMetrics] = web.AppKey("metrics", ControlMetrics)
 OPENAPI_KEY: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
-TOKEN_KEY = "anywan.token"
-MESSAGES_KEY = "anywan.messages"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
