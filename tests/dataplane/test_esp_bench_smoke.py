@@ -23,5 +23,7 @@ def test_bench_codec_quick_reports_all_esp_cases() -> None:
     for size in (64, 1400):
         for case in ("aes128gcm16", "aes256gcm16", "aes256+sha256_128", "null+sha1_96"):
             assert {(case, size, "encap"), (case, size, "decap")} <= esp
+        for case in ("aes128gcm16 in-place", "aes256gcm16 in-place", "null+sha256_128 in-place"):
+            assert {(case, size, "encap"), (case, size, "decap")} <= esp
     assert all(r["ns_per_packet"] > 0 and r["ratio"] > 0 for r in rows)
     assert report["meta"]["cryptography"]
