@@ -21,6 +21,7 @@ class ControlMetrics:
         r = self.registry = registry if registry is not None else CollectorRegistry()
         self.max_accounts = max_accounts
         self._accounts: set[str] = set()
+        self._before_render: list[Callable[[], None]] = []
         self.api_requests = Counter(
             "anywan_control_api_requests",
             "REST API requests by route template, method and HTTP status",
@@ -102,5 +103,12 @@ class ControlMetrics:
         self.bus_workers.set_function(workers)
         self.bus_slowest_lag.set_function(lag)
 
+    def refresh_on_render(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` before each :meth:`render`: for gauges that cost a pass over
+        every record, computed per scrape rather than per event."""
+        self._before_render.append(fn)
+
     def render(self) -> bytes:
+        for fn in self._before_render:
+            fn()
         return generate_latest(self.registry)
