@@ -131,16 +131,19 @@ class Forwarder:
 
     def _run(self) -> None:
         pub, io = self.publisher, self._io
+        poller, registered = zmq.Poller(), None
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
                 deadlines = [pub._next_deadline()]
                 if (t := io.timer()) is not None:
                     deadlines.append(t)
-                poller = zmq.Poller()
-                for s in (*io.sockets(), *pub._poll_items()):
-                    poller.register(s, zmq.POLLIN)
-                poller.register(pub._wake_r, zmq.POLLIN)
+                if io.sockets() != registered:  # a snapshot connection came or went
+                    registered = io.sockets()
+                    poller = zmq.Poller()
+                    for s in (*registered, *pub._poll_items()):
+                        poller.register(s, zmq.POLLIN)
+                    poller.register(pub._wake_r, zmq.POLLIN)
                 try:
                     ready = dict(poller.poll(clone.poll_timeout_ms(min(deadlines), now)))
                 except zmq.ZMQError:
