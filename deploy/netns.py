@@ -28,6 +28,7 @@ import errno
 import ipaddress
 import os
 import re
+import select
 import signal
 import subprocess
 import threading
@@ -40,6 +41,8 @@ from pyroute2 import IPRoute, NetNS, netns
 NETNS_RUN_DIR = "/run/netns"
 #: How long :meth:`Topology.close` waits after SIGTERM before SIGKILL.
 TERM_GRACE = 2.0
+#: Seconds :meth:`Namespace.capture` waits for tcpdump to start listening.
+CAPTURE_START_TIMEOUT = 10.0
 
 
 class NetnsError(RuntimeError):
@@ -419,7 +422,10 @@ class Namespace:
         argv = ["tcpdump", "-i", ifname, "-U", "--immediate-mode", "-Z", "root", "-w", path]
         proc = self.popen([*argv, *bpf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert proc.stderr is not None
-        line = proc.stderr.readline()
+        # tcpdump prints "listening on ..." in one write once the capture is
+        # open; wait for it with a bound, so a stuck tcpdump cannot hang us.
+        ready, _, _ = select.select([proc.stderr], [], [], CAPTURE_START_TIMEOUT)
+        line = proc.stderr.readline() if ready else b"(no output)"
         if b"listening on" not in line:
             self.topology.stop(proc)
             raise NetnsError(f"{self}: tcpdump did not start: {line!r}")

@@ -223,3 +223,22 @@ def test_unique_prefix_sweeps_only_dead_runs() -> None:
         alive.kill()
         alive.wait()
         cleanup_prefix(base)
+
+
+def test_capture_start_is_bounded(netns_topology, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tcpdump that fails or never says "listening" is an error within the
+    bound, and the process is ended (it would otherwise block readline)."""
+    import deploy.netns
+
+    topo: Topology = netns_topology(BASE)
+    a = topo.namespace("cap")
+    with pytest.raises(NetnsError, match="tcpdump did not start"):
+        a.capture("nosuch0", "/dev/null")
+    monkeypatch.setattr(deploy.netns, "CAPTURE_START_TIMEOUT", 0.5)
+    monkeypatch.setattr(a, "command", lambda argv: ["sleep", "30"])  # silent, never listens
+    t0 = time.monotonic()
+    with pytest.raises(NetnsError, match="tcpdump did not start"):
+        a.capture("lo", "/dev/null")
+    assert time.monotonic() - t0 < 5
+    stuck = topo.processes[-1]
+    assert stuck.poll() is not None
