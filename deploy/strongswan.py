@@ -377,6 +377,11 @@ def parse_child_keys(log: str) -> list[dict[str, bytes]]:
 # --- the daemon ---------------------------------------------------------------
 
 
+def _target(child: str | None, ike: str | None) -> list[str]:
+    """swanctl's ``--child NAME`` / ``--ike NAME`` selection of an SA by config name."""
+    return [*(["--child", child] if child else []), *(["--ike", ike] if ike else [])]
+
+
 class Charon:
     """One charon daemon in namespace ``ns`` with its files under ``workdir``.
 
@@ -506,11 +511,7 @@ class Charon:
     ) -> str:
         """``swanctl --initiate`` (blocks until established or failed);
         raises StrongswanError with swanctl's log lines on failure."""
-        args = ["--initiate", "--timeout", str(int(timeout))]
-        if child:
-            args += ["--child", child]
-        if ike:
-            args += ["--ike", ike]
+        args = ["--initiate", "--timeout", str(int(timeout)), *_target(child, ike)]
         return self._swanctl(args, timeout=timeout + 5).stdout
 
     def list_sas(self) -> list[dict[str, Any]]:
@@ -530,22 +531,13 @@ class Charon:
     def rekey(self, *, child: str | None = None, ike: str | None = None) -> None:
         """Start a rekey (``swanctl --rekey``) of the named child or IKE SA
         (by configuration name); returns once charon has queued it."""
-        args = ["--rekey"]
-        if child:
-            args += ["--child", child]
-        if ike:
-            args += ["--ike", ike]
-        self._swanctl(args)
+        self._swanctl(["--rekey", *_target(child, ike)])
 
     def terminate(
         self, *, child: str | None = None, ike: str | None = None, timeout: float = 10.0
     ) -> None:
         """``swanctl --terminate`` (sends DELETE and waits for the answer)."""
-        args = ["--terminate", "--timeout", str(int(timeout))]
-        if child:
-            args += ["--child", child]
-        if ike:
-            args += ["--ike", ike]
+        args = ["--terminate", "--timeout", str(int(timeout)), *_target(child, ike)]
         self._swanctl(args, timeout=timeout + 5)
 
     def log(self, *, raw: bool = False) -> str:
