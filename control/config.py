@@ -29,9 +29,11 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Option:
+    """One setting: its name (TOML key; ``--flag`` and ``ANYWAN_*`` derive from
+    it) and type; its default is the :class:`ControlConfig` field's."""
+
     name: str
     type: type
-    default: Any
     help: str
 
 
@@ -39,60 +41,53 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "state_dir",
         Path,
-        Path("/var/lib/anywan"),
         "Directory for the SQLite database, the master key and the bus keys",
     ),
-    Option("master_key", str, "", "Master key file (default: <state_dir>/master.key)"),
-    Option("api_listen", str, "127.0.0.1:8080", "REST API listen address host:port"),
+    Option("master_key", str, "Master key file (default: <state_dir>/master.key)"),
+    Option("api_listen", str, "REST API listen address host:port"),
     Option(
         "metrics_listen",
         str,
-        "",
         "Extra unauthenticated /metrics listener host:port (empty = only on the API, "
         "operator token)",
     ),
     Option(
         "id_suffix",
         str,
-        "ipsec.anywan.example",
         "Domain suffix of tunnel IKE identities (<tunnel_id>.<account_id>.<suffix>)",
     ),
     Option(
         "ike_listen",
         list,
-        [],
         "Addresses to serve IKE on directly (UDP 500 and 4500), comma separated; "
         "empty = only through the worker relay",
     ),
-    Option("ike_ports", list, ["500", "4500"], "UDP ports for ike_listen"),
-    Option("bus_snapshot_endpoint", str, "tcp://0.0.0.0:7701", "Bus snapshot (ROUTER) endpoint"),
-    Option("bus_update_endpoint", str, "tcp://0.0.0.0:7702", "Bus updates (PUB) endpoint"),
-    Option("bus_ack_endpoint", str, "tcp://0.0.0.0:7703", "Bus acknowledgements endpoint"),
+    Option("ike_ports", list, "UDP ports for ike_listen"),
+    Option("bus_snapshot_endpoint", str, "Bus snapshot (ROUTER) endpoint"),
+    Option("bus_update_endpoint", str, "Bus updates (PUB) endpoint"),
+    Option("bus_ack_endpoint", str, "Bus acknowledgements endpoint"),
     Option(
         "relay_endpoint",
         str,
-        "tcp://0.0.0.0:7704",
         "IKE relay endpoint workers forward IKE to (empty = no relay)",
     ),
-    Option("bus_heartbeat_interval", float, 0.5, "Seconds between bus heartbeats"),
+    Option("bus_heartbeat_interval", float, "Seconds between bus heartbeats"),
     Option(
         "keys_dir",
         str,
-        "",
         "CURVE keys: control.key/control.pub and workers/*.pub (default: <state_dir>/keys)",
     ),
-    Option("child_lifetime", float, 4 * 3600.0, "Child SA rekey time, seconds"),
-    Option("ike_lifetime", float, 24 * 3600.0, "IKE SA rekey time, seconds"),
-    Option("rekey_jitter", float, 0.1, "Fraction of the lifetime rekeys are moved earlier"),
-    Option("dpd_interval", float, 30.0, "Dead peer detection interval, seconds"),
+    Option("child_lifetime", float, "Child SA rekey time, seconds"),
+    Option("ike_lifetime", float, "IKE SA rekey time, seconds"),
+    Option("rekey_jitter", float, "Fraction of the lifetime rekeys are moved earlier"),
+    Option("dpd_interval", float, "Dead peer detection interval, seconds"),
     Option(
         "rekey_apply_timeout",
         float,
-        5.0,
         "Make-before-break: seconds to wait for every worker to apply a new SA",
     ),
-    Option("max_account_labels", int, 500, "Cap on distinct account labels in metrics"),
-    Option("log_level", str, "info", "debug, info, warning or error"),
+    Option("max_account_labels", int, "Cap on distinct account labels in metrics"),
+    Option("log_level", str, "debug, info, warning or error"),
 )
 _BY_NAME = {o.name: o for o in OPTIONS}
 
@@ -144,6 +139,12 @@ class ControlConfig:
 
 
 assert {f.name for f in fields(ControlConfig)} == set(_BY_NAME), "OPTIONS out of sync"
+_DEFAULTS = {f.name: f.default for f in fields(ControlConfig)}
+
+
+def _show_default(name: str) -> str:
+    value = _DEFAULTS[name]
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
 def split_hostport(value: str, name: str = "address") -> tuple[str, int]:
@@ -217,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, suppress: bool = False) ->
             flag,
             dest=opt.name,
             default=default,
-            help=f"{opt.help} [env {env}; default {opt.default}]",
+            help=f"{opt.help} [env {env}; default {_show_default(opt.name)}]",
         )
 
 
