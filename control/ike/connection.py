@@ -106,6 +106,11 @@ def nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
     return hashlib.sha1(spi_i + spi_r + ip + addr[1].to_bytes(2, "big")).digest()
 
 
+def request_hash(data: bytes) -> bytes:
+    """§2.1: what identifies a retransmission — a hash of the whole datagram."""
+    return hashlib.sha256(data).digest()[:16]
+
+
 def id_text(p: IdPayload) -> str:
     """The identity as text, for events and logs (not secret)."""
     try:
@@ -239,6 +244,7 @@ class IkeSa:
         "kex",
         "keys",
         "last_heard",
+        "last_request",
         "last_response",
         "linger_until",
         "local",
@@ -295,6 +301,9 @@ class IkeSa:
         # message IDs, §2.3 (window 1)
         self.peer_next = 0
         self.last_response: bytes = b""
+        self.last_request: tuple[bytes, Address, Address] | None = None
+        """(hash of the whole datagram, local, remote) of the request that
+        ``last_response`` answers: only a bitwise copy of it is a retransmission."""
         self.our_next = 0
         self.pending: OutRequest | None = None
         self.queue: deque[tuple[str, Any]] = deque()
@@ -422,9 +431,7 @@ class IkeSa:
         self, data: bytes, header: wire.Header, local: Address, remote: Address, now: float
     ) -> None:
         if header.message_id == self.peer_next - 1 and self.last_response:
-            # §2.1: a retransmitted request gets the same response again.
-            self.engine.count("retransmit_answered")
-            self.engine.send(self.last_response, local, remote)
+            self._answer_retransmission(data, local, remote)
             return
         if header.message_id != self.peer_next:
             raise Dropped("message_id")
@@ -449,9 +456,32 @@ class IkeSa:
         out = self._encode(header.exchange, header.message_id, response, response=True)
         self.peer_next += 1
         self.last_response = out
+        self.last_request = (request_hash(data), local, remote)
         self._send(out)
         if after is not None:
             after()
+
+    def _answer_retransmission(self, data: bytes, local: Address, remote: Address) -> None:
+        """§2.1: a retransmitted request gets the cached response again — but only
+        a true retransmission, bitwise identical to the request that produced it.
+        Anyone can forge our SPIs and an old Message ID around a garbage body
+        (nothing here is authenticated), so answering anything else would make us
+        a reflector towards whatever source address the forger wrote in.
+
+        §2.23: from a new address or port (a NAT rebinding) an identical copy is
+        answered only when NAT is in play for this IKE SA (detected, or UDP
+        encapsulation on 4500); without NAT the peer does not move, and a copy
+        from elsewhere is a replay aimed at a third party. The reply goes where
+        the copy came from, as §2.23 asks for the peer's latest address."""
+        last = self.last_request
+        if last is None or not compare_digest(last[0], request_hash(data)):
+            raise Dropped("retransmit_mismatch")
+        if (local, remote) != (last[1], last[2]):
+            if not (self.nat_detected or self.udp_encap or local[1] == 4500):
+                raise Dropped("retransmit_moved")
+            self.engine.count("retransmit_answered_moved")
+        self.engine.count("retransmit_answered")
+        self.engine.send(self.last_response, local, remote)
 
     def _after_error(self, exc: IkeError, handler: str) -> Callable[[], None] | None:
         if not isinstance(exc, AuthenticationFailedError):
@@ -841,6 +871,9 @@ class IkeSa:
             "keys": [k.sk_d, k.sk_ai, k.sk_ar, k.sk_ei, k.sk_er, k.sk_pi, k.sk_pr],
             "mid": [self.peer_next, self.our_next, self.iv_counter],
             "last_response": self.last_response,
+            "last_request": None
+            if self.last_request is None
+            else [self.last_request[0], list(self.last_request[1]), list(self.last_request[2])],
             "pending": None if req is None else [req.kind, req.exchange, req.message_id, req.data],
             "ike_rekey_at": self.ike_rekey_at - shift if self.ike_rekey_at else 0.0,
             "created": self.created - shift,
@@ -898,6 +931,9 @@ class IkeSa:
         # after this snapshot was taken.
         sa.iv_counter = iv + (1 << 24)
         sa.last_response = d["last_response"]
+        lr = d.get("last_request")  # absent in older blobs: nothing then counts as a copy
+        if lr is not None:
+            sa.last_request = (lr[0], (lr[1][0], int(lr[1][1])), (lr[2][0], int(lr[2][1])))
         if d["pending"] is not None:
             kind, exchange, mid, data = d["pending"]
             if kind not in ("dpd", "delete_ike"):

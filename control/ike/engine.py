@@ -14,7 +14,8 @@ Beyond the aioquic-shaped core: ``delete_tunnel``, ``rekey_child``,
 tests), ``initiate`` (a whole IKE SA as initiator: tests, benchmark),
 ``ike_sas`` (status), ``export_state`` / ``import_state`` (control restarts),
 and ``drops`` — a Counter of bounded trigger labels (``bad_icv``,
-``unknown_spi``, ``cookie_sent``, ``retransmit_answered``, …) for metrics.
+``unknown_spi``, ``cookie_sent``, ``retransmit_answered``,
+``retransmit_mismatch``, ``retransmit_moved``, …) for metrics.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import msgpack
 
 from control.ike import dh as dhmod
 from control.ike import messages as wire
-from control.ike.connection import IkeSa, nat_hash
+from control.ike.connection import IkeSa, nat_hash, request_hash
 from control.ike.crypto import Prf, derive_ike_keys, skeyseed
 from control.ike.events import IkeEvent, NegotiationFailed
 from control.ike.payloads import (
@@ -643,7 +644,7 @@ class IkeEngine:
         """§1.2 messages 1 → 2, responder side; state is kept only on success."""
         # Keyed by the message's hash too: a different IKE_SA_INIT with the same SPIi
         # (a forged or corrupted copy seen first) must not lock the real one out.
-        digest = hashlib.sha256(data).digest()[:16]
+        digest = request_hash(data)
         key = (header.spi_i, remote[0], remote[1], digest)
         existing = self.half_open.get(key)
         if existing is not None:
@@ -771,6 +772,7 @@ class IkeEngine:
         sa.init_response = response
         sa.peer_next = 1
         sa.last_response = response
+        sa.last_request = (digest, local, remote)
         sa.init_key = key
         self.half_open[key] = sa
         self.half_open_per_ip[remote[0]] += 1
