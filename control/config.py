@@ -191,9 +191,13 @@ def read_file(path: Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not text
+        raise ConfigError(f"{path}: cannot read ({type(exc).__name__})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     section = data.get("control", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: control must be a table ([control])")
     top = {k: v for k, v in data.items() if not isinstance(v, dict)}
     merged = {**top, **section}
     unknown = set(merged) - set(_BY_NAME)

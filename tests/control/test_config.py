@@ -43,17 +43,24 @@ def test_precedence_flags_env_file_defaults(tmp_path: Path) -> None:
         ({}, "api_listen = [\n", "not valid TOML"),
         ({}, "dpd_interval = -1\n", "dpd_interval: must be > 0"),
         ({}, "max_account_labels = true\n", "max_account_labels"),
+        ({}, "control = 5\n", "control must be a table"),
+        ({}, b"api_listen = '\xff'\n", "cannot read (UnicodeDecodeError)"),
     ],
 )
 def test_errors_name_the_source(
-    tmp_path: Path, env: dict[str, str], file: str | None, message: str
+    tmp_path: Path, env: dict[str, str], file: str | bytes | None, message: str
 ) -> None:
     path = None
     if file is not None:
         path = tmp_path / "c.toml"
-        path.write_text(file)
+        path.write_bytes(file if isinstance(file, bytes) else file.encode())
     with pytest.raises(cfg.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         cfg.load({}, env, path)
+
+
+def test_config_path_that_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(cfg.ConfigError, match="cannot read"):
+        cfg.load({}, {}, tmp_path)
 
 
 def test_every_option_has_flag_env_and_help() -> None:
