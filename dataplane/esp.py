@@ -67,6 +67,12 @@ long-lived CBC decryption context is fed IV ‖ ciphertext and the first output
 block is discarded, so its chaining state is the packet's IV when the data
 starts.
 
+**Zero-copy paths.** AES-GCM always encrypts in place in the output buffer
+(``_GcmOut``). ``OutboundSa.encapsulate_in_place`` takes an inner packet that
+already sits at ``payload_offset`` in the output buffer (read there from the
+TUN: no copy at all), and ``InboundSa.decapsulate(packet, in_place=True)``
+decrypts over the ciphertext in the receive buffer (no allocation).
+
 Per-SA state and buffers are not thread-safe: the design runs one worker
 process per core with one thread on the packet path (DESIGN §7).
 """
@@ -143,9 +149,9 @@ _GCM = frozenset({Cipher.AES128GCM16, Cipher.AES256GCM16})
 _CBC = frozenset({Cipher.AES128CBC, Cipher.AES256CBC})
 
 Buffer = bytes | bytearray | memoryview
-_GcmViews = tuple[memoryview, memoryview, memoryview, tuple[bytes, ...], int]
-"""(plaintext, ciphertext ‖ tag, trailer slot) views into ``out``, the
-trailers for the pad length by next header, and the ESP packet length."""
+_GcmViews = tuple[memoryview, memoryview, tuple[bytes, ...], int]
+"""(plaintext, ciphertext ‖ tag) views into ``out``, the trailers for the pad
+length by next header, and the ESP packet length."""
 
 
 def iv_worker_id(index: int, incarnation: int) -> int:
@@ -224,8 +230,9 @@ class OutboundSa:
     """One outbound SA on one worker: encrypts inner packets into ESP.
 
     Built once per SA when its record lands (DESIGN §7); holds the cipher
-    context, the keyed HMAC, the packed SPI and a scratch buffer. See the
-    module docstring for the IV and sequence-number bounds. Constructing
+    context, the keyed HMAC and (AES-CBC) a plaintext scratch buffer or
+    (AES-GCM) views into the caller's output buffer. See the module
+    docstring for the IV and sequence-number bounds. Constructing
     ``OutboundSa(rec)`` returns the subclass for the record's cipher (AES-GCM,
     AES-CBC or NULL), each with a straight-line ``encapsulate_into``.
     """
@@ -375,22 +382,32 @@ class _GcmOut(OutboundSa):
       the TLS record path (``gcm_tls_cipher``) refuses to run unless
       ``out == in``, so in-place GCM is what every TLS 1.2 connection does.
       GCM is CTR mode plus GHASH over the ciphertext: each block of input is
-      read before the same block of output is written.
+      read before the same block of output is written. Decryption in place
+      (``InboundSa.decapsulate(in_place=True)``) is the TLS receive path too;
+      GHASH consumes each ciphertext block before it is overwritten.
     * What is *not* safe and never done here: a partial overlap (output
-      starting inside the input at another address). cryptography 50.0.2
-      silently produces a wrong ciphertext with a valid tag for that (fixed
-      upstream later by pyca/cryptography#15656); the views here are cut from
-      the same start offset, so the overlap is exact by construction.
+      starting inside the input at another address). The installed
+      cryptography 50.0.2 silently produces a wrong ciphertext with a valid
+      tag for that (measured here at 1402 octets; pyca/cryptography#15656
+      addresses it upstream); the views here are cut from the same start
+      offset, so the overlap is exact by construction.
+    * Rust aliasing: ``encrypt_into`` holds the input as ``&[u8]`` and the
+      output as ``&mut [u8]`` over the same memory, which Rust's model does
+      not allow; it is harmless here because both only reach OpenSSL as raw
+      pointers through FFI (no Rust code reads the input after the output is
+      written), the same "unsound but lived with" stance ``CffiBuf`` states
+      for Python buffers in general (alexgaynor.net, "buffers on the edge").
 
-    ``tests/dataplane/test_esp_inplace.py`` pins this: in-place output equals
-    the out-of-place output of the same library for many sizes, scapy
-    decrypts it, and the partial-overlap hazard is shown so an upgrade that
-    changes either behaviour is noticed.
+    ``tests/dataplane/test_esp_inplace.py`` pins this so an upgrade that breaks
+    it fails: the library's in-place results equal its out-of-place ones for
+    every length class, our packets equal an independent out-of-place oracle
+    and scapy decrypts them, and a spy on ``encrypt_into`` asserts the two
+    views start at the same address with output = plaintext + 16 octets.
 
     Per packet: one ``pack_into`` for SPI ‖ seq ‖ IV, one for the nonce, two
     slice copies (inner, trailer) and the encrypt call. The AAD view and, per
-    inner length, the plaintext / output / trailer views are cut once per
-    output buffer and reused (at most ``_VIEW_CACHE`` lengths; traffic is
+    inner length, the plaintext and output views are cut once per output
+    buffer and reused (at most ``_VIEW_CACHE`` lengths; traffic is
     dominated by a few sizes). Only lengths that fit are cached, so a cache
     hit skips the length checks; sequence number and next header are checked
     on every packet.
@@ -442,7 +459,7 @@ class _GcmOut(OutboundSa):
             cache.clear()
         p = offset + ESP_HEADER_LEN + _GCM_IV
         ct = self._out_view[p : p + ptlen + _GCM_ICV]
-        entry = cache[n] = (ct[:ptlen], ct, ct[n:ptlen], _TRAILERS[pad], total)
+        entry = cache[n] = (ct[:ptlen], ct, _TRAILERS[pad], total)
         return entry
 
     def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
@@ -453,13 +470,13 @@ class _GcmOut(OutboundSa):
         views = self._cache.get(n)
         if views is None or seq > 0xFFFFFFFF or next_header & -256:
             views = self._slow(out, offset, n, next_header)
-        pt, ct, tail, trailers, total = views
+        pt, ct, trailers, total = views
         wid = self.worker_id
         _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
         nonce = self._nonce
         _IV_PACK(nonce, 4, wid, seq)
         pt[:n] = inner
-        tail[:] = trailers[next_header]
+        pt[n:] = trailers[next_header]
         self._encrypt_into(nonce, pt, self._aad, ct)  # exact in place: class doc
         self.seq = seq
         return total
@@ -471,12 +488,12 @@ class _GcmOut(OutboundSa):
         views = self._cache.get(n)
         if views is None or seq > 0xFFFFFFFF or next_header & -256:
             views = self._slow(out, offset, n, next_header)
-        pt, ct, tail, trailers, total = views
+        pt, ct, trailers, total = views
         wid = self.worker_id
         _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
         nonce = self._nonce
         _IV_PACK(nonce, 4, wid, seq)
-        tail[:] = trailers[next_header]
+        pt[n:] = trailers[next_header]
         self._encrypt_into(nonce, pt, self._aad, ct)
         self.seq = seq
         return total
@@ -719,7 +736,7 @@ class _GcmIn(InboundSa):
 
     def decapsulate(self, packet: Buffer, in_place: bool = False) -> tuple[int, memoryview]:
         # InboundSa.open + _unprotect + decapsulate inlined: two calls fewer.
-        mv = memoryview(packet)
+        mv = packet if type(packet) is memoryview else memoryview(packet)
         n = len(mv)
         if n < _GCM_MIN:
             raise Drop(DropReason.MALFORMED, "ESP packet too short")
