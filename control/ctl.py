@@ -59,20 +59,26 @@ class Client:
         try:
             doc = json.loads(raw)
         except ValueError:
-            raise CtlError(f"{method} {path}: HTTP {status}, not a JSON answer", EXIT_API) from None
+            doc = None
+        if not isinstance(doc, dict):  # e.g. a proxy's error page
+            raise CtlError(f"{method} {path}: HTTP {status}, not a JSON answer", EXIT_API)
         if status >= 400 or not doc.get("success", False):
-            msgs = (
-                "; ".join(e.get("message", "?") for e in doc.get("errors") or [])
-                or f"HTTP {status}"
-            )
+            msgs = "; ".join(_texts(doc.get("errors"))) or f"HTTP {status}"
             if status == 401:
                 raise CtlError(
                     f"authentication failed: {msgs} (set --token or ANYWAN_TOKEN)", EXIT_AUTH
                 )
             raise CtlError(f"error (HTTP {status}): {msgs}", EXIT_API)
-        for m in doc.get("messages") or []:
-            print(f"note: {m.get('message')}", file=sys.stderr)
+        for m in _texts(doc.get("messages")):
+            print(f"note: {m}", file=sys.stderr)
         return doc.get("result")
+
+
+def _texts(items: Any) -> list[str]:
+    """The ``message`` of each ``{"code", "message"}`` in an envelope list."""
+    if not isinstance(items, list):
+        return []
+    return [str(i.get("message", "?")) if isinstance(i, dict) else str(i) for i in items]
 
 
 # -- output ----------------------------------------------------------------------

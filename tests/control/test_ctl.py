@@ -101,6 +101,40 @@ async def test_anywanctl_commands(control: Control, capsys: pytest.CaptureFixtur
     assert rc == 0 and control.store.get("ipsec", "acct-a", tid) is None
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"<html>bad gateway</html>", "not a JSON answer"),
+        (b"[1, 2]", "not a JSON answer"),
+        (b'{"success": false, "errors": ["odd", {"code": 1, "message": "x"}]}', "odd; x"),
+    ],
+)
+def test_odd_answers_are_errors_not_tracebacks(body: bytes, message: str) -> None:
+    """What a proxy or another server may answer: a clear error, exit code 1."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(502)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = ctl.Client(f"http://127.0.0.1:{srv.server_port}", "t", 5.0)
+        with pytest.raises(ctl.CtlError, match=message) as exc:
+            client.call("GET", "/accounts")
+        assert exc.value.code == ctl.EXIT_API
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
