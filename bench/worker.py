@@ -288,9 +288,9 @@ def network(seconds: float, udp_encap: bool) -> dict[str, Any]:
     from deploy.netns import Topology, cleanup_prefix
     from replication.records import encode
 
-    prefix = "awt-w-bench-"
+    prefix = "awt-x-bench-"
     cleanup_prefix(prefix)
-    tmp = Path(tempfile.mkdtemp(prefix="awt-w-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="awt-x-bench-"))
     k_ab, k_ba, s_ab, s_ba = os.urandom(32), os.urandom(32), os.urandom(4), os.urandom(4)
 
     def sa_rec(spi: int, d: Direction, key: bytes, salt: bytes, local: str, remote: str) -> Any:

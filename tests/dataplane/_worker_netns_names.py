@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 
-BASE = "awt-w-"
+BASE = "awt-x-"
 
 
 def unique_prefix(kind: str) -> str:

@@ -71,7 +71,7 @@ def test_open_queue_errors_are_readable() -> None:
     with pytest.raises(tun.TunError, match="1-15"):
         tun.open_queue("x" * 16)
     with pytest.raises(tun.TunError, match="namespace"):
-        tun.open_queue("awtunx", netns_name="awt-w-io-does-not-exist")
+        tun.open_queue("awtunx", netns_name="awt-x-io-does-not-exist")
 
 
 def test_bind_to_absent_address_says_so(netns_topology) -> None:

@@ -1,6 +1,6 @@
 """End to end: scapy customer sites ↔ anywan-worker (real bus) ↔ an inner host.
 
-Topology (all namespaces ours, prefix ``awt-w-e2e-``)::
+Topology (all namespaces ours, prefix ``awt-x-e2e-``)::
 
   site-esp  (172.31.1.2) ─┐                          ┌ acct-a (created by the worker,
   site-udp  (172.31.2.2) ─┼─ node: anycast 192.0.2.1 │  TUN aw0) ── host 10.1.0.2
@@ -50,7 +50,7 @@ CBC_KEY_IN, CBC_IKEY_IN = os.urandom(32), os.urandom(32)
 CBC_KEY_OUT, CBC_IKEY_OUT = os.urandom(32), os.urandom(32)
 REPLAY_KEY, REPLAY_SALT = os.urandom(32), os.urandom(4)
 NARROW_KEY, NARROW_SALT = os.urandom(32), os.urandom(4)
-SEQ_LOG = Path(f"/tmp/awt-w-e2e-seq-{os.getpid()}.log")
+SEQ_LOG = Path(f"/tmp/awt-x-e2e-seq-{os.getpid()}.log")
 
 
 def records() -> list[Any]:
@@ -236,7 +236,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 
     sweep_dead("e2e")
     cleanup_prefix(PREFIX)
-    tmp = tmp_path_factory.mktemp("awt-w-e2e")
+    tmp = tmp_path_factory.mktemp("awt-x-e2e")
     topo = Topology(PREFIX)
     lab = Lab(topo, tmp)
     try:
@@ -756,6 +756,7 @@ def test_replay_protected_tunnel_has_one_sender_and_survives_owner_sigkill(lab: 
         5,
         "both workers alive",
     )
+    replay_before = {i: lab.drops("replay", i) for i in (0, 1)}
     t1 = next(r for r in records() if r.key == tunnel(1).key)
     lab.publisher.set(replace(t1, replay_protection=True))
     try:
@@ -782,6 +783,8 @@ def test_replay_protected_tunnel_has_one_sender_and_survives_owner_sigkill(lab: 
             "the non-owner to hand packets to the owner",
         )
         assert lab.metrics(owner).get("anywan_worker_replay_handoff_packets_total", 0) == 0
+        # owner mode is outbound only: no inbound replay verdict may appear
+        assert {i: lab.drops("replay", i) for i in (0, 1)} == replay_before
         lab.workers[owner].send_signal(signal.SIGKILL)
         lab.workers[owner].wait(5)
         _wait(lambda: lab.metrics(other).get("anywan_worker_node_live_workers") == 1, 3, "1 left")
@@ -791,6 +794,7 @@ def test_replay_protected_tunnel_has_one_sender_and_survives_owner_sigkill(lab: 
         _wait(lambda: len(_seqs()) >= mid + 40, 15, "40 more flows after the takeover")
         after = _seqs()[mid:]
         assert after == sorted(after) and min(after) > max(before), (before[-3:], after[:3])
+        assert lab.drops("replay", other) == replay_before[other]
     finally:
         lab.publisher.set(t1)
 
