@@ -79,7 +79,12 @@ class MasterKey:
                 f"master key file {path} is accessible by group/others "
                 f"(mode {stat.S_IMODE(st.st_mode):o}); chmod 600 it"
             )
-        text = path.read_text().strip()
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:  # the type only: no key bytes
+            raise SecretError(
+                f"cannot read master key file {path} ({type(exc).__name__})"
+            ) from None
         try:
             key = bytes.fromhex(text)
         except ValueError:

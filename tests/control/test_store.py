@@ -27,6 +27,20 @@ def test_master_key_created_0600_and_never_overwritten(tmp_path: Path) -> None:
         MasterKey.load(path)
 
 
+def test_unreadable_master_key_is_a_secret_error(tmp_path: Path) -> None:
+    """Not a traceback, and no key byte in the message."""
+    binary = tmp_path / "binary.key"
+    binary.write_bytes(b"\xfe" + bytes(31))
+    os.chmod(binary, 0o600)
+    with pytest.raises(SecretError, match="cannot read") as ei:
+        MasterKey.load(binary)
+    assert "fe" not in str(ei.value).replace(str(tmp_path), "")
+    folder = tmp_path / "dir.key"
+    folder.mkdir(mode=0o700)
+    with pytest.raises(SecretError, match="cannot read"):
+        MasterKey.load(folder)
+
+
 def test_sealed_values_are_bound_to_their_row(tmp_path: Path) -> None:
     key = MasterKey.create(tmp_path / "k")
     sealed = key.seal(b"Zq8-plaintext", b"psk/a/1")
