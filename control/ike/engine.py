@@ -164,6 +164,8 @@ Lookup = Callable[[PeerIdentity], TunnelAuth | None]
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 _ACCOUNT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 _ZERO_SPI = bytes(8)
+STUCK_TIMER_RETRY = 1.0
+"""Seconds before an IKE SA whose due deadline did not move is run again."""
 
 
 class IkeEngine:
@@ -238,7 +240,14 @@ class IkeEngine:
         return None
 
     def handle_timer(self, now: float) -> None:
-        """Run everything due at ``now``."""
+        """Run everything due at ``now``.
+
+        Contract with the transport: afterwards :meth:`get_timer` is None or
+        later than ``now`` for every IKE SA that ran, so a shell that simply
+        re-arms at ``get_timer()`` cannot spin. The handlers move every deadline
+        they act on; should one not (a bug, e.g. an internal error counted in
+        non-strict mode), that IKE SA is retried ``STUCK_TIMER_RETRY`` later and
+        counted as ``timer_stuck``."""
         self._last_now = now
         heap = self._timers
         due: list[IkeSa] = []
@@ -256,7 +265,7 @@ class IkeEngine:
                     raise
                 self.drops["internal_error"] += 1
             if sa.state is not IkeState.CLOSED:
-                self._schedule(sa)
+                self._schedule(sa, after=now)
             for spi in self.by_tunnel.get(sa.tunnel_id or "", set()).copy():
                 other = self.sas.get(spi)
                 if other is not None and other.scheduled is None:
@@ -564,10 +573,15 @@ class IkeEngine:
 
     # ------------------------------------------------------------ internals
 
-    def _schedule(self, sa: IkeSa) -> None:
+    def _schedule(self, sa: IkeSa, after: float | None = None) -> None:
+        """(Re)arm ``sa``'s deadline; ``after``: it just ran at that time, so a
+        deadline not later than it was not moved (see :meth:`handle_timer`)."""
         if sa.state is IkeState.CLOSED or self.sas.get(sa.our_spi) is not sa:
             return
         when = sa.next_deadline()
+        if when is not None and after is not None and when <= after:
+            self.drops["timer_stuck"] += 1
+            when = after + STUCK_TIMER_RETRY
         if when is None or when == sa.scheduled:
             return
         sa.scheduled = when

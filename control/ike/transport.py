@@ -45,8 +45,6 @@ IKE_PORT = 500
 NAT_T_PORT = 4500
 #: IKE header (RFC 7296 §3.1) is 28 octets; anything shorter is not IKE.
 IKE_HEADER_LEN = 28
-#: Delay before re-running a deadline the engine did not move (seconds).
-STUCK_TIMER_BACKOFF = 0.05
 #: Peers remembered as "reached through the relay via worker X" (bounded).
 MAX_RELAY_ROUTES = 200_000
 
@@ -64,7 +62,9 @@ class Engine(Protocol):
 
     def get_timer(self) -> float | None: ...
 
-    def handle_timer(self, now: float) -> None: ...
+    def handle_timer(self, now: float) -> None:
+        """Must leave ``get_timer()`` None or later than ``now``: the transport
+        re-arms at whatever it returns, so a deadline left behind would spin."""
 
     def next_event(self) -> object | None: ...
 
@@ -132,7 +132,6 @@ class IkeTransport:
         self._sockets: dict[Address, _UdpProtocol] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._last_fired: float | None = None
         self._relay: Relay | None = None
         self._datagram_factory: Callable[..., Any] | None = None
         # (local, remote) -> worker_id for peers last heard through the relay.
@@ -339,15 +338,11 @@ class IkeTransport:
             self._timer = None
         self._timer_at = at
         if at is not None:
-            if self._last_fired is not None and at <= self._last_fired:
-                # The engine handled this deadline and still asks for it: do
-                # not spin on it, look again shortly (and count it).
-                self.stats["timer_stuck"] += 1
-                at = self.loop.time() + STUCK_TIMER_BACKOFF
+            # No guard against a deadline that handle_timer() left in the past:
+            # the engine promises never to (IkeEngine.handle_timer).
             self._timer = self.loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
-        self._last_fired = self._timer_at
         self._timer = None
         self._timer_at = None
         if self._closed:

@@ -649,3 +649,31 @@ def test_due_deadlines_move_while_requests_queue_up() -> None:
     p.step(200)
     assert p.events(ev.IkeSaDeleted)[0].reason in ("dpd", "timeout")
     assert not p.server.sas and p.server.get_timer() is None
+
+
+def test_a_deadline_a_failing_handler_left_behind_is_retried_not_spun(monkeypatch) -> None:
+    """handle_timer(now) leaves get_timer() after now even when the handler of a
+    due deadline fails (non-strict: counted), so a transport re-arming at
+    get_timer() cannot spin; the IKE SA is retried every STUCK_TIMER_RETRY."""
+    from control.ike.connection import IkeSa
+    from control.ike.engine import STUCK_TIMER_RETRY
+
+    p = make_pair(config=IkeConfig(dpd_interval=5.0))
+    p.connect()
+
+    def broken(self: IkeSa, now: float) -> None:
+        raise RuntimeError("a bug in a timer handler")
+
+    monkeypatch.setattr(IkeSa, "on_timer", broken)
+    engine, now, calls = p.server, p.now, 0
+    for _ in range(1000):  # what a transport does, with no guard of its own
+        t = engine.get_timer()
+        if t is None or t > p.now + 20:
+            break
+        now = max(now, t)
+        engine.handle_timer(now)
+        calls += 1
+        assert engine.get_timer() is None or engine.get_timer() > now  # type: ignore[operator]
+    # DPD due at +5, then one retry per second up to +20
+    assert calls <= 1 + (20 - 5) / STUCK_TIMER_RETRY + 1, calls
+    assert engine.drops["timer_stuck"] == calls and engine.drops["internal_error"] == calls
