@@ -22,7 +22,6 @@ engine events come to :meth:`ControlService.on_ike_event`:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -403,14 +402,15 @@ class ControlService:
                     self._drain_engine_events()
             except NotImplementedError:
                 log.warning("IKE engine cannot delete tunnels yet (not implemented)")
-        for key, rec in list(self.publisher.items().items()):
+        # Every sealed SA record is on the bus under the same key (persisted
+        # then published, tombstoned then unsealed), so the bus names them:
+        # no need to open and decode every sealed SA of every tunnel. One left
+        # behind by a crash between the two steps is dropped at the next start
+        # (desired_records: its tunnel is gone).
+        for key, rec in self.publisher.items().items():
             if isinstance(rec, SaRecord) and rec.tunnel_id == tunnel_id:
                 self.publisher.delete(key)
-        for key, blob in self.store.sealed_items(SA_PREFIX):
-            with contextlib.suppress(RecordError):
-                rec = decode(blob)
-                if isinstance(rec, SaRecord) and rec.tunnel_id == tunnel_id:
-                    self._delete_sealed(key)
+                self._delete_sealed(key)
         self._ike_sas = {k: v for k, v in self._ike_sas.items() if v.tunnel_id != tunnel_id}
 
     def _drain_engine_events(self) -> None:
