@@ -32,10 +32,7 @@ from __future__ import annotations
 import struct
 
 from dataplane.drops import Drop, DropReason
-from dataplane.ip import internet_checksum
-
-Buffer = bytes | bytearray | memoryview
-WBuffer = bytearray | memoryview
+from dataplane.ip import Buffer, WBuffer, internet_checksum
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD

@@ -22,11 +22,10 @@ from dataplane.ip import (
     IPPROTO_TCP,
     IPV4_HEADER_LEN,
     IPV6_HEADER_LEN,
+    WBuffer,
     checksum_replace16,
     ipv6_upper_layer,
 )
-
-WBuffer = bytearray | memoryview
 
 TCP_HEADER_LEN = 20
 TCPOPT_EOL = 0
