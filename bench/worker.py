@@ -83,7 +83,7 @@ class Sink:
     def __init__(self) -> None:
         self.n = 0
 
-    def send(self, data: memoryview, dest: tuple[str, int]) -> None:
+    def send(self, data: memoryview, dest: tuple[str, int], anc: object = None) -> None:
         self.n += 1
 
     def write(self, data: memoryview) -> None:

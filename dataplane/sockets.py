@@ -174,6 +174,9 @@ def gso_supported(sock: socket.socket) -> bool:
     return True
 
 
+_NO_ANC: list[tuple[int, int, bytes]] = []
+
+
 class GsoBatcher:
     """Collects equal-sized UDP payloads for one destination; one sendmsg each.
 
@@ -190,6 +193,7 @@ class GsoBatcher:
         self.view = memoryview(self.buf)
         self.max_segments = max_segments
         self.dest: tuple[str, int] | None = None
+        self.anc = _NO_ANC
         self.seg = 0
         self.used = 0
         self.count = 0
@@ -197,13 +201,22 @@ class GsoBatcher:
         self.sent = 0
         self.errors = 0
 
-    def add(self, data: bytes | bytearray | memoryview, dest: tuple[str, int]) -> None:
+    def add(
+        self,
+        data: bytes | bytearray | memoryview,
+        dest: tuple[str, int],
+        anc: list[tuple[int, int, bytes]] = _NO_ANC,
+    ) -> None:
+        """Queue one datagram. ``anc``: extra control messages (IP_TOS) that
+        apply to the whole batch, so a batch only holds datagrams with the
+        same list object (the caller shares one list per value)."""
         n = len(data)
         if not self.enabled:
-            self._send(data, dest)
+            self._send(data, dest, anc)
             return
         if self.count and (
-            dest != self.dest
+            anc is not self.anc
+            or dest != self.dest
             or n > self.seg
             or self.short
             or self.used + n > 65000
@@ -213,6 +226,7 @@ class GsoBatcher:
         if not self.count:
             self.dest = dest
             self.seg = n
+            self.anc = anc
         elif n < self.seg:
             self.short = True
         self.buf[self.used : self.used + n] = data
@@ -225,12 +239,12 @@ class GsoBatcher:
         dest = self.dest
         assert dest is not None
         if self.count == 1:
-            self._send(self.view[: self.used], dest)
+            self._send(self.view[: self.used], dest, self.anc)
         else:
             try:
                 self.sock.sendmsg(
                     [self.view[: self.used]],
-                    [(SOL_UDP, UDP_SEGMENT, struct.pack("H", self.seg))],
+                    [(SOL_UDP, UDP_SEGMENT, struct.pack("H", self.seg)), *self.anc],
                     0,
                     dest,
                 )
@@ -240,9 +254,17 @@ class GsoBatcher:
         self.count = self.used = 0
         self.short = False
 
-    def _send(self, data: bytes | bytearray | memoryview, dest: tuple[str, int]) -> None:
+    def _send(
+        self,
+        data: bytes | bytearray | memoryview,
+        dest: tuple[str, int],
+        anc: list[tuple[int, int, bytes]],
+    ) -> None:
         try:
-            self.sock.sendto(data, dest)
+            if anc:
+                self.sock.sendmsg([data], anc, 0, dest)
+            else:
+                self.sock.sendto(data, dest)
             self.sent += 1
         except OSError:
             self.errors += 1

@@ -91,8 +91,16 @@ _SYN = 0x02
 _ETH_P_IP = 0x0800
 _ETH_P_IPV6 = 0x86DD
 
-SendFn = Callable[[memoryview, tuple[str, int]], None]
+Anc = list[tuple[int, int, bytes]]
+"""Control messages for ``sendmsg`` (IP_TTL / IP_TOS): shared, never mutated;
+``[]`` (falsy) means "socket defaults, plain ``sendto``"."""
+SendFn = Callable[[memoryview, tuple[str, int], Anc], None]
 WriteFn = Callable[[memoryview], None]
+
+SOL_IP = 0
+IP_TOS = 1
+IP_TTL = 2
+_NO_ANC: Anc = []
 
 
 class AccountNet:
@@ -165,6 +173,10 @@ class Dataplane:
         self.handoff: Callable[[str, int, memoryview], None] | None = None
         """(account, owner index, cleartext): give a packet to the SA's owner."""
         self.handed_off = 0
+        self.default_ttl = 64
+        """The outer sockets' own TTL (the worker reads it from the GRE socket):
+        a GRE tunnel whose ``ttl`` equals it needs no IP_TTL control message."""
+        self._ttl_anc: dict[int, Anc] = {}
 
     # ---- records ---------------------------------------------------------
     def apply(self, key: str, rec: Record) -> None:
@@ -411,6 +423,16 @@ class Dataplane:
             return
         net.write(memoryview(err))
 
+    def _gre_anc(self, ttl: int) -> Anc:
+        """IP_TTL control message for a GRE tunnel's ``ttl`` (RFC 2784 leaves
+        the outer header to the sender; the record says which TTL), built
+        once per TTL value; none when the socket's default already is it."""
+        anc = self._ttl_anc.get(ttl)
+        if anc is None:
+            anc = [] if ttl == self.default_ttl else [(SOL_IP, IP_TTL, ttl.to_bytes(4, "little"))]
+            self._ttl_anc[ttl] = anc
+        return anc
+
     def _encap(self, t: TunnelEntry, sa: Any, inner: memoryview, version: int) -> None:
         out = self.out
         rec = t.record
@@ -419,13 +441,16 @@ class Dataplane:
                 out, 0, inner, _ETH_P_IP if version == 4 else _ETH_P_IPV6, key=rec.gre_key
             )
             assert rec.remote_addr is not None
-            self.send_gre(self.out_view[:n], (rec.remote_addr, 0))
+            anc = self._ttl_anc.get(rec.ttl)
+            if anc is None:
+                anc = self._gre_anc(rec.ttl)
+            self.send_gre(self.out_view[:n], (rec.remote_addr, 0), anc)
         else:
             n = sa.codec.encapsulate_into(out, 0, inner, NH_IPV4 if version == 4 else NH_IPV6)
             if sa.udp_encap:
-                self.send_udp(self.out_view[:n], sa.dest)
+                self.send_udp(self.out_view[:n], sa.dest, _NO_ANC)
             else:
-                self.send_esp(self.out_view[:n], sa.dest)
+                self.send_esp(self.out_view[:n], sa.dest, _NO_ANC)
             sa.packets += 1
         t.packets_out += 1
         t.bytes_out += len(inner)
@@ -585,20 +610,29 @@ class Worker:
         self.dp.live = (config.index,)
 
     # ---- senders -----------------------------------------------------------
-    def _send_raw_esp(self, data: memoryview, dest: tuple[str, int]) -> None:
+    # Raw sockets take IP_TTL / IP_TOS as sendmsg control messages (Linux
+    # ip_cmsg_send, raw_sendmsg; checked on 6.18), so one socket serves every
+    # tunnel's TTL and every packet's ECN without a setsockopt per packet.
+    def _send_raw_esp(self, data: memoryview, dest: tuple[str, int], anc: Anc) -> None:
         try:
-            self.raw_esp.sendto(data, dest)  # type: ignore[union-attr]
+            if anc:
+                self.raw_esp.sendmsg([data], anc, 0, dest)  # type: ignore[union-attr]
+            else:
+                self.raw_esp.sendto(data, dest)  # type: ignore[union-attr]
         except OSError:
             self.dp.count(DropReason.NO_TUNNEL)
 
-    def _send_raw_gre(self, data: memoryview, dest: tuple[str, int]) -> None:
+    def _send_raw_gre(self, data: memoryview, dest: tuple[str, int], anc: Anc) -> None:
         try:
-            self.raw_gre.sendto(data, dest)  # type: ignore[union-attr]
+            if anc:
+                self.raw_gre.sendmsg([data], anc, 0, dest)  # type: ignore[union-attr]
+            else:
+                self.raw_gre.sendto(data, dest)  # type: ignore[union-attr]
         except OSError:
             self.dp.count(DropReason.NO_TUNNEL)
 
-    def _send_udp(self, data: memoryview, dest: tuple[str, int]) -> None:
-        self._gso.add(data, dest)
+    def _send_udp(self, data: memoryview, dest: tuple[str, int], anc: Anc) -> None:
+        self._gso.add(data, dest, anc)
 
     # ---- startup -----------------------------------------------------------
     def start(self) -> None:
@@ -626,6 +660,7 @@ class Worker:
             if "gre" in cfg.listen:
                 self.raw_gre = s.open_raw(s.IPPROTO_GRE, cfg.anycast)
                 self._register(self.raw_gre.fileno(), self._drain_raw_gre)
+                self.dp.default_ttl = self.raw_gre.getsockopt(socket.IPPROTO_IP, IP_TTL)
             if "udp4500" in cfg.listen:
                 self.udp4500 = s.open_udp(cfg.anycast, 4500)
                 self._register(self.udp4500.fileno(), self._drain_udp4500)

@@ -24,6 +24,8 @@ class Box:
         self.udp: list[tuple[bytes, tuple[str, int]]] = []
         self.gre: list[tuple[bytes, tuple[str, int]]] = []
         self.tun: dict[str, list[bytes]] = {ACCOUNT_A: [], ACCOUNT_B: []}
+        self.anc: list[list[tuple[int, int, bytes]]] = []
+        """sendmsg control messages of each packet sent, in order."""
 
 
 def make(*records: object) -> tuple[Dataplane, Box, dict[str, AccountNet]]:
@@ -31,9 +33,9 @@ def make(*records: object) -> tuple[Dataplane, Box, dict[str, AccountNet]]:
     dp = Dataplane(
         inbound_factory=esp.InboundSa.from_record,
         outbound_factory=lambda r: esp.OutboundSa.from_record(r, worker_id=3),
-        send_esp=lambda d, a: box.esp.append((bytes(d), a)),
-        send_udp=lambda d, a: box.udp.append((bytes(d), a)),
-        send_gre=lambda d, a: box.gre.append((bytes(d), a)),
+        send_esp=lambda d, a, anc: box.esp.append((bytes(d), a)) or box.anc.append(anc),
+        send_udp=lambda d, a, anc: box.udp.append((bytes(d), a)) or box.anc.append(anc),
+        send_gre=lambda d, a, anc: box.gre.append((bytes(d), a)) or box.anc.append(anc),
     )
     for rec in records:
         dp.apply(rec.key, rec)  # type: ignore[attr-defined]

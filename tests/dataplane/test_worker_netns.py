@@ -598,6 +598,74 @@ def test_account_b_network_never_sees_account_a_traffic(lab: Lab) -> None:
     assert len(data) <= 24, "a packet appeared on account B's TUN"  # pcap header only
 
 
+# ---- outer IP header: GRE TTL from the record, ECN copied (RFC 6040) ------------
+
+
+def _send_udp_from_host(lab: Lab, dst: str, toses: list[int], port: int = 9) -> None:
+    """One UDP datagram per TOS byte, in order, from the inner host."""
+    with tun.in_netns(lab.ns("host").name):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for tos in toses:
+            s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+            s.sendto(b"outer-header-probe", (dst, port))
+    finally:
+        s.close()
+
+
+def _outer_headers(
+    lab: Lab, site: str, proto: int, send: Any, done: Any, timeout: float = 5.0
+) -> list[bytes]:
+    """IPv4 headers (+ 8 octets) of the packets from the anycast address that
+    a raw ``proto`` socket in ``site`` sees while ``send()`` is repeated,
+    until ``done(headers)`` or ``timeout``: the kernel's view of what the
+    worker put on the wire."""
+    with tun.in_netns(lab.ns(site).name):
+        cap = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    cap.settimeout(0.05)
+    anycast = socket.inet_aton(ANYCAST)
+    got: list[bytes] = []
+    end = time.monotonic() + timeout
+    try:
+        while time.monotonic() < end and not done(got):
+            send()
+            turn = time.monotonic() + 0.4
+            while time.monotonic() < turn:
+                try:
+                    data = cap.recv(65535)
+                except TimeoutError:
+                    continue
+                udp4500 = data[20:22] == (4500).to_bytes(2, "big")
+                if data[12:16] == anycast and (proto != socket.IPPROTO_UDP or udp4500):
+                    got.append(data[:28])
+    finally:
+        cap.close()
+    return got
+
+
+def test_gre_outer_ttl_is_the_tunnels_ttl(lab: Lab) -> None:
+    """TunnelRecord.ttl is the outer TTL of the tunnel's GRE packets; the
+    kernel default (64) only when the record says 64."""
+    from dataclasses import replace
+
+    t3 = next(r for r in records() if r.key == tunnel(3).key)
+    assert t3.ttl == 64
+    lab.publisher.set(replace(t3, ttl=37))
+    try:
+        got = _outer_headers(
+            lab, "site-gre", 47, lambda: _send_udp_from_host(lab, "10.4.0.1", [0]),
+            lambda g: any(h[8] == 37 for h in g),
+        )  # fmt: skip
+        assert got and got[-1][8] == 37, [h[8] for h in got]
+    finally:
+        lab.publisher.set(t3)
+    got = _outer_headers(
+        lab, "site-gre", 47, lambda: _send_udp_from_host(lab, "10.4.0.1", [0]),
+        lambda g: any(h[8] == 64 for h in g),
+    )  # fmt: skip
+    assert got and got[-1][8] == 64, [h[8] for h in got]
+
+
 # ---- IKE relay -----------------------------------------------------------------
 
 IKE_HEADER = bytes(8) + bytes(8) + bytes([0x21, 0x20, 0x22, 0x08]) + bytes(4) + (28).to_bytes(4)
