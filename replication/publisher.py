@@ -131,7 +131,9 @@ class Publisher:
         self._hb_paused_until = 0.0
         self._mirror = False
         self._serving = True
-        self._pending_requests: list[tuple[bytes, bytes]] = []
+        self._pending_requests: dict[str, tuple[bytes, bytes]] = {}
+        """Mirror mode, before the first upstream snapshot: worker id → its
+        newest request (ROUTER identity, request id); older ones are stale."""
         self.on_ack: Callable[[list[bytes]], None] | None = None
         """Called in the socket thread with each valid ack's frames (forwarder)."""
 
@@ -279,10 +281,10 @@ class Publisher:
             self._values = raw
             self._records = {}
             self._serving = True
-            pending, self._pending_requests = self._pending_requests, []
+            pending, self._pending_requests = self._pending_requests, {}
         self.metrics.sequence.set(seq)
         self.metrics.records.set(len(raw))
-        for ident, req_id in pending:
+        for ident, req_id in pending.values():
             self._serve_snapshot(ident, req_id)
         self._send_heartbeat()
 
@@ -434,7 +436,9 @@ class Publisher:
             if parsed is None:
                 continue
             if not self._serving:
-                self._pending_requests.append((frames[0], parsed[1]))
+                # A worker re-requests (on a fresh connection) every snapshot
+                # timeout while we wait for upstream: answer only its last.
+                self._pending_requests[parsed[0]] = (frames[0], parsed[1])
                 continue
             self._serve_snapshot(frames[0], parsed[1])
 

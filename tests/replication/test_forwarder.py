@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from replication.forwarder import Forwarder
 from replication.subscriber import Subscriber
@@ -115,3 +116,60 @@ def test_forwarder_keeps_serving_through_control_restart(
         assert not rec.deletes and sum(rec.sets.values()) == 11
     finally:
         worker.stop()
+
+
+def test_forwarder_started_before_control_answers_each_worker_once(
+    keys: Keys, tmp_path: Path
+) -> None:
+    """Workers re-request a snapshot every timeout while the forwarder has
+    none to give; when control comes up, only each worker's newest request
+    is served, not one snapshot per retry."""
+    up = tuple(f"ipc://{tmp_path}/up-{n}" for n in ("snap", "upd", "ack"))
+    fwd = Forwarder(
+        upstream_snapshot=up[0],
+        upstream_update=up[1],
+        upstream_ack=up[2],
+        server_public=keys.server[0],
+        client_public=keys.clients[3][0],
+        client_secret=keys.clients[3][1],
+        worker_id="node-b",
+        snapshot_endpoint=f"ipc://{tmp_path}/fwd-snap",
+        update_endpoint=f"ipc://{tmp_path}/fwd-upd",
+        ack_endpoint=f"ipc://{tmp_path}/fwd-ack",
+        local_public=keys.server[0],
+        local_secret=keys.server[1],
+        allowed_clients=[keys.clients[0][0]],
+        heartbeat_interval=0.05,
+        heartbeat_timeout=0.5,
+    )
+    fwd.start()
+    bus = Bus(keys, up)  # type: ignore[arg-type]
+    worker = Subscriber(
+        snapshot_endpoint=fwd.snapshot_endpoint,
+        update_endpoint=fwd.update_endpoint,
+        ack_endpoint=fwd.ack_endpoint,
+        server_public=keys.server[0],
+        client_public=keys.clients[0][0],
+        client_secret=keys.clients[0][1],
+        worker_id="node-b/w0",
+        heartbeat_timeout=0.5,
+        snapshot_timeout=0.05,
+        registry=CollectorRegistry(),
+    )
+    worker.start()
+
+    def retries() -> float:
+        name, labels = "anywan_bus_snapshot_requests_total", {"reason": "snapshot_timeout"}
+        return worker.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    try:
+        assert wait_until(lambda: retries() >= 5, timeout=3)
+        pub = bus.publisher(heartbeat_interval=0.05)
+        pub.set(make_tunnel(1))
+        assert wait_until(lambda: converged(pub, worker), timeout=5)
+        served = fwd.registry.get_sample_value("anywan_bus_snapshots_served_total")
+        assert served is not None and served <= 2, served
+    finally:
+        worker.stop()
+        fwd.stop()
+        bus.close()
