@@ -684,20 +684,41 @@ def test_ike_rekey_by_us(make_responder, charons) -> None:
 
 
 def test_dpd_both_ways_and_dead_peer(make_responder, charons) -> None:
+    """Any protected message proves liveness (RFC 7296 §2.4), so two peers that
+    both check every second may never see their own check come due. Each
+    direction therefore gets an IKE SA where only one side checks: on t1
+    strongSwan checks every second and we do not (yet); on t2 we check every
+    second and strongSwan never does. Log lines carry the IKE SA's name."""
     store = Store()
     store.add("acct1", tid("t1"))
-    ours = make_responder(store, dpd_interval=1.0, retransmit_timeout=0.3, retransmit_tries=2)
+    store.add("acct1", tid("t2"))
+    ours = make_responder(store, dpd_interval=600.0, retransmit_timeout=0.3, retransmit_tries=2)
     site = charons("site")
-    site.load([site_conn("t1", fqdn("acct1", tid("t1")), dpd_delay="1s")])
-    site.initiate(child="net")
-    (inst,) = ours.wait(ev.ChildSaInstalled)
-    # strongSwan's DPD gets answered, ours gets answered by strongSwan.
-    assert site.wait_for(lambda: site.log_lines(r"parsed INFORMATIONAL response \d+ \[ \]"), 6)
-    assert site.wait_for(lambda: site.log_lines(r"parsed INFORMATIONAL request \d+ \[ \]"), 6)
-    assert only_sa(site, "t1") and not ours.of(ev.IkeSaDeleted)
+    site.load(
+        [
+            site_conn("t1", fqdn("acct1", tid("t1")), dpd_delay="1s"),
+            site_conn("t2", fqdn("acct1", tid("t2")), dpd_delay="0"),  # strongSwan: no DPD
+        ]
+    )
+    # strongSwan's DPD on t1 gets answered by us.
+    site.initiate(child="net", ike="t1")
+    ours.wait(ev.ChildSaInstalled, tunnel_id=tid("t1"))
+    assert site.wait_for(
+        lambda: site.log_lines(r"<t1\|\d+> parsed INFORMATIONAL response \d+ \[ \]"), 6
+    )
+    # Ours: from now on we check after 1 s of silence; on t2 nothing else talks.
+    ours.call(lambda now: setattr(ours.engine.config, "dpd_interval", 1.0))
+    site.initiate(child="net", ike="t2")
+    (inst,) = ours.wait(ev.ChildSaInstalled, tunnel_id=tid("t2"))
+    assert site.wait_for(
+        lambda: site.log_lines(r"<t2\|\d+> parsed INFORMATIONAL request \d+ \[ \]"), 6
+    )
+    assert site.wait_for(lambda: site.log_lines(r"<t2\|\d+> generating INFORMATIONAL response"), 2)
+    assert not site.log_lines(r"<t2\|\d+> generating INFORMATIONAL request \d+ \[ \]")
+    assert only_sa(site, "t2") and only_sa(site, "t1") and not ours.of(ev.IkeSaDeleted)
     # The peer dies silently: after our retransmissions we delete its SAs.
     site.kill()
-    (gone,) = ours.wait(ev.IkeSaDeleted, timeout=10)
+    (gone,) = ours.wait(ev.IkeSaDeleted, timeout=10, tunnel_id=tid("t2"))
     assert gone.reason in ("dpd", "timeout")
     ours.wait(ev.ChildSaDeleted, inbound_spi=inst.inbound.spi)
 
