@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import hmac
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -109,19 +110,19 @@ MAX_INNER: Final = 0xFFFF
 ESP_HEADER_LEN: Final = 8
 _HDR = struct.Struct("!II")
 """SPI, sequence number (RFC 4303 §2.1, §2.2)."""
-_IV = struct.Struct("!II")
-"""GCM explicit IV: worker id, per-worker sequence number."""
 _CTR = struct.Struct("!IIQ")
 """CBC counter block: worker id, sequence number, zero."""
 _HDR_IV = struct.Struct("!IIII")
 """SPI, sequence number and the GCM explicit IV in one write."""
 _HDR_IV_PACK = _HDR_IV.pack_into
 _HDR_UNPACK = _HDR.unpack_from
-_IV_PACK = _IV.pack_into
 _PAD = bytes(range(1, 256))
 """RFC 4303 §2.4: default padding is 1, 2, 3, ... ."""
 _PADS = tuple(_PAD[:i] for i in range(256))
 """The expected padding for each pad length."""
+_TRAILER_NONCE_PACK = tuple(struct.Struct(f"!{pad + 2}s4sII").pack_into for pad in range(4))
+"""AES-GCM: trailer (padding ‖ pad length ‖ next header) followed by the
+nonce (salt ‖ worker id ‖ seq) in one write, by pad length; see _GcmOut."""
 _TRAILERS = tuple(tuple(_PAD[:pad] + bytes((pad, nh)) for nh in range(256)) for pad in range(16))
 """Padding ‖ pad length ‖ next header for pad 0..15 and every next header:
 one table lookup and one slice assignment per packet."""
@@ -149,8 +150,11 @@ _GCM = frozenset({Cipher.AES128GCM16, Cipher.AES256GCM16})
 _CBC = frozenset({Cipher.AES128CBC, Cipher.AES256CBC})
 
 Buffer = bytes | bytearray | memoryview
-_GcmViews = tuple[memoryview, memoryview, tuple[bytes, ...], int]
-"""(plaintext, ciphertext ‖ tag) views into ``out``, the trailers for the pad
+_GcmViews = tuple[
+    memoryview, memoryview, memoryview, Callable[..., None], int, tuple[bytes, ...], int
+]
+"""(plaintext, ciphertext ‖ tag, nonce) views into ``out``, the trailer ‖
+nonce writer for the pad length, where it writes, the trailers for the pad
 length by next header, and the ESP packet length."""
 
 
@@ -404,21 +408,33 @@ class _GcmOut(OutboundSa):
     and scapy decrypts them, and a spy on ``encrypt_into`` asserts the two
     views start at the same address with output = plaintext + 16 octets.
 
-    Per packet: one ``pack_into`` for SPI ‖ seq ‖ IV, one for the nonce, two
-    slice copies (inner, trailer) and the encrypt call. The AAD view and, per
-    inner length, the plaintext and output views are cut once per output
-    buffer and reused (at most ``_VIEW_CACHE`` lengths; traffic is
+    **The nonce is written into the tag's place.** ``encrypt_into`` needs the
+    12-octet nonce salt ‖ worker id ‖ seq in a buffer; it is packed, together
+    with the trailer in front of it, into ``out[p+L:p+L+12]`` where the tag
+    will go (one write instead of two), and passed as a view of ``out``. That
+    is safe because the nonce is consumed first: cryptography calls
+    ``EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce)`` before any data, and
+    OpenSSL's GCM ``gcm_init`` copies it into the context (``memcpy(ctx->iv,
+    ...)``; J0 and E(K, J0) come from that copy); nothing reads the caller's
+    nonce buffer after the update call starts writing. The tag then
+    overwrites the nonce, so the salt never stays in ``out`` (should the call
+    fail, the slot is zeroed). The oracle test below proves the final bytes.
+
+    Per packet: one ``pack_into`` for SPI ‖ seq ‖ IV, one for trailer ‖ nonce,
+    one slice copy (the inner packet) and the encrypt call. The AAD view and,
+    per inner length, the plaintext, output and nonce views are cut once per
+    output buffer and reused (at most ``_VIEW_CACHE`` lengths; traffic is
     dominated by a few sizes). Only lengths that fit are cached, so a cache
     hit skips the length checks; sequence number and next header are checked
     on every packet.
     """
 
-    __slots__ = ("_aad", "_bound", "_cache", "_encrypt_into", "_nonce", "_offset")
+    __slots__ = ("_aad", "_bound", "_cache", "_encrypt_into", "_offset", "_salt")
 
     def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
         super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
         self._encrypt_into = AESGCM(rec.enc_key).encrypt_into
-        self._nonce = bytearray(rec.salt + bytes(8))
+        self._salt = rec.salt
         self._bound: object = None
         self._offset = -1
         self._aad = _EMPTY
@@ -459,7 +475,9 @@ class _GcmOut(OutboundSa):
             cache.clear()
         p = offset + ESP_HEADER_LEN + _GCM_IV
         ct = self._out_view[p : p + ptlen + _GCM_ICV]
-        entry = cache[n] = (ct[:ptlen], ct, _TRAILERS[pad], total)
+        nonce = ct[ptlen : ptlen + 12]  # in the tag's place: class doc
+        entry = (ct[:ptlen], ct, nonce, _TRAILER_NONCE_PACK[pad], p + n, _TRAILERS[pad], total)
+        cache[n] = entry
         return entry
 
     def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
@@ -470,14 +488,16 @@ class _GcmOut(OutboundSa):
         views = self._cache.get(n)
         if views is None or seq > 0xFFFFFFFF or next_header & -256:
             views = self._slow(out, offset, n, next_header)
-        pt, ct, trailers, total = views
+        pt, ct, nonce, trailer_nonce, at, trailers, total = views
         wid = self.worker_id
         _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
-        nonce = self._nonce
-        _IV_PACK(nonce, 4, wid, seq)
+        trailer_nonce(out, at, trailers[next_header], self._salt, wid, seq)
         pt[:n] = inner
-        pt[n:] = trailers[next_header]
-        self._encrypt_into(nonce, pt, self._aad, ct)  # exact in place: class doc
+        try:
+            self._encrypt_into(nonce, pt, self._aad, ct)  # exact in place: class doc
+        except BaseException:
+            nonce[:] = bytes(12)  # never leave the salt behind in out
+            raise
         self.seq = seq
         return total
 
@@ -488,13 +508,15 @@ class _GcmOut(OutboundSa):
         views = self._cache.get(n)
         if views is None or seq > 0xFFFFFFFF or next_header & -256:
             views = self._slow(out, offset, n, next_header)
-        pt, ct, trailers, total = views
+        pt, ct, nonce, trailer_nonce, at, trailers, total = views
         wid = self.worker_id
         _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
-        nonce = self._nonce
-        _IV_PACK(nonce, 4, wid, seq)
-        pt[n:] = trailers[next_header]
-        self._encrypt_into(nonce, pt, self._aad, ct)
+        trailer_nonce(out, at, trailers[next_header], self._salt, wid, seq)
+        try:
+            self._encrypt_into(nonce, pt, self._aad, ct)
+        except BaseException:
+            nonce[:] = bytes(12)
+            raise
         self.seq = seq
         return total
 

@@ -111,9 +111,11 @@ def test_gcm_encrypt_into_gets_exactly_aliased_views(cipher: Cipher, integ: Inte
     sa = OutboundSa.from_record(make_record(cipher, integ))
     real = sa._encrypt_into  # type: ignore[attr-defined]
     seen: list[tuple[int, int, int, int]] = []
+    nonces: list[tuple[int, bytes]] = []
 
-    def spy(nonce: bytearray, data: memoryview, aad: memoryview, out: memoryview) -> int:
+    def spy(nonce: memoryview, data: memoryview, aad: memoryview, out: memoryview) -> int:
         seen.append((address(data), len(data), address(out), len(out)))
+        nonces.append((address(nonce), bytes(nonce)))
         result: int = real(nonce, data, aad, out)
         return result
 
@@ -125,9 +127,30 @@ def test_gcm_encrypt_into_gets_exactly_aliased_views(cipher: Cipher, integ: Inte
         data_at, data_len, out_at, out_len = seen[-1]
         assert data_at == out_at == base + offset + 16
         assert out_len == data_len + 16
+        # The nonce sits where the tag goes (and is overwritten by it).
+        nonce_at, nonce = nonces[-1]
+        assert nonce_at == out_at + data_len
+        assert nonce == sa._salt + struct.pack("!II", 0, sa.seq)  # type: ignore[attr-defined]
+        tag = bytes(buf[offset + 16 + data_len : offset + 32 + data_len])
+        assert not tag.startswith(sa._salt)  # type: ignore[attr-defined]
     # The zero-copy variant too.
     sa.encapsulate_in_place(buf, 0, 100, NEXT_HEADER_IPV4)
     assert seen[-1][0] == seen[-1][2] == base + 16
+
+
+@pytest.mark.parametrize(("cipher", "integ"), GCM, ids=GCM_IDS)
+def test_gcm_failed_encrypt_leaves_no_salt_in_the_buffer(cipher: Cipher, integ: Integ) -> None:
+    rec = make_record(cipher, integ)
+    sa = OutboundSa.from_record(rec)
+
+    def broken(nonce: memoryview, data: memoryview, aad: memoryview, out: memoryview) -> int:
+        raise RuntimeError("simulated library failure")
+
+    sa._encrypt_into = broken  # type: ignore[attr-defined]
+    buf = bytearray(512)
+    with pytest.raises(RuntimeError):
+        sa.encapsulate_into(buf, 0, bytes(100), NEXT_HEADER_IPV4)
+    assert rec.salt not in buf and sa.seq == 0
 
 
 @pytest.mark.parametrize(("cipher", "integ"), GCM, ids=GCM_IDS)
