@@ -223,10 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_token(conf, args)
         try:
             import uvloop
-
-            return uvloop.run(serve(conf))
         except ImportError:
             return asyncio.run(serve(conf))
+        # Outside the try: an ImportError from inside serve() must not start it twice.
+        return uvloop.run(serve(conf))
     except (SecretError, StoreError, OSError) as exc:
         print(f"anywan-control: {exc}", file=sys.stderr)
         return 1
