@@ -119,13 +119,19 @@ def cmd_token(conf: cfg.ControlConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def make_publisher(conf: cfg.ControlConfig, registry: Any) -> Any:
+def _bus_keys(conf: cfg.ControlConfig) -> tuple[bytes, bytes, list[bytes]]:
+    """Control's CURVE key pair and the workers' public keys it allows."""
     from replication.curve import load_allowed, load_secret
-    from replication.publisher import Publisher
 
     public, secret = load_secret(conf.keys_path / "control.key")
     workers_dir = conf.keys_path / "workers"
-    allowed = load_allowed([workers_dir]) if workers_dir.is_dir() else []
+    return public, secret, load_allowed([workers_dir]) if workers_dir.is_dir() else []
+
+
+def make_publisher(conf: cfg.ControlConfig, registry: Any) -> Any:
+    from replication.publisher import Publisher
+
+    public, secret, allowed = _bus_keys(conf)
 
     def factory(initial: list[Any]) -> Any:
         return Publisher(
@@ -147,16 +153,14 @@ def make_relay(conf: cfg.ControlConfig, registry: Any) -> Any:
     """The IKE relay server workers forward IKE datagrams to (None if disabled)."""
     if not conf.relay_endpoint:
         return None
-    from replication.curve import load_allowed, load_secret
     from replication.relay import RelayServer
 
-    public, secret = load_secret(conf.keys_path / "control.key")
-    workers_dir = conf.keys_path / "workers"
+    public, secret, allowed = _bus_keys(conf)
     return RelayServer(
         endpoint=conf.relay_endpoint,
         server_public=public,
         server_secret=secret,
-        allowed_clients=load_allowed([workers_dir]) if workers_dir.is_dir() else [],
+        allowed_clients=allowed,
         registry=registry,
     )
 
