@@ -100,7 +100,6 @@ WriteFn = Callable[[memoryview], None]
 SOL_IP = 0
 IP_TOS = 1
 IP_TTL = 2
-_NO_ANC: Anc = []
 
 
 class AccountNet:
@@ -176,7 +175,14 @@ class Dataplane:
         self.default_ttl = 64
         """The outer sockets' own TTL (the worker reads it from the GRE socket):
         a GRE tunnel whose ``ttl`` equals it needs no IP_TTL control message."""
-        self._ttl_anc: dict[int, Anc] = {}
+        # RFC 6040 §4.1 normal mode: the outer ECN field is a copy of the
+        # inner one (ip.ecn_encap; outer DSCP 0). One shared list per outer
+        # TOS, indexed by the inner TOS byte: a Not-ECT packet (the common
+        # case) gets [] and leaves with a plain sendto, an ECN-capable one
+        # one IP_TOS control message; nothing is built per packet.
+        by_ecn: list[Anc] = [[], *([(SOL_IP, IP_TOS, bytes([e]))] for e in (1, 2, 3))]
+        self._tos_anc: tuple[Anc, ...] = tuple(by_ecn[ip.ecn_encap(t)] for t in range(256))
+        self._ttl_anc: dict[int, tuple[Anc, ...]] = {}
 
     # ---- records ---------------------------------------------------------
     def apply(self, key: str, rec: Record) -> None:
@@ -423,34 +429,41 @@ class Dataplane:
             return
         net.write(memoryview(err))
 
-    def _gre_anc(self, ttl: int) -> Anc:
-        """IP_TTL control message for a GRE tunnel's ``ttl`` (RFC 2784 leaves
-        the outer header to the sender; the record says which TTL), built
-        once per TTL value; none when the socket's default already is it."""
-        anc = self._ttl_anc.get(ttl)
-        if anc is None:
-            anc = [] if ttl == self.default_ttl else [(SOL_IP, IP_TTL, ttl.to_bytes(4, "little"))]
-            self._ttl_anc[ttl] = anc
-        return anc
+    def _gre_anc(self, ttl: int) -> tuple[Anc, ...]:
+        """Control messages for a GRE tunnel's ``ttl`` (RFC 2784 leaves the
+        outer header to the sender; the record says which TTL) and the ECN
+        copy, indexed by inner TOS, built once per TTL value. No IP_TTL when
+        the socket's default already is the tunnel's TTL."""
+        table = self._ttl_anc.get(ttl)
+        if table is None:
+            ttl_msg = (
+                [] if ttl == self.default_ttl else [(SOL_IP, IP_TTL, ttl.to_bytes(4, "little"))]
+            )
+            by_ecn: list[Anc] = [[*ttl_msg, *tos_msg] for tos_msg in self._tos_anc[:4]]
+            table = tuple(by_ecn[ip.ecn_encap(t)] for t in range(256))
+            self._ttl_anc[ttl] = table
+        return table
 
     def _encap(self, t: TunnelEntry, sa: Any, inner: memoryview, version: int) -> None:
         out = self.out
         rec = t.record
+        # inner TOS / traffic class byte (parse_flow saw a whole IP header)
+        tos = inner[1] if version == 4 else ((inner[0] << 4) | (inner[1] >> 4)) & 0xFF
         if sa is None:  # GRE
             n = gre.encapsulate_into(
                 out, 0, inner, _ETH_P_IP if version == 4 else _ETH_P_IPV6, key=rec.gre_key
             )
             assert rec.remote_addr is not None
-            anc = self._ttl_anc.get(rec.ttl)
-            if anc is None:
-                anc = self._gre_anc(rec.ttl)
-            self.send_gre(self.out_view[:n], (rec.remote_addr, 0), anc)
+            table = self._ttl_anc.get(rec.ttl)
+            if table is None:
+                table = self._gre_anc(rec.ttl)
+            self.send_gre(self.out_view[:n], (rec.remote_addr, 0), table[tos])
         else:
             n = sa.codec.encapsulate_into(out, 0, inner, NH_IPV4 if version == 4 else NH_IPV6)
             if sa.udp_encap:
-                self.send_udp(self.out_view[:n], sa.dest, _NO_ANC)
+                self.send_udp(self.out_view[:n], sa.dest, self._tos_anc[tos])
             else:
-                self.send_esp(self.out_view[:n], sa.dest, _NO_ANC)
+                self.send_esp(self.out_view[:n], sa.dest, self._tos_anc[tos])
             sa.packets += 1
         t.packets_out += 1
         t.bytes_out += len(inner)

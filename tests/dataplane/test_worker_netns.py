@@ -602,12 +602,16 @@ def test_account_b_network_never_sees_account_a_traffic(lab: Lab) -> None:
 
 
 def _send_udp_from_host(lab: Lab, dst: str, toses: list[int], port: int = 9) -> None:
-    """One UDP datagram per TOS byte, in order, from the inner host."""
+    """One UDP datagram per TOS / traffic class byte, in order, from the inner host."""
+    v6 = ":" in dst
     with tun.in_netns(lab.ns("host").name):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for tos in toses:
-            s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
+            if v6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, tos)
+            else:
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, tos)
             s.sendto(b"outer-header-probe", (dst, port))
     finally:
         s.close()
@@ -664,6 +668,22 @@ def test_gre_outer_ttl_is_the_tunnels_ttl(lab: Lab) -> None:
         lambda g: any(h[8] == 64 for h in g),
     )  # fmt: skip
     assert got and got[-1][8] == 64, [h[8] for h in got]
+
+
+@pytest.mark.parametrize(
+    ("site", "proto", "dst"),
+    [("site-esp", 50, "10.2.0.1"), ("site-udp", 17, "10.3.0.1"), ("site-gre", 47, "10.4.0.1"),
+     ("site-gre", 47, "fd00:4::1")],
+    ids=["esp", "esp-in-udp", "gre-v4", "gre-v6"],
+)  # fmt: skip
+def test_outer_ecn_is_a_copy_of_the_inner_ecn(lab: Lab, site: str, proto: int, dst: str) -> None:
+    """RFC 6040 §4.1 normal mode: the outer ECN field copies the inner one
+    (Not-ECT, ECT(1), ECT(0), CE); the inner DSCP (46 here) is not copied."""
+    toses = [0x00, 0xB8 | 1, 0x02, 0xB8 | 3]
+    got = _outer_headers(
+        lab, site, proto, lambda: _send_udp_from_host(lab, dst, toses), lambda g: len(g) >= 4
+    )
+    assert [h[1] for h in got[:4]] == [0, 1, 2, 3]
 
 
 # ---- IKE relay -----------------------------------------------------------------
