@@ -395,12 +395,13 @@ class _GcmOut(OutboundSa):
       tag for that (measured here at 1402 octets; pyca/cryptography#15656
       addresses it upstream); the views here are cut from the same start
       offset, so the overlap is exact by construction.
-    * Rust aliasing: ``encrypt_into`` holds the input as ``&[u8]`` and the
-      output as ``&mut [u8]`` over the same memory, which Rust's model does
-      not allow; it is harmless here because both only reach OpenSSL as raw
-      pointers through FFI (no Rust code reads the input after the output is
-      written), the same "unsound but lived with" stance ``CffiBuf`` states
-      for Python buffers in general (alexgaynor.net, "buffers on the edge").
+    * Rust aliasing: ``encrypt_into`` holds the input (and the nonce, below)
+      as ``&[u8]`` and the output as ``&mut [u8]`` over the same memory,
+      which Rust's model does not allow; it is harmless here because they
+      only reach OpenSSL as raw pointers through FFI (no Rust code reads an
+      input after the output is written); the same "unsound, lived with"
+      stance ``CffiBuf`` documents for Python buffers in general
+      (alexgaynor.net, "buffers on the edge").
 
     ``tests/dataplane/test_esp_inplace.py`` pins this so an upgrade that breaks
     it fails: the library's in-place results equal its out-of-place ones for
