@@ -195,7 +195,8 @@ class ChildSa:
     rekeyed: bool = False
     """Superseded by a newer Child SA; only waits for its DELETE."""
     delete_at: float | None = None
-    """Make-before-break: when we send DELETE for this superseded SA."""
+    """Make-before-break fallback: when we send DELETE for this superseded SA
+    even if its replacement was never confirmed on every worker."""
     deleting: bool = False
     rekeying: bool = False
     """A rekey we started for it is in flight (on this or an older IKE SA)."""
@@ -203,6 +204,10 @@ class ChildSa:
     """Our SPI of the Child SA that replaced this one in a rekey the PEER started:
     we cannot know our response arrived until the peer deletes this one."""
     records: tuple[SaRecord, SaRecord] | None = None
+    replaced_by: int | None = None
+    """Make-before-break for a rekey WE started: our SPI of the replacing Child
+    SA. This one is deleted with the peer once that one is on every worker
+    (``IkeEngine.child_sa_ready``), or at ``delete_at`` at the latest."""
 
     def __repr__(self) -> str:
         return f"ChildSa(in=0x{self.spi_in:08x}, out=0x{self.spi_out:08x}, {self.suite.name})"
@@ -600,6 +605,11 @@ class IkeSa:
                 self._queue_child_delete(c, "expired")
             elif c.rekeyed and c.delete_at is not None and now >= c.delete_at:
                 c.delete_at = None
+                if c.replaced_by is not None:
+                    # never confirmed on every worker: a stuck worker must not
+                    # keep old SAs alive forever (IkeConfig.rekey_delete_delay)
+                    c.replaced_by = None
+                    self.engine.count("make_before_break_timeout")
                 self._queue_child_delete(c, "rekeyed")
             elif not c.rekeyed and now >= c.rekey_at:
                 c.rekey_at = now + 30.0 + self._jittered(60.0)  # retry if this one fails
@@ -631,6 +641,20 @@ class IkeSa:
             if k != kind:
                 continue
             if spi is None or arg == spi or (isinstance(arg, tuple) and arg[0] == spi):
+                return True
+        return False
+
+    def child_ready(self, spi_in: int, now: float) -> bool:
+        """The Child SA with our SPI ``spi_in`` is on every worker: delete the
+        one it replaced in a rekey we started (make-before-break, DESIGN §3)."""
+        if self.state is not IkeState.ESTABLISHED:
+            return False
+        for c in list(self.children.values()):
+            if c.replaced_by == spi_in and c.rekeyed and not c.deleting:
+                c.replaced_by = None
+                c.delete_at = None
+                self._queue_child_delete(c, "rekeyed")
+                self.pump(now)
                 return True
         return False
 
@@ -896,6 +920,7 @@ class IkeSa:
                     c.rekeyed,
                     None if c.delete_at is None else c.delete_at - shift,
                     c.deleting,
+                    c.replaced_by,
                 ]
                 for c in self.children.values()
             ],
@@ -961,6 +986,7 @@ class IkeSa:
                 rekeyed=c[14],
                 delete_at=None if c[15] is None else c[15] + now,
                 deleting=c[16],
+                replaced_by=c[17] if len(c) > 17 else None,
             )
             child.records = sa._records(child)
             sa.children[child.spi_in] = child
@@ -1547,7 +1573,9 @@ class IkeSa:
                 return
             # else the peer deletes its redundant SA and we delete the old one
         if old is not None:
-            # make-before-break: the old SA goes after the new one had time to spread
+            # make-before-break: the old SA goes once the new one is on every
+            # worker (engine.child_sa_ready), or after rekey_delete_delay at most
+            old.replaced_by = child.spi_in
             old.delete_at = now + self.engine.config.rekey_delete_delay
 
     def _finish_ike_rekey(self, msg: wire.Message, req: OutRequest, now: float) -> None:

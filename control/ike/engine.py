@@ -9,7 +9,8 @@ asyncio shell around it.
 Datagrams are IKE messages WITHOUT the RFC 3948 non-ESP marker; the port in
 ``local`` (500 or 4500) says where they arrived and where replies leave from.
 
-Beyond the aioquic-shaped core: ``delete_tunnel``, ``rekey_child``,
+Beyond the aioquic-shaped core: ``child_sa_ready`` (make-before-break: the
+service confirms a new Child SA is on every worker), ``delete_tunnel``, ``rekey_child``,
 ``rekey_ike``, ``create_child``, ``delete_child``, ``send_dpd`` (operators and
 tests), ``initiate`` (a whole IKE SA as initiator: tests, benchmark),
 ``ike_sas`` (status), ``export_state`` / ``import_state`` (control restarts),
@@ -102,9 +103,13 @@ class IkeConfig:
     """Cap per peer IP address, so one address cannot take the whole budget."""
     max_child_sas: int = 128
     """Child SAs per IKE SA (the seeds' provider allows about 100 per tunnel)."""
-    rekey_delete_delay: float = 2.0
-    """Make-before-break: after a rekey we started, the old Child SA is deleted
-    this long after the new one was announced, giving the bus time to apply it."""
+    rekey_delete_delay: float = 10.0
+    """Make-before-break upper bound: after a Child SA rekey we started, the old
+    SA is deleted with the peer as soon as the control service reports the new
+    one applied on every worker (:meth:`IkeEngine.child_sa_ready`), and at the
+    latest this long after the new one was announced — so a stuck worker cannot
+    keep old SAs forever (counted as ``make_before_break_timeout``). Keep it
+    above the service's ``rekey_apply_timeout`` (5 s)."""
     old_ike_sa_grace: float = 5.0
     """After an IKE SA rekey we started (§2.18), the old IKE SA is deleted this
     long later, so the peer's exchanges still in flight on it (a lost response
@@ -282,6 +287,24 @@ class IkeEngine:
             if sa is not None:
                 sa.local_delete(now)
                 self._schedule(sa)
+
+    def child_sa_ready(self, tunnel_id: str, inbound_spi: int, now: float) -> bool:
+        """Make-before-break (DESIGN §3): the Child SA of ``tunnel_id`` whose
+        inbound (our) SPI is ``inbound_spi`` is applied on every worker.
+
+        If it replaced an older Child SA in a rekey WE started, that old SA is
+        deleted with the peer now (INFORMATIONAL DELETE, then ``ChildSaDeleted``
+        with reason ``rekeyed``) instead of at the ``rekey_delete_delay``
+        fallback. Returns True if so; any other SPI (a new Child SA, a rekey the
+        peer started — the peer deletes the old one then —, an SA already gone,
+        a repeated call) is a no-op returning False."""
+        self._last_now = now
+        for spi in list(self.by_tunnel.get(tunnel_id, ())):
+            sa = self.sas.get(spi)
+            if sa is not None and sa.child_ready(inbound_spi, now):
+                self._schedule(sa)
+                return True
+        return False
 
     # ------------------------------------------------------------ more control
 

@@ -505,7 +505,7 @@ def test_export_import_state_keeps_ike_sas_across_restart() -> None:
     p.connect()
     p.client.rekey_child(TUNNEL, p.now)
     p.roundtrip()
-    p.step(5)
+    p.step(IkeConfig().rekey_delete_delay + 1)  # the client deletes the old Child SA
     before = installed(p)[-1]
     blob = p.server.export_state()
     assert PSK not in blob
