@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -27,14 +28,26 @@ def forwarder(tcp_bus: Bus, keys: Keys, tmp_path: Path) -> Iterator[Forwarder]:
     """Upstream over tcp (another node), downstream over ipc (this node's workers)."""
     pub = tcp_bus.publisher(heartbeat_interval=0.05)
     pub.set(make_tunnel(1))
+    upstream = (pub.snapshot_endpoint, pub.update_endpoint, pub.ack_endpoint)
+    fwd = make_forwarder(keys, tmp_path, upstream, "node-a")
+    try:
+        yield fwd
+    finally:
+        fwd.stop()
+
+
+def make_forwarder(
+    keys: Keys, tmp_path: Path, upstream: tuple[str, str, str], node: str
+) -> Forwarder:
+    """A started forwarder for ``upstream``, serving local workers 0 and 1 over ipc."""
     fwd = Forwarder(
-        upstream_snapshot=pub.snapshot_endpoint,
-        upstream_update=pub.update_endpoint,
-        upstream_ack=pub.ack_endpoint,
+        upstream_snapshot=upstream[0],
+        upstream_update=upstream[1],
+        upstream_ack=upstream[2],
         server_public=keys.server[0],
         client_public=keys.clients[3][0],
         client_secret=keys.clients[3][1],
-        worker_id="node-a",
+        worker_id=node,
         snapshot_endpoint=f"ipc://{tmp_path}/fwd-snap",
         update_endpoint=f"ipc://{tmp_path}/fwd-upd",
         ack_endpoint=f"ipc://{tmp_path}/fwd-ack",
@@ -45,13 +58,10 @@ def forwarder(tcp_bus: Bus, keys: Keys, tmp_path: Path) -> Iterator[Forwarder]:
         heartbeat_timeout=0.5,
     )
     fwd.start()
-    try:
-        yield fwd
-    finally:
-        fwd.stop()
+    return fwd
 
 
-def local_worker(fwd: Forwarder, keys: Keys, n: int, rec: Recorder) -> Subscriber:
+def local_worker(fwd: Forwarder, keys: Keys, n: int, rec: Recorder, **kw: Any) -> Subscriber:
     sub = Subscriber(
         snapshot_endpoint=fwd.snapshot_endpoint,
         update_endpoint=fwd.update_endpoint,
@@ -63,6 +73,7 @@ def local_worker(fwd: Forwarder, keys: Keys, n: int, rec: Recorder) -> Subscribe
         on_set=rec.on_set,
         on_delete=rec.on_delete,
         heartbeat_timeout=0.5,
+        **kw,
     )
     sub.start()
     return sub
@@ -125,38 +136,11 @@ def test_forwarder_started_before_control_answers_each_worker_once(
     none to give; when control comes up, only each worker's newest request
     is served, not one snapshot per retry."""
     up = tuple(f"ipc://{tmp_path}/up-{n}" for n in ("snap", "upd", "ack"))
-    fwd = Forwarder(
-        upstream_snapshot=up[0],
-        upstream_update=up[1],
-        upstream_ack=up[2],
-        server_public=keys.server[0],
-        client_public=keys.clients[3][0],
-        client_secret=keys.clients[3][1],
-        worker_id="node-b",
-        snapshot_endpoint=f"ipc://{tmp_path}/fwd-snap",
-        update_endpoint=f"ipc://{tmp_path}/fwd-upd",
-        ack_endpoint=f"ipc://{tmp_path}/fwd-ack",
-        local_public=keys.server[0],
-        local_secret=keys.server[1],
-        allowed_clients=[keys.clients[0][0]],
-        heartbeat_interval=0.05,
-        heartbeat_timeout=0.5,
-    )
-    fwd.start()
+    fwd = make_forwarder(keys, tmp_path, up, "node-b")  # type: ignore[arg-type]
     bus = Bus(keys, up)  # type: ignore[arg-type]
-    worker = Subscriber(
-        snapshot_endpoint=fwd.snapshot_endpoint,
-        update_endpoint=fwd.update_endpoint,
-        ack_endpoint=fwd.ack_endpoint,
-        server_public=keys.server[0],
-        client_public=keys.clients[0][0],
-        client_secret=keys.clients[0][1],
-        worker_id="node-b/w0",
-        heartbeat_timeout=0.5,
-        snapshot_timeout=0.05,
-        registry=CollectorRegistry(),
+    worker = local_worker(
+        fwd, keys, 0, Recorder(), snapshot_timeout=0.05, registry=CollectorRegistry()
     )
-    worker.start()
 
     def retries() -> float:
         name, labels = "anywan_bus_snapshot_requests_total", {"reason": "snapshot_timeout"}
