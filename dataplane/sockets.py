@@ -166,6 +166,37 @@ def gro_segment_size(ancdata: list[tuple[int, int, bytes]], n: int) -> int:
     return n
 
 
+IP_RECVTOS = 13
+UDP_CMSG_SPACE = GRO_CMSG_SPACE + socket.CMSG_SPACE(1)
+"""Room for both control messages a port-4500 ``recvmsg`` may carry: the
+``UDP_GRO`` segment size and the outer ``IP_TOS`` byte."""
+
+
+def enable_recvtos(sock: socket.socket) -> bool:
+    """``IP_RECVTOS``: every ``recvmsg`` reports the outer TOS byte (ECN
+    decapsulation, RFC 6040 §4.2). A GRO batch has one TOS: the kernel does
+    not merge datagrams whose TOS differ (inet_gro_receive)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def udp_ancillary(ancdata: list[tuple[int, int, bytes]], n: int) -> tuple[int, int]:
+    """(size of each coalesced datagram, outer TOS) from a ``recvmsg``'s
+    control messages: ``n`` without GRO, TOS 0 when not reported."""
+    seg, tos = n, 0
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == socket.IP_TOS and data:
+            tos = data[0]
+        elif level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+            size = int.from_bytes(data[:4] if len(data) >= 4 else data[:2], "little")
+            if size > 0:
+                seg = size
+    return seg, tos
+
+
 def gso_supported(sock: socket.socket) -> bool:
     try:
         sock.setsockopt(SOL_UDP, UDP_SEGMENT, 0)

@@ -264,9 +264,10 @@ class Dataplane:
     def inbound_esp(self, packet: memoryview, outer_tos: int = 0) -> None:
         """An ESP packet (SPI first), from raw proto 50 or UDP 4500.
 
-        ``outer_tos``: the outer IPv4 TOS byte when known (raw socket); its
-        ECN field is propagated to the inner packet per RFC 6040 §4.2 (CE
-        over a Not-ECT inner packet is dropped, reason ``ecn``)."""
+        ``outer_tos``: the outer IPv4 TOS byte (raw socket header, or
+        IP_RECVTOS on port 4500); its ECN field is propagated to the inner
+        packet per RFC 6040 §4.2 (CE over a Not-ECT inner packet is dropped,
+        reason ``ecn``)."""
         try:
             if len(packet) < 8:
                 raise Drop(DropReason.MALFORMED, "ESP shorter than its header")
@@ -679,6 +680,7 @@ class Worker:
                 self._register(self.udp4500.fileno(), self._drain_udp4500)
                 self._gso = s.GsoBatcher(self.udp4500)
                 s.enable_gro(self.udp4500)
+                s.enable_recvtos(self.udp4500)
             if "udp500" in cfg.listen:
                 self.udp500 = s.open_udp(cfg.anycast, 500)
                 self._register(self.udp500.fileno(), self._drain_udp500)
@@ -944,14 +946,15 @@ class Worker:
         classify = udpencap.classify
         esp_kind, ike_kind = udpencap.Udp4500.ESP, udpencap.Udp4500.IKE
         bufs = [buf]
-        cmsg = self._sockets.GRO_CMSG_SPACE
-        seg_size = self._sockets.gro_segment_size
+        cmsg = self._sockets.UDP_CMSG_SPACE
+        ancillary = self._sockets.udp_ancillary
         for _ in range(self.BATCH):
             try:
                 n, anc, _flags, addr = sock.recvmsg_into(bufs, cmsg)
             except BlockingIOError:
                 return
-            seg = seg_size(anc, n) if anc else n
+            # segment size (GRO) and outer TOS (IP_RECVTOS): once per batch
+            seg, tos = ancillary(anc, n) if anc else (n, 0)
             for off in range(0, n, seg):  # UDP GRO: several datagrams of one flow
                 payload = view[off : min(off + seg, n)]
                 try:
@@ -960,7 +963,7 @@ class Worker:
                     dp._drop(exc)
                     continue
                 if kind == esp_kind:
-                    dp.inbound_esp(payload)
+                    dp.inbound_esp(payload, tos)
                 elif kind == ike_kind:
                     self._relay_ike(bytes(payload[4:]), 4500, addr)
                 else:

@@ -686,6 +686,44 @@ def test_outer_ecn_is_a_copy_of_the_inner_ecn(lab: Lab, site: str, proto: int, d
     assert [h[1] for h in got[:4]] == [0, 1, 2, 3]
 
 
+def test_esp_in_udp_outer_ce_reaches_the_inner_packet(lab: Lab) -> None:
+    """RFC 6040 §4.2 on port 4500 too (IP_RECVTOS): outer CE over an ECT(0)
+    inner packet arrives at the host as CE; over a Not-ECT one it is dropped
+    and counted as ``ecn``."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.ipsec import ESP, SecurityAssociation
+
+    sa_ = SecurityAssociation(
+        ESP, spi=0x1002, crypt_algo="AES-CBC", crypt_key=CBC_KEY_IN,
+        auth_algo="SHA2-256-128", auth_key=CBC_IKEY_IN,
+    )  # fmt: skip
+
+    def esp(tos: int) -> bytes:
+        inner = IP(src="10.3.0.1", dst="10.1.0.2", tos=tos) / UDP(sport=7, dport=5999) / b"ce"
+        return bytes(sa_.encrypt(IP(src=SITES["esp"], dst=ANYCAST) / inner)[ESP])
+
+    with tun.in_netns(lab.ns("host").name):
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with tun.in_netns(lab.ns("site-esp").name):
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("10.1.0.2", 5999))
+        rx.setsockopt(socket.IPPROTO_IP, socket.IP_RECVTOS, 1)
+        rx.settimeout(4)
+        tx.bind((SITES["esp"], 4502))
+        tx.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0x03)  # outer CE
+        before = lab.drops("ecn")
+        tx.sendto(esp(0x02), (ANYCAST, 4500))  # inner ECT(0)
+        data, anc, _, _ = rx.recvmsg(100, 64)
+        assert data == b"ce"
+        assert [d[0] & 3 for lvl, t, d in anc if (lvl, t) == (0, socket.IP_TOS)] == [3]
+        tx.sendto(esp(0x00), (ANYCAST, 4500))  # inner Not-ECT: must be dropped
+        _wait(lambda: lab.drops("ecn") > before, 4, "the ecn drop in /metrics")
+    finally:
+        rx.close()
+        tx.close()
+
+
 # ---- IKE relay -----------------------------------------------------------------
 
 IKE_HEADER = bytes(8) + bytes(8) + bytes([0x21, 0x20, 0x22, 0x08]) + bytes(4) + (28).to_bytes(4)
