@@ -351,13 +351,23 @@ class Dataplane:
             raise Drop(DropReason.CROSS_ACCOUNT)
 
     def _clamp(self, tunnel_id: str, inner: memoryview, version: int) -> memoryview:
-        off = (inner[0] & 0x0F) * 4 if version == 4 else 40
+        """MSS clamp of a TCP SYN (``mss.clamp_mss``); a cheap SYN pre-check
+        first so that only SYNs of read-only buffers are copied."""
+        if version == 4:
+            off = (inner[0] & 0x0F) * 4
+        elif inner[6] == _TCP:
+            off = 40
+        else:  # RFC 8200 §4: extension headers between the IPv6 header and TCP
+            _, off, fragment = ip.ipv6_upper_layer(inner, len(inner))
+            if fragment:
+                return inner  # clamp_mss leaves fragments alone too
         if len(inner) < off + 14 or not inner[off + 13] & _SYN:
             return inner
         t = self.sad.tunnels.get(tunnel_id)
-        mtu = t.record.mtu if t is not None else 1400
-        m = t.record.mss if t is not None and t.record.mss else 0
-        m4, m6 = (m, m) if m else (mtu - 40, mtu - 60)
+        if t is not None and t.record.mss:
+            m4 = m6 = t.record.mss
+        else:  # RFC 6691 §2 from the tunnel MTU
+            m4, m6 = mss.mss_for_mtu(t.record.mtu if t is not None else 1400)
         if inner.readonly:
             inner = memoryview(bytearray(inner))
         mss.clamp_mss(inner, m4, m6)

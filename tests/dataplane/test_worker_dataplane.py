@@ -135,6 +135,36 @@ def test_mss_clamped_on_syn_both_ways() -> None:
     assert IP(bytes(got))[TCP].chksum == written
 
 
+@pytest.mark.parametrize("ext", ["dest", "hop+dest"])
+def test_mss_clamped_on_ipv6_syn_behind_extension_headers(ext: str) -> None:
+    """RFC 8200 §4: a SYN may sit behind Hop-by-Hop / Destination Options
+    headers; it is clamped all the same (tunnel MTU 1400 - 60)."""
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop
+
+    dp, box, nets = make(*BASE, route(2, "fd00:2::/64", 1))
+    exts = IPv6ExtHdrDestOpt() if ext == "dest" else IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
+    syn = (
+        IPv6(src="fd00:1::2", dst="fd00:2::9") / exts
+        / TCP(flags="S", seq=0, options=[("MSS", 1440)])
+    )  # fmt: skip
+    dp.outbound(nets[ACCOUNT_A], memoryview(bytes(syn)))
+    data, _ = box.udp[-1]
+    wrapped = IP(bytes(IP(src="192.0.2.1", dst="198.51.100.2", proto=50) / data))
+    inner = scapy_sa(OUT, "192.0.2.1", "198.51.100.2").decrypt(wrapped)
+    assert dict(inner[TCP].options)["MSS"] == 1340
+    s = scapy_sa(IN, "198.51.100.2", "192.0.2.1")
+    synack = (
+        IPv6(src="fd00:2::9", dst="fd00:1::2") / exts
+        / TCP(flags="SA", seq=0, options=[("MSS", 1440)])
+    )  # fmt: skip
+    dp.inbound_esp(memoryview(bytes(s.encrypt(synack)[ESP])))
+    got = IPv6(box.tun[ACCOUNT_A][-1])
+    assert dict(got[TCP].options)["MSS"] == 1340
+    written = got[TCP].chksum
+    del got[TCP].chksum  # scapy recomputes it over the pseudo-header
+    assert IPv6(bytes(got))[TCP].chksum == written
+
+
 def test_rekey_moves_outbound_to_newest_generation_and_deletes_fall_back() -> None:
     new = sa(0x2002, Direction.OUT, generation=1, created=2000.0)
     dp, box, nets = make(*BASE, new)
