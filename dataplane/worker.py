@@ -28,7 +28,12 @@ Paths (issue 5):
   cover it (``no_sa`` / ``selector``), path MTU (ICMP frag-needed / packet
   too big back into the TUN, ``mtu``; DF clear: inner fragmentation), MSS
   clamp, encrypt, send (UDP 4500 via GSO batching when UDP-encapsulated, raw
-  ESP otherwise) — or GRE-encapsulate and send raw.
+  ESP otherwise) — or GRE-encapsulate and send raw with the tunnel's TTL.
+* outer header: the ECN field copies the inner packet's (RFC 6040 §4.1
+  normal mode, outer DSCP 0) and GRE carries ``TunnelRecord.ttl``, both as
+  ``sendmsg`` control messages (IP_TOS / IP_TTL) from cached lists; inbound,
+  the outer ECN (raw header, or IP_RECVTOS on 4500) is applied to the inner
+  packet per RFC 6040 §4.2.
 * IKE on UDP 500, or on 4500 with the non-ESP marker, is relayed to control
   with the peer's address and port; control's replies leave from this
   worker's socket, so their source is the anycast address.
