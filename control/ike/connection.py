@@ -590,6 +590,10 @@ class IkeSa:
                 self.retire = False
                 self.request("delete_ike", None)
                 self.pump(now)
+            elif self.children:
+                # only after a §2.8.2 collision whose deciding answer never came:
+                # the Child SAs it kept die with it, with events
+                self.close("peer_delete")
             else:
                 self.engine.discard(self, "rekeyed")
             return
@@ -1143,12 +1147,11 @@ class IkeSa:
         if not isinstance(sa, SaPayload) or not isinstance(nonce, NoncePayload):
             raise InvalidSyntax("CREATE_CHILD_SA without SA or Ni")
         if sa.proposals and sa.proposals[0].protocol == Protocol.IKE:
-            if self.pending is not None and self.pending.kind == "rekey_ike":
-                # §2.25.2 / §2.8.2: we are rekeying this IKE SA ourselves; the peer
-                # answers ours normally and retries its own later, so both sides
-                # end on the same new IKE SA without the nonce tie-break.
-                raise TemporaryFailure()
-            return self._respond_ike_rekey(msg, sa, nonce.nonce, now), None
+            ours = self.pending if self.pending and self.pending.kind == "rekey_ike" else None
+            # §2.8.2: if we are rekeying this IKE SA ourselves, answer as usual;
+            # once our own answer arrives, the lowest nonce decides which of the
+            # two new IKE SAs survives (_finish_ike_rekey).
+            return self._respond_ike_rekey(msg, sa, nonce.nonce, now, collision=ours), None
         old: ChildSa | None = None
         rekey = msg.notify(Notify.REKEY_SA)
         if rekey is not None:
@@ -1187,7 +1190,12 @@ class IkeSa:
         return payloads, None
 
     def _respond_ike_rekey(
-        self, msg: wire.Message, sa: SaPayload, ni: bytes, now: float
+        self,
+        msg: wire.Message,
+        sa: SaPayload,
+        ni: bytes,
+        now: float,
+        collision: OutRequest | None = None,
     ) -> list[Payload]:
         """§2.18: the new IKE SA's keys come from the old SK_d and a fresh DH."""
         assert self.prf is not None and self.keys is not None
@@ -1207,9 +1215,12 @@ class IkeSa:
             raise InvalidSyntax("bad KE") from None
         nr = self.engine.rng(NONCE_LEN)
         new_spi = self.engine.allocate_ike_spi()
-        self._successor(
+        theirs = self._successor(
             suite, g_ir, ni, nr, spi_i=proposal.spi, spi_r=new_spi, initiator=False, now=now
         )
+        if collision is not None:
+            self.engine.count("ike_rekey_collision")
+            collision.ctx["collision"] = (theirs, ni, nr)
         return [
             Payload(PayloadType.SA, ike_sa_payload(suite, proposal.num, new_spi)),
             Payload(PayloadType.NONCE, NoncePayload(nr)),
@@ -1229,6 +1240,37 @@ class IkeSa:
         now: float,
     ) -> IkeSa:
         """Build the rekeyed IKE SA, move the Child SAs to it, retire this one."""
+        new = self._rekeyed_sa(
+            suite, g_ir, ni, nr, spi_i=spi_i, spi_r=spi_r, initiator=initiator, now=now
+        )
+        self._hand_to(new, now)
+        return new
+
+    def _collision_owner(self) -> IkeSa | None:
+        """The old IKE SA whose rekey of ours is in flight and collided with the
+        peer's rekey that created this IKE SA (§2.8.2), if any."""
+        for spi in self.engine.by_tunnel.get(self.tunnel_id or "", ()):
+            sa = self.engine.sas.get(spi)
+            req = sa.pending if sa is not None else None
+            if req is not None and req.kind == "rekey_ike":
+                collision = req.ctx.get("collision")
+                if collision is not None and collision[0] is self:
+                    return sa
+        return None
+
+    def _rekeyed_sa(
+        self,
+        suite: IkeSuite,
+        g_ir: bytes,
+        ni: bytes,
+        nr: bytes,
+        *,
+        spi_i: bytes,
+        spi_r: bytes,
+        initiator: bool,
+        now: float,
+    ) -> IkeSa:
+        """§2.18: a new IKE SA keyed from this one's SK_d, owning nothing yet."""
         assert self.prf is not None and self.keys is not None and self.suite is not None
         seed = rekey_skeyseed(self.prf, self.keys.sk_d, g_ir, ni, nr)
         keys = derive_ike_keys(
@@ -1246,6 +1288,14 @@ class IkeSa:
         new.nat_detected, new.udp_encap = self.nat_detected, self.udp_encap
         new.tunnel, new.id_kind = self.tunnel, self.id_kind
         new.set_keys(suite, keys)
+        new.state = IkeState.ESTABLISHED
+        new.last_heard = now
+        new.ike_rekey_at = now + new._jittered(self.engine.config.ike_lifetime)
+        return new
+
+    def _hand_to(self, new: IkeSa, now: float) -> None:
+        """Move the Child SAs and queued Child SA work to ``new`` (registered
+        here) and leave this IKE SA REKEYED; ``IkeSaRekeyed`` self → new."""
         new.children = self.children
         self.children = {}
         self.successor = new
@@ -1255,9 +1305,6 @@ class IkeSa:
             if kind in ("rekey_child", "delete_child", "new_child"):
                 new.queue.append((kind, arg))
         self.queue.clear()
-        new.state = IkeState.ESTABLISHED
-        new.last_heard = now
-        new.ike_rekey_at = now + new._jittered(self.engine.config.ike_lifetime)
         self.state = IkeState.REKEYED
         self.linger_until = now + 4 * self.engine.config.retransmit_timeout * 8
         self.engine.register(new)
@@ -1270,12 +1317,11 @@ class IkeSa:
                 self.tunnel.account_id,
                 int.from_bytes(self.spi_i, "big"),
                 int.from_bytes(self.spi_r, "big"),
-                int.from_bytes(spi_i, "big"),
-                int.from_bytes(spi_r, "big"),
-                suite.name,
+                int.from_bytes(new.spi_i, "big"),
+                int.from_bytes(new.spi_r, "big"),
+                new.suite.name if new.suite else "",
             )
         )
-        return new
 
     def on_busy(self, msg: wire.Message, now: float) -> tuple[list[Payload], None]:
         """§2.25: this IKE SA is being rekeyed or deleted; try again later."""
@@ -1303,6 +1349,15 @@ class IkeSa:
                     out_spis.append(c.spi_in.to_bytes(4, "big"))
                     owner._child_gone(c, "rekeyed" if c.rekeyed else "peer_delete")
         if delete_ike:
+            if self.state is IkeState.ESTABLISHED and self._collision_owner() is not None:
+                # §2.8.2: the peer found the IKE SA it created in a simultaneous
+                # rekey redundant and deleted it before our own rekey's answer
+                # arrived (lost or reordered). Keep its Child SAs for the new IKE
+                # SA that answer creates (_finish_ike_rekey); no events.
+                self.engine.count("ike_rekey_collision_early_delete")
+                self.state = IkeState.REKEYED
+                self.linger_until = now + 4 * self.engine.config.retransmit_timeout * 8
+                return [], None
             # §1.4.1: answer with an empty INFORMATIONAL, then the IKE SA is gone.
             reason = "rekeyed" if self.state is IkeState.REKEYED else "peer_delete"
             return [], lambda: self.close(reason)
@@ -1598,7 +1653,7 @@ class IkeSa:
         except (NoProposalChosen, dhmod.DhError):
             self.engine.count("bad_rekey_response")
             return
-        self._successor(
+        ours = self._rekeyed_sa(
             suite,
             g_ir,
             ctx["ni"],
@@ -1608,6 +1663,40 @@ class IkeSa:
             initiator=True,
             now=now,
         )
+        collision = ctx.get("collision")
+        if collision is None:
+            self._hand_to(ours, now)
+        else:
+            # §2.8.2: both sides rekeyed at once and we answered the peer's rekey
+            # too, creating ``theirs`` (which holds the Child SAs now). Of the two
+            # new IKE SAs, the one with the lowest of the four nonces is redundant
+            # and deleted by its creator; the survivor inherits the Child SAs and
+            # its creator deletes the old IKE SA.
+            theirs, their_ni, our_nr = collision
+            if min(ctx["ni"], nonce.nonce, their_ni, our_nr) in (ctx["ni"], nonce.nonce):
+                # ours is redundant: never announced, deleted by us right away;
+                # the peer deletes this old IKE SA (it lingers until then).
+                self.engine.count("ike_rekey_collision_lost")
+                if theirs.state is IkeState.REKEYED and theirs.successor is None:
+                    theirs.close("peer_delete")  # the peer deleted the survivor too
+                ours.state = IkeState.DELETING
+                self.engine.register(ours)
+                ours.request("delete_ike", None)
+                ours.pump(now)
+                return
+            # theirs is redundant: the peer deletes it; the Child SAs move on to
+            # ours (IkeSaRekeyed theirs → ours) and we delete this old IKE SA.
+            self.engine.count("ike_rekey_collision_won")
+            alive = self.engine.sas.get(theirs.our_spi) is theirs
+            if alive and theirs.successor is None:
+                deleted = theirs.state is IkeState.REKEYED  # the peer's DELETE came first
+                theirs._hand_to(ours, now)
+                if deleted:
+                    self.engine.discard(theirs, "rekeyed")
+            else:  # theirs is already gone: nothing to inherit
+                self.engine.register(ours)
+                self.engine.established(ours)
+            self.successor = ours
         self.queue.clear()
         self.retire = True
         self.linger_until = now + self.engine.config.old_ike_sa_grace
