@@ -319,14 +319,14 @@ class OutboundSa:
     def encapsulate_in_place(self, out: bytearray, offset: int, n: int, next_header: int) -> int:
         """Like :meth:`encapsulate_into` for an ``n``-octet inner packet that
         already sits at ``out[offset + payload_offset:]`` (e.g. read there
-        from the TUN device): no copy of the inner packet for AES-GCM and NULL
-        (AES-CBC still copies it into its plaintext scratch buffer). Same
+        from the TUN device): no copy of the inner packet (AES-CBC copies it
+        once when ``out`` lacks 15 octets of room after the packet). Same
         errors, same result; on an error ``out`` is unchanged."""
         p = offset + ESP_HEADER_LEN + self._iv_len
         if offset < 0 or n < 0 or p + n > len(out):
             self._refuse(out, offset, n, next_header, 0)
-        # The CBC/NULL fallback: the inner packet is read completely (CBC into
-        # its scratch buffer) before any octet of out[p:] is written.
+        # AES-CBC's fallback: the inner packet is copied out completely before
+        # any octet of out[p:] is written.
         return self.encapsulate_into(out, offset, bytes(memoryview(out)[p : p + n]), next_header)
 
     def _refuse(self, out: bytearray, offset: int, n: int, next_header: int, total: int) -> None:
@@ -569,6 +569,34 @@ class _CbcOut(OutboundSa):
             self._cbc.update_into(data, ov[start:])
         else:
             ov[start:end] = self._cbc.update(data)
+        ov[end : offset + total] = self._mac.icv(ov[offset:end])
+        self.seq = seq
+        return total
+
+    def encapsulate_in_place(self, out: bytearray, offset: int, n: int, next_header: int) -> int:
+        seq = self.seq + 1
+        pad = -(n + 2) & 15
+        ptlen = n + pad + 2
+        total = self._fixed + ptlen
+        if seq > MAX_SEQ or not 0 <= n <= MAX_INNER or next_header & ~0xFF or offset < 0:
+            self._refuse(out, offset, n, next_header, total)
+        if offset + total > len(out):
+            self._refuse(out, offset, n, next_header, total)
+        start = offset + ESP_HEADER_LEN
+        end = start + _CBC_BLOCK + ptlen
+        if len(out) - end < _CBC_BLOCK - 1:
+            # No room for update_into's slack after the ciphertext: copy once.
+            return super().encapsulate_in_place(out, offset, n, next_header)
+        ov = self._out_view
+        if ov.obj is not out:
+            ov = self._view(out)
+        _HDR.pack_into(out, offset, self.spi, seq)
+        # The counter block goes where the IV will be; counter ‖ inner ‖ trailer
+        # is then encrypted exactly in place (whole blocks only, so the context
+        # never holds a partial block; CBC reads block i before writing it).
+        _CTR.pack_into(out, start, self.worker_id, seq, 0)
+        ov[end - pad - 2 : end] = _TRAILERS[pad][next_header]
+        self._cbc.update_into(ov[start:end], ov[start:])
         ov[end : offset + total] = self._mac.icv(ov[offset:end])
         self.seq = seq
         return total

@@ -197,6 +197,12 @@ def test_encapsulate_in_place_equals_encapsulate_into(cipher: Cipher, integ: Int
         m = zero_copy.encapsulate_in_place(b, 10, len(inner), NEXT_HEADER_IPV6)
         assert m == n and a[10 : 10 + n] == b[10 : 10 + n]
         assert inb.decapsulate(bytes(b[10 : 10 + n])) == (NEXT_HEADER_IPV6, memoryview(inner))
+        # An exactly sized buffer (no slack after the ICV: AES-CBC falls back).
+        exact = bytearray(n)
+        exact[hl : hl + len(inner)] = inner
+        assert copying.encapsulate_into(a, 10, inner, 4) == n
+        assert zero_copy.encapsulate_in_place(exact, 0, len(inner), 4) == n
+        assert exact == a[10 : 10 + n]
 
 
 @pytest.mark.parametrize(("cipher", "integ"), TRANSFORMS, ids=TRANSFORM_IDS)
