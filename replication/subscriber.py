@@ -97,6 +97,7 @@ class _ClientIO:
         time.sleep(0.005)  # let the I/O thread write the goodbye before linger 0 drops it
         self.ctx.destroy(linger=0)
         self.ctx = None
+        self.dealer = None  # destroyed with the context: a restart must not poll it
 
     def sockets(self) -> list[zmq.Socket[bytes]]:
         return [self.sub] if self.dealer is None else [self.sub, self.dealer]

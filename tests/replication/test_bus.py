@@ -403,3 +403,20 @@ def test_publisher_process_sigkilled_and_restarted(keys: Keys) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_subscriber_restarts_while_a_snapshot_request_is_open(tcp_bus: Bus) -> None:
+    """stop() with a snapshot connection open, then start(): the new run must
+    not poll the old (destroyed) connection, or its thread ends at once."""
+    bus = tcp_bus
+    pub = bus.publisher(heartbeat_interval=0.05)
+    pub.set(make_tunnel(1))
+    sub = bus.subscriber("w1", heartbeat_timeout=0.2)
+    assert wait_until(lambda: converged(pub, sub))
+    bus.stop(pub)  # silence: the subscriber re-requests and keeps waiting
+    assert wait_until(lambda: sub._io.dealer is not None, timeout=3)
+    sub.stop()
+    sub.start()
+    pub = bus.publisher(heartbeat_interval=0.05)
+    pub.set(make_sa(0xB100))
+    assert wait_until(lambda: converged(pub, sub), timeout=5)
