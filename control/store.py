@@ -28,19 +28,24 @@ from control.secrets import MasterKey
 DB_FILENAME = "anywan.sqlite3"
 
 
+def peer_address(interface_address: str) -> str:
+    """The customer's side of a tunnel's /31 (RFC 3021) or /30 (the other of
+    its two hosts): the address a route names as its nexthop."""
+    iface = ipaddress.IPv4Interface(interface_address)
+    net = iface.network
+    if net.prefixlen == 31:
+        return str(ipaddress.IPv4Address(int(iface.ip) ^ 1))
+    first, second = int(net.network_address) + 1, int(net.network_address) + 2
+    return str(ipaddress.IPv4Address(second if int(iface.ip) == first else first))
+
+
 def interface_columns(interface_address: str) -> dict[str, Any]:
     """Derived, indexed columns of a tunnel's interface network: the peer's
     address (a route's nexthop) and the network as an integer range (overlap
     checks in SQL instead of parsing every row)."""
-    iface = ipaddress.IPv4Interface(interface_address)
-    net = iface.network
-    if net.prefixlen == 31:
-        peer = ipaddress.IPv4Address(int(iface.ip) ^ 1)
-    else:
-        first, second = int(net.network_address) + 1, int(net.network_address) + 2
-        peer = ipaddress.IPv4Address(second if int(iface.ip) == first else first)
+    net = ipaddress.IPv4Interface(interface_address).network
     return {
-        "peer_address": str(peer),
+        "peer_address": peer_address(interface_address),
         "net_lo": int(net.network_address),
         "net_hi": int(net.broadcast_address),
     }

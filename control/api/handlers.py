@@ -25,11 +25,10 @@ from control.api.validation import (
     check_account,
     check_id,
     items_of,
-    peer_address,
     validate,
 )
 from control.secrets import generate_psk
-from control.store import Conflict, Store, TokenInfo, now_iso
+from control.store import Conflict, Store, TokenInfo, now_iso, peer_address
 
 KIND_PLURAL = {"ipsec": "ipsec_tunnels", "gre": "gre_tunnels", "route": "routes"}
 KIND_SINGULAR = {"ipsec": "ipsec_tunnel", "gre": "gre_tunnel", "route": "route"}

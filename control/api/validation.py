@@ -144,15 +144,6 @@ def interface_address(v: Any) -> str:
     return str(iface)
 
 
-def peer_address(iface: str) -> str:
-    """The customer's side of a tunnel's interface network (a route's nexthop)."""
-    i = ipaddress.IPv4Interface(iface)
-    if i.network.prefixlen == 31:
-        return str(ipaddress.IPv4Address(int(i.ip) ^ 1))
-    hosts = list(i.network.hosts())
-    return str(hosts[1] if i.ip == hosts[0] else hosts[0])
-
-
 def _prefix(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError("must be a string like 10.1.0.0/24")
