@@ -522,6 +522,7 @@ class ControlService:
         self._publish_pair(ev)
         if ev.replaces is not None:
             self.metrics.rekeys.labels("child").inc()
+            self._spawn(self._ready_after_apply(ev.tunnel_id, ev.inbound.spi))
 
     def _on_ChildSaUpdated(self, ev: Any) -> None:
         self._publish_pair(ev)
@@ -542,11 +543,28 @@ class ControlService:
             and seq is not None
             and not self.publisher.applied_everywhere(seq)
         ):
-            task = asyncio.get_running_loop().create_task(self._delete_after_apply(ev.sa_keys, seq))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._delete_after_apply(ev.sa_keys, seq))
             return
         self._delete_sa_keys(ev.sa_keys)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ready_after_apply(self, tunnel_id: str, inbound_spi: int) -> None:
+        """Make-before-break for rekeys we started: tell the engine the new
+        Child SA is on every worker, so it deletes the old one with the peer
+        now rather than at its ``rekey_delete_delay`` upper bound."""
+        seq = self._install_seq.get(tunnel_id)
+        if seq is None or self.engine is None:
+            return
+        if not await self.publisher.wait_applied(seq, self.config.rekey_apply_timeout):
+            self.metrics.make_before_break_timeouts.inc()
+            log.warning("rekey: not every worker applied seq %d in time", seq)
+            return  # the engine's rekey_delete_delay bound deletes the old SA
+        if self.transport is not None:
+            self.transport.call(self.engine.child_sa_ready, tunnel_id, inbound_spi)
 
     async def _delete_after_apply(self, keys: Iterable[str], seq: int) -> None:
         ok = await self.publisher.wait_applied(seq, self.config.rekey_apply_timeout)

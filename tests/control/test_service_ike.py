@@ -9,6 +9,7 @@ tombstones every SA. No stubs: every part below the API is the real one."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from control.api.openapi import build_openapi
 from control.ike.engine import IkeConfig, IkeEngine, TunnelAuth
-from control.ike.events import ChildSaInstalled, IkeSaDeleted, IkeSaEstablished
+from control.ike.events import ChildSaDeleted, ChildSaInstalled, IkeSaDeleted, IkeSaEstablished
 from replication.records import Direction, SaRecord, TrafficSelector
 from tests.control.api_support import add_token, ipsec
 from tests.control.test_api_openapi import check, response_schema
@@ -216,5 +217,63 @@ async def test_control_restart_continues_ike_sas(tmp_path: Path) -> None:
         assert ike["state"] == "established" and ike["id_type"] == "rfc822"
         assert ike["remote_addr"] == CLIENT[0] and ike["created"].startswith("20")
     finally:
+        await service.stop()
+        store.close()
+
+
+class PumpTransport:
+    """The one seam of IkeTransport the service uses after start: ``call``."""
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+
+    def call(self, func: Any, *args: Any) -> Any:
+        result = func(*args, time.monotonic())
+        self.peer.pump()
+        return result
+
+
+async def test_our_rekey_deletes_old_sa_once_every_worker_has_the_new_one(
+    tmp_path: Path,
+) -> None:
+    """Make-before-break for a rekey control starts: the old Child SA is
+    deleted with the peer only after the bus reports the new one applied on
+    every worker — well before the engine's rekey_delete_delay bound."""
+    bus = Bus(tmp_path)
+    service, store = await start(tmp_path, bus)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    worker = bus.subscriber()
+    worker.start()
+    try:
+        assert await asyncio.to_thread(worker.ready.wait, 5)
+        token = add_token(store, ACCT)
+        base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
+        tid = (await api(service, token, "POST", base, ipsec()))["id"]
+        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
+        peer = Peer(service)
+        peer.connect(tid, psk, "fqdn")
+        service.transport = PumpTransport(peer)
+        (first,) = [e for e in peer.events if isinstance(e, ChildSaInstalled)]
+
+        assert service.engine.rekey_child(tid, time.monotonic())
+        peer.pump()
+        installed = [e for e in peer.events if isinstance(e, ChildSaInstalled)]
+        assert len(installed) == 2
+        # Old and new side by side until the worker has applied the new pair.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if [e for e in peer.events if isinstance(e, ChildSaDeleted)]:
+                break
+            await asyncio.sleep(0.02)
+        (gone,) = [e for e in peer.events if isinstance(e, ChildSaDeleted)]
+        assert gone.inbound_spi == first.inbound.spi
+        assert time.monotonic() < deadline  # not the rekey_delete_delay fallback
+        new_out = installed[1].inbound.spi  # the peer's inbound = our outbound
+        assert worker.state.get(f"sa/out/{tid}/{new_out:08x}") is not None
+        sas = [k for k in service.publisher.items() if k.startswith("sa/")]
+        assert len(sas) == 2
+    finally:
+        service.transport = None
+        worker.stop()
         await service.stop()
         store.close()
