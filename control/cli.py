@@ -239,3 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"anywan-control: {exc} (run `anywan-control keygen`)", file=sys.stderr)
             return 1
         raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

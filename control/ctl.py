@@ -360,3 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(render(result))
     return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
