@@ -1,7 +1,8 @@
 """One IKE SA and its Child SAs, in either role — sans-IO.
 
 The engine routes a datagram here by our SPI; this class checks Message IDs
-(§2.3, window size 1), re-sends the cached response to a retransmitted request,
+(§2.3, window size 1), re-sends the cached response to a retransmitted request
+(only a bitwise-identical one, §2.1),
 opens the SK payload, rejects what :mod:`control.ike.state` does not allow, and
 runs the handler. Our own requests (DPD, rekeys, deletes) go one at a time
 from a queue and are retransmitted with backoff until given up (§2.4).
@@ -468,7 +469,9 @@ class IkeSa:
 
     def _answer_retransmission(self, data: bytes, local: Address, remote: Address) -> None:
         """§2.1: a retransmitted request gets the cached response again — but only
-        a true retransmission, bitwise identical to the request that produced it.
+        a true retransmission, bitwise identical to the request that produced it
+        (§2.1: "A retransmission from the initiator MUST be bitwise identical to the
+        original request").
         Anyone can forge our SPIs and an old Message ID around a garbage body
         (nothing here is authenticated), so answering anything else would make us
         a reflector towards whatever source address the forger wrote in.
