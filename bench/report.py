@@ -66,6 +66,15 @@ def _step(results: dict[str, Any], suite: str, step: str) -> dict[str, Any] | No
 def _status_note(res: dict[str, Any] | None, name: str) -> str | None:
     if res is None:
         return None
+    retried = ""
+    if res.get("failed_attempts"):
+        first = res["failed_attempts"][0]
+        tail = " / ".join(str(x) for x in (first.get("tail") or [])[-2:])
+        retried = (
+            f"_{name}: first attempt failed ({first.get('status')}: {tail[:300]}); retried._\n"
+        )
+    if res["status"] == "ok" and retried:
+        return retried
     if res["status"] != "ok":
         tail = " / ".join(str(x) for x in (res.get("tail") or [])[-3:])
         return f"**{name}: {res['status']}** ({tail[:400]})\n"

@@ -174,3 +174,25 @@ def test_limiter_names_the_saturated_process() -> None:
     text = throughput.limiter(cpu)
     assert text.startswith("charon responder busiest thread 97% (saturated)")
     assert "CPU-bound" not in text
+
+
+def test_per_core_uses_the_responders_cpu_only() -> None:
+    cpu = {
+        "processes": {
+            "anywan-worker 0": {"cpu_pct": 60.0, "busiest_thread_pct": 60.0},
+            "anywan-worker 1": {"cpu_pct": 20.0, "busiest_thread_pct": 20.0},
+            "charon s1 (initiator)": {"cpu_pct": 90.0, "busiest_thread_pct": 30.0},
+        }
+    }
+    assert throughput.responder_cpu(cpu) == pytest.approx(80.0)
+    sw = {"processes": {"charon responder": {"cpu_pct": 50.0, "busiest_thread_pct": 20.0}}}
+    assert throughput.responder_cpu(sw) == pytest.approx(50.0)
+
+
+def test_a_retried_step_says_so() -> None:
+    res = synthetic()
+    step = res["suites"]["throughput"]["throughput"]
+    step["failed_attempts"] = [{"status": "exit 1", "tail": ["OSError: Address already in use"]}]
+    md = report.markdown(res)
+    assert "first attempt failed (exit 1: OSError: Address already in use); retried" in md
+    assert "| AES-256-GCM | 0.6 (0.5–0.7)" in md  # the retried step's numbers still shown
