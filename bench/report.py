@@ -212,12 +212,25 @@ def throughput_md(results: dict[str, Any]) -> str:
     extra = [r for r in rows if r.get("worker_packet_counters")]
     if extra:
         out.append(
-            "Per-worker inner packet counters (anywan, cumulative, last repetition) show how "
-            "SO_REUSEPORT split the sites' flows: "
+            "Inner packets each anywan worker carried during each test (from its /metrics) "
+            "show how SO_REUSEPORT (ESP-in-UDP) and the raw-socket share (GRE) split the "
+            "sites' flows over 2 workers: "
             + "; ".join(
-                f"{r['mode']} {r['cipher']} {r['test']}: {r['worker_packet_counters']}"
+                f"{r['cipher']} {r['test']}: "
+                + "/".join(f"{x:.0f}" for x in r["worker_packet_counters"])
                 for r in extra
                 if r["mode"] == "anywan-2w"
+            )
+            + "\n"
+        )
+    flaky = [r for r in rows if r.get("failed_reps")]
+    if flaky:
+        out.append(
+            "Repetitions that failed and are not in the figures: "
+            + "; ".join(
+                f"{r['mode']} {r['cipher']} {r['test']}: {len(r['failed_reps'])} "
+                f"({r['failed_reps'][-1][:120]})"
+                for r in flaky
             )
             + "\n"
         )
@@ -374,7 +387,22 @@ def worker_md(results: dict[str, Any]) -> str:
                 "Two anywan workers back to back (no strongSwan), iperf3 TCP through them "
                 "(`bench.worker --network`):\n"
             )
-            out.append("```\n" + "\n".join(str(x) for x in net["data"]) + "\n```\n")
+            out.append(
+                table(
+                    ["outer", "cipher", "TCP Gbit/s", "retransmits", "error"],
+                    [
+                        [
+                            str(x.get("mode")),
+                            str(x.get("cipher")),
+                            num(x.get("gbit_s")),
+                            str(x.get("retransmits")),
+                            str(x.get("error") or ""),
+                        ]
+                        for x in net["data"]
+                        if isinstance(x, dict)
+                    ],
+                )
+            )
     return "\n".join(out)
 
 

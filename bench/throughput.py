@@ -359,6 +359,20 @@ class Bench:
             )
         time.sleep(0.3)
 
+    def restart_servers(self, sites: list[SiteInfo]) -> None:
+        """A fresh iperf3 server for each site (by PID): one whose client
+        vanished mid-test can stay busy and refuse the next test."""
+        for s in sites:
+            old = self.servers.get(s.name)
+            if old is not None:
+                self.topo.stop(old)
+            self.servers[s.name] = self.core.popen(
+                ["iperf3", "-s", "-B", CORE_ADDR, "-p", str(s.port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        time.sleep(0.3)
+
     def route_core(self, via: str) -> None:
         """Return traffic to the sites: through ``node`` (plain, strongSwan)
         or through anywan's account namespace."""
@@ -794,11 +808,20 @@ def run(
     def measure(mode: str, cipher: str, gre: bool) -> None:
         group = bench.gre_sites if gre else bench.sites
         for test in tests:
-            vals, cpus, splits = [], [], []
+            vals, cpus, splits, failed = [], [], [], []
             bytes0 = bench.sa_bytes() if (not gre and mode != "plain") else 0
+            counters0 = bench.worker_packets() if bench.workers else []
             for r in range(reps):
                 t0 = time.monotonic()
-                res = bench.iperf_once(group, test, seconds, bench.pids(mode, gre))
+                try:
+                    res = bench.iperf_once(group, test, seconds, bench.pids(mode, gre))
+                except SetupError as exc:
+                    # one bad repetition (an iperf3 server left busy, a timeout on
+                    # a loaded machine) is recorded, not fatal for the row
+                    failed.append(str(exc)[-200:])
+                    log(f"  {mode:<10} {cipher:<17} {test:<8} rep {r + 1}/{reps}: failed: {exc}")
+                    bench.restart_servers(group)
+                    continue
                 vals.append(res["value"])
                 cpus.append(res["cpu"])
                 if bench.workers:
@@ -808,6 +831,8 @@ def run(
                     f"{res['value']:.3f} {res['unit']}  [{limiter(res['cpu'])}] "
                     f"({time.monotonic() - t0:.1f}s)"
                 )
+            if not vals:
+                raise SetupError(f"all {reps} repetitions of {test} failed: {failed[-1]}")
             mid = sorted(range(len(vals)), key=lambda i: vals[i])[len(vals) // 2]
             row = {
                 "suite": "throughput",
@@ -832,12 +857,20 @@ def run(
                 if row["sa_bytes"] <= 0:
                     row["status"] = "invalid: no bytes on the site's Child SAs"
             if splits:
-                row["worker_packet_counters"] = splits[-1]
+                # inner packets each worker carried during this test's repetitions
+                row["worker_packet_counters"] = [
+                    b - a for a, b in zip(counters0, splits[-1], strict=False)
+                ]
+            if failed:
+                row["failed_reps"] = failed
             rows.append(row)
 
     def not_run(mode: str, cipher: str, reason: str) -> None:
         log(f"  {mode} {cipher}: not run: {reason}")
+        done = {r["test"] for r in rows if r["mode"] == mode and r["cipher"] == cipher}
         for test in tests:
+            if test in done:
+                continue
             rows.append(
                 {
                     "suite": "throughput",
