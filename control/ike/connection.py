@@ -1361,6 +1361,14 @@ class IkeSa:
                 self.state = IkeState.REKEYED
                 self.linger_until = now + 4 * self.engine.config.retransmit_timeout * 8
                 return [], None
+            req = self.pending
+            if req is not None and req.kind == "rekey_ike" and "collision" in req.ctx:
+                # §2.8.2: the peer won the collision and deleted the old IKE SA
+                # before its answer to our rekey reached us (lost). The IKE SA it
+                # made for our request is redundant; without that answer we hold
+                # no keys for it, so only the peer can time it out. Ours (the one
+                # the peer made, holding the Child SAs) is the survivor.
+                self.engine.count("ike_rekey_collision_abandoned")
             # §1.4.1: answer with an empty INFORMATIONAL, then the IKE SA is gone.
             reason = "rekeyed" if self.state is IkeState.REKEYED else "peer_delete"
             return [], lambda: self.close(reason)

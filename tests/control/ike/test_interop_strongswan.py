@@ -680,6 +680,92 @@ def test_ike_rekey_by_us(make_responder, charons) -> None:
     assert not ours.of(ev.IkeSaDeleted, reason="dpd")
 
 
+# strongSwan's CREATE_CHILD_SA messages to us (it floats to 4500 in IKE_AUTH:
+# 8 octets of UDP header + 4 of non-ESP marker + 18 = the IKE exchange type),
+# held back while both sides start an IKE rekey.
+HOLD_CCSA = """
+table ip awhold {
+  chain in {
+    type filter hook input priority 0;
+    udp dport 4500 @th,240,8 36 counter drop
+  }
+}
+"""
+
+
+def test_simultaneous_ike_rekey_with_strongswan(topo: Topology, make_responder, charons) -> None:
+    """RFC 7296 §2.8.2 against strongSwan: both sides rekey the IKE SA at once and
+    both notice. strongSwan's request is held back until ours has reached it;
+    then its retransmission (after 1 s) reaches us while ours is in flight and
+    our retransmission (after 3 s) fetches strongSwan's answer. Both sides apply
+    the nonce tie-break and end on the same single IKE SA with the Child SA
+    untouched — whichever side wins."""
+    gw = topo.namespaces["gw"]
+    store = Store()
+    store.add("acct1", tid("t1"))
+    ours = make_responder(store, retransmit_timeout=3.0, retransmit_tries=3, dpd_interval=600)
+    site = charons("site")
+    site.load([site_conn("t1", fqdn("acct1", tid("t1")))])
+    site.initiate(child="net")
+    (inst,) = ours.wait(ev.ChildSaInstalled)
+    before = only_sa(site, "t1")
+    gw.nft(HOLD_CCSA)
+    try:
+        site.rekey(ike="t1")
+        assert site.wait_for(
+            lambda: site.log_lines(r"<t1\|\d+> generating CREATE_CHILD_SA request"), 5
+        )
+        assert ours.call(ours.engine.rekey_ike, tid("t1"))
+        assert site.wait_for(lambda: site.log_lines(r"<t1\|\d+> parsed CREATE_CHILD_SA request"), 2)
+    finally:
+        gw.run(["nft", "delete", "table", "ip", "awhold"], check=False)
+
+    def converged() -> Any:
+        # strongSwan may keep a redundant IKE SA in REKEYED while it waits for
+        # a DELETE we cannot send (see the "abandoned" case below)
+        sas = [s for s in site.list_sas() if s.get("state") != "REKEYED"]
+        mine = ours.lt.call(
+            lambda: [(s.spi_i, s.spi_r, s.state.value) for s in ours.engine.sas.values()]
+        )
+        if len(sas) != 1 or len(mine) != 1 or sas[0].get("state") != "ESTABLISHED":
+            return None
+        return sas[0], mine[0]
+
+    got = site.wait_for(converged, timeout=20)
+    assert got, (site.list_sas(), ours.lt.call(lambda: list(ours.engine.sas.values())))
+    theirs, (spi_i, spi_r, state) = got
+    assert state == "established"
+    assert int(theirs["initiator-spi"], 16) == int.from_bytes(spi_i, "big")
+    assert int(theirs["responder-spi"], 16) == int.from_bytes(spi_r, "big")
+    assert theirs["initiator-spi"] != before["initiator-spi"]
+    # both sides saw the collision and agree on who lost
+    assert site.log_lines(r"<t1\|\d+> detected IKE_REKEY collision with IKE_REKEY")
+    drops = ours.lt.call(lambda: dict(ours.engine.drops))
+    assert drops.get("ike_rekey_collision") == 1, drops
+    if site.log_lines(r"IKE_SA rekey collision lost"):
+        # strongSwan deleted its redundant IKE SA before our retransmission
+        # fetched the answer that told us we won (the early-DELETE path)
+        assert drops.get("ike_rekey_collision_won") == 1, drops
+        assert drops.get("ike_rekey_collision_early_delete") == 1, drops
+        assert site.wait_for(lambda: len(site.list_sas()) == 1, 5), site.list_sas()
+    else:
+        # strongSwan won and deleted the old IKE SA at once, before our
+        # retransmission could fetch the answer the hold dropped: we abandon our
+        # rekey and keep strongSwan's new IKE SA, which holds the Child SA
+        assert site.log_lines(r"IKE_SA rekey collision won")
+        assert (
+            drops.get("ike_rekey_collision_lost", 0) + drops.get("ike_rekey_collision_abandoned", 0)
+            == 1
+        ), drops
+    assert not ours.of(ev.NegotiationFailed) and not ours.of(ev.IkeSaDeleted)
+    # the Child SA is untouched on both sides, and the survivor works
+    assert installed_children(theirs)[0]["spi-in"] == installed_children(before)[0]["spi-in"]
+    assert not ours.of(ev.ChildSaDeleted)
+    site.rekey(child="net")
+    (_, new) = ours.wait(ev.ChildSaInstalled, count=2)
+    assert new.replaces == (inst.inbound.spi, inst.outbound.spi)
+
+
 # --- liveness and deletes -------------------------------------------------------
 
 
