@@ -16,7 +16,7 @@ big-endian u64: the publisher's epoch and a sequence number)::
     snapshot end      ROUTER→DEALER  [b"KTHXBAI", req_id u64, HDR(epoch, seq), count u64]
     update            PUB            [b"UPD", HDR(epoch, seq), key utf-8, value]  (b"" = tombstone)
     heartbeat         PUB            [b"HUGZ", HDR(epoch, last published seq)]
-    ack               PUSH→PULL      [b"ACK", worker_id, HDR(epoch, applied seq)]
+    ack               PUSH→PULL      [b"ACK", worker_id, HDR(epoch, applied seq)(, report)]
     goodbye           PUSH→PULL      [b"BYE", worker_id]   (clean stop: no longer counted live)
 
 Sequences are bus-wide and gap-free within one epoch; the epoch is a random
@@ -32,6 +32,15 @@ snapshot and the subscription taking effect can slip by; heartbeats carry
 the last published sequence, so even the loss of the *last* update is a gap
 seen within one heartbeat; snapshot requests carry an id, and a stale reply is
 ignored; acks give the publisher make-before-break ("applied everywhere").
+
+Reports: an ack may carry a fourth frame, a msgpack map of at most
+:data:`MAX_REPORT_BYTES` (a worker's telemetry: per-SA counters, sequence
+checkpoints). :meth:`CloneClient.set_report` stores the newest one and the next
+ack takes it (then it is cleared: the reporter sends a fresh one each flush).
+A report is latest-state, not a log: a lost ack loses nothing the next one
+does not carry. The publisher keeps the newest valid report per subscriber
+(:func:`parse_report`); a frame that is too big, not msgpack or not a map is
+dropped and counted, the ack itself still counts.
 
 Atomicity: while a (re-)snapshot is in flight the old state stays in force.
 When it completes, the new state replaces the old in one step and only real
@@ -51,9 +60,10 @@ from __future__ import annotations
 import math
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import msgpack
 
@@ -73,6 +83,9 @@ U64 = struct.Struct(">Q")
 
 MAX_WORKER_ID = 200
 """Bytes of UTF-8; a worker id is also a ZeroMQ routing id (< 256 bytes)."""
+
+MAX_REPORT_BYTES = 64 * 1024
+"""Largest report frame an ack may carry (encoded)."""
 
 
 def poll_timeout_ms(deadline: float, now: float) -> int:
@@ -118,9 +131,37 @@ def snapshot_end_frames(req_id: bytes, epoch: int, seq: int, count: int) -> list
     return [KTHXBAI, req_id, HDR.pack(epoch, seq), U64.pack(count)]
 
 
+def encode_report(report: Mapping[Any, Any]) -> bytes:
+    """A report frame; ValueError if it is not a map or over :data:`MAX_REPORT_BYTES`."""
+    if not isinstance(report, Mapping):
+        raise ValueError("a report is a map")
+    data: bytes = msgpack.packb(dict(report), use_bin_type=True)
+    if len(data) > MAX_REPORT_BYTES:
+        raise ValueError(f"report of {len(data)} bytes exceeds {MAX_REPORT_BYTES}")
+    return data
+
+
+def parse_report(frames: list[bytes]) -> tuple[dict[Any, Any] | None, str | None]:
+    """The report an ACK carries: ``(report, None)``; ``(None, None)`` if it
+    carries none; ``(None, reason)`` if the frame is unusable (``reason`` is
+    ``oversized`` or ``malformed``, a metric label)."""
+    if len(frames) != 4:
+        return None, None
+    raw = frames[3]
+    if len(raw) > MAX_REPORT_BYTES:
+        return None, "oversized"
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several unrelated types (and RecursionError)
+        return None, "malformed"
+    if not isinstance(obj, dict):
+        return None, "malformed"
+    return obj, None
+
+
 def parse_ack(frames: list[bytes]) -> tuple[str, int, int] | None:
-    """(worker_id, epoch, seq) of an ACK, or None if it is not one."""
-    if len(frames) != 3 or frames[0] != ACK or len(frames[2]) != HDR.size:
+    """(worker_id, epoch, seq) of an ACK (with or without a report), or None."""
+    if len(frames) not in (3, 4) or frames[0] != ACK or len(frames[2]) != HDR.size:
         return None
     try:
         worker = frames[1].decode("utf-8")
@@ -326,6 +367,7 @@ class CloneClient:
         self._snap_raw: dict[str, bytes] = {}
         self._snap_rec: dict[str, Record] = {}
         self._snap_count = 0
+        self._report: bytes | None = None
 
     # --- inputs ------------------------------------------------------------------
 
@@ -373,6 +415,15 @@ class CloneClient:
         else:
             self._reject("", "frame")
 
+    def set_report(self, report: Mapping[Any, Any]) -> None:
+        """Send ``report`` (a msgpack-able map) with the next ack, replacing
+        one not yet sent. ValueError if it is over :data:`MAX_REPORT_BYTES`.
+
+        May be called from another thread than the one driving the core (one
+        reference assignment); a report replaced before it was sent is lost,
+        which is fine for latest-state telemetry."""
+        self._report = encode_report(report)
+
     def get_timer(self) -> float | None:
         """Absolute deadline at which :meth:`handle_timer` must run, or None."""
         if self.phase is Phase.LIVE:
@@ -389,7 +440,11 @@ class CloneClient:
             assert self.epoch is not None
             self._ack_due = None
             self._last_ack = now
-            self._events.append(SendAck([ACK, self._wid, HDR.pack(self.epoch, self.applied_seq)]))
+            frames = [ACK, self._wid, HDR.pack(self.epoch, self.applied_seq)]
+            report, self._report = self._report, None
+            if report is not None:
+                frames.append(report)
+            self._events.append(SendAck(frames))
         deadline = self.get_timer()
         if deadline is None or now < deadline:
             return

@@ -13,7 +13,7 @@ any worker) and runs a publisher in *mirror* mode for the node's workers:
   it, with the same no-churn diffing as anywhere else;
 * while control is unreachable it keeps serving the last state it had, so
   workers keep forwarding through a control restart;
-* workers' acks are passed upstream unchanged, so control's
+* workers' acks (and the reports they carry) are passed upstream unchanged, so control's
   ``applied_everywhere`` counts the workers themselves, not the forwarder.
 
 Everything runs in one thread: upstream client sockets and downstream server

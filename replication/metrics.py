@@ -49,6 +49,12 @@ class PublisherMetrics:
             "Sequence numbers the slowest live subscriber is behind",
             registry=r,
         )
+        self.reports = Counter(
+            "anywan_bus_reports",
+            "Subscriber reports received with acks, by result (ok, oversized, malformed)",
+            ["result"],
+            registry=r,
+        )
 
 
 class SubscriberMetrics:

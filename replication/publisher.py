@@ -10,7 +10,11 @@ Three CURVE server sockets, owned by one background thread:
 * PULL ``ack_endpoint``: subscribers' applied sequences, which drive
   :meth:`Publisher.applied_everywhere` / :meth:`Publisher.wait_applied`
   (make-before-break: install the new SA, wait until every live worker
-  applied it, only then delete the old one).
+  applied it, only then delete the old one). An ack may carry a report (a
+  worker's telemetry, see ``clone.py``); the newest valid one per subscriber
+  is kept and :meth:`Publisher.reports` returns those of live subscribers.
+  Oversized or malformed reports are dropped and counted
+  (``anywan_bus_reports_total{result}``); the ack still counts.
 
 :meth:`Publisher.set` and :meth:`Publisher.delete` are thread-safe: they take
 a lock, assign the next sequence, update the table (kept as encoded bytes, so
@@ -38,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 from prometheus_client import CollectorRegistry
@@ -73,6 +78,7 @@ class _Sub:
     epoch: int
     seq: int
     last_seen: float
+    report: dict[Any, Any] | None = None
 
 
 class Publisher:
@@ -211,6 +217,17 @@ class Publisher:
         now = time.monotonic()
         with self._lock:
             return [self._status(w, s, now) for w, s in sorted(self._subs.items())]
+
+    def reports(self) -> dict[str, dict[Any, Any]]:
+        """Worker id → the newest valid report of each live subscriber that
+        sent one (each a decoded msgpack map; treat its contents as untrusted)."""
+        now = time.monotonic()
+        with self._lock:
+            return {
+                w: s.report
+                for w, s in self._subs.items()
+                if s.report is not None and now - s.last_seen <= self.subscriber_timeout
+            }
 
     def applied_everywhere(self, seq: int) -> bool:
         """Every live subscriber has acked ``seq`` or later in our epoch.
@@ -475,14 +492,22 @@ class Publisher:
             if parsed is None:
                 continue
             worker, epoch, seq = parsed
+            report, bad = clone.parse_report(frames)
+            if bad is not None:
+                self.metrics.reports.labels(bad).inc()
+                frames = frames[:3]  # pass the ack on without it
+            elif report is not None:
+                self.metrics.reports.labels("ok").inc()
             with self._lock:
                 sub = self._subs.get(worker)
                 if sub is None:
-                    self._subs[worker] = _Sub(epoch, seq, now)
+                    sub = self._subs[worker] = _Sub(epoch, seq, now)
                 else:
                     if sub.epoch != epoch or seq > sub.seq:
                         sub.epoch, sub.seq = epoch, seq
                     sub.last_seen = now
+                if report is not None:
+                    sub.report = report
             got = True
             if self.on_ack is not None:
                 self.on_ack(frames)

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 from prometheus_client import CollectorRegistry
@@ -272,6 +273,13 @@ class Subscriber:
     @property
     def epoch(self) -> int | None:
         return self._core.epoch
+
+    def set_report(self, report: dict[Any, Any]) -> None:
+        """Send ``report`` (a msgpack-able map, at most
+        ``clone.MAX_REPORT_BYTES`` encoded, else ValueError) to the publisher
+        with the next ack; call it again for each new report (e.g. every
+        metrics flush). Thread-safe. Acks go at least once per heartbeat."""
+        self._core.set_report(report)
 
     @property
     def snapshots(self) -> int:
