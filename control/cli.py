@@ -174,6 +174,10 @@ def make_engine(conf: cfg.ControlConfig, lookup: Any) -> Any:
         ike_lifetime=conf.ike_lifetime,
         rekey_jitter=conf.rekey_jitter,
         dpd_interval=conf.dpd_interval,
+        # Make-before-break: the old Child SA of our rekeys goes once every
+        # worker has the new one; this is only the bound for a stuck worker,
+        # so it must outlast the service's wait for the bus.
+        rekey_delete_delay=max(10.0, 2 * conf.rekey_apply_timeout),
     )
     return IkeEngine(ike, lookup)
 
