@@ -38,6 +38,7 @@ from control.config import ControlConfig, split_hostport
 from control.metrics import ControlMetrics
 from control.store import Store
 from replication.records import (
+    Direction,
     Record,
     RecordError,
     RouteRecord,
@@ -111,8 +112,59 @@ def route_record(row: dict[str, Any]) -> RouteRecord:
     )
 
 
-def child_sa_view(rec: SaRecord) -> dict[str, Any]:
-    """What ``/sas`` shows of one SA: never a key or salt."""
+_Counters = dict[tuple[str, int], list[int]]
+"""(tunnel id or "" for inbound, SPI) → [packets, bytes] summed over workers."""
+
+
+def _pair(value: object) -> tuple[int, int] | None:
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(type(v) is int and 0 <= v < 1 << 64 for v in value)
+    ):
+        return value[0], value[1]
+    return None
+
+
+def sum_sa_counters(reports: Iterable[Any]) -> _Counters:
+    """Per-SA packets/bytes summed over the live workers' reports.
+
+    A report is untrusted input (``worker.build_report`` writes ``{"in": {spi:
+    [packets, bytes]}, "out": {tunnel: {spi: [packets, bytes]}}}``): entries
+    of the wrong shape are skipped, never raised on."""
+    total: _Counters = {}
+
+    def add(key: tuple[str, int], value: object) -> None:
+        pair = _pair(value)
+        if pair is None:
+            return
+        acc = total.setdefault(key, [0, 0])
+        acc[0] += pair[0]
+        acc[1] += pair[1]
+
+    for report in reports:
+        if not isinstance(report, dict):
+            continue
+        inbound, outbound = report.get("in"), report.get("out")
+        if isinstance(inbound, dict):
+            for spi, value in inbound.items():
+                if type(spi) is int:
+                    add(("", spi), value)
+        if isinstance(outbound, dict):
+            for tid, per in outbound.items():
+                if isinstance(tid, str) and isinstance(per, dict):
+                    for spi, value in per.items():
+                        if type(spi) is int:
+                            add((tid, spi), value)
+    return total
+
+
+def child_sa_view(rec: SaRecord, counters: _Counters | None = None) -> dict[str, Any]:
+    """What ``/sas`` shows of one SA: never a key or salt. ``packets`` and
+    ``bytes`` are the live workers' reported counters summed (inner bytes),
+    null while no live worker has reported the SA."""
+    ckey = ("", rec.spi) if rec.direction is Direction.IN else (rec.tunnel_id, rec.spi)
+    got = counters.get(ckey) if counters is not None else None
     return {
         "spi": f"0x{rec.spi:08x}",
         "direction": rec.direction.value,
@@ -129,10 +181,8 @@ def child_sa_view(rec: SaRecord) -> dict[str, Any]:
         "child_id": rec.child_id,
         "generation": rec.generation,
         "replay_window": rec.replay_window,
-        # Per-worker packet/byte counters are exported by the workers' own
-        # /metrics; control does not aggregate them (yet).
-        "packets": None,
-        "bytes": None,
+        "packets": got[0] if got is not None else None,
+        "bytes": got[1] if got is not None else None,
     }
 
 
@@ -232,9 +282,17 @@ class ControlService:
         # Magic WAN, a PSK change does not tear down a running tunnel).
         log.info("PSK of tunnel %s (account %s) replaced", tunnel_id, account_id)
 
+    def _reports(self) -> list[Any]:
+        """The live workers' latest reports (empty if the publisher has none)."""
+        try:
+            return list(self.publisher.reports().values())  # type: ignore[attr-defined]
+        except Exception:  # no reports() (test doubles) or stopping
+            return []
+
     def tunnel_sas(self, account_id: str, tunnel_id: str) -> dict[str, Any]:
+        counters = sum_sa_counters(self._reports())
         child = [
-            child_sa_view(r)
+            child_sa_view(r, counters)
             for r in self.publisher.items().values()
             if isinstance(r, SaRecord) and r.tunnel_id == tunnel_id and r.account_id == account_id
         ]

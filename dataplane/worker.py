@@ -139,6 +139,9 @@ def rendezvous_owner(spi: int, live: tuple[int, ...]) -> int:
     return best
 
 
+REPORT_MAX_SAS = 1500
+"""SA entries per report to control (a report must fit ``clone.MAX_REPORT_BYTES``)."""
+
 SEQ_RESERVATION = 1 << 20
 """Sequence numbers an owner reserves ahead (RFC 6311 style): a new owner
 starts after the reservation, so no number is ever sent twice even when the
@@ -299,6 +302,8 @@ class Dataplane:
             if self.mss_clamp and f.proto == _TCP:
                 inner = self._clamp(entry.tunnel_id, inner, f.version)
             net.write(inner)
+            entry.packets += 1
+            entry.bytes += len(inner)
             t = self.sad.tunnels.get(entry.tunnel_id)
             if t is not None:
                 t.packets_in += 1
@@ -481,6 +486,7 @@ class Dataplane:
             else:
                 self.send_esp(self.out_view[:n], sa.dest, self._tos_anc[tos])
             sa.packets += 1
+            sa.bytes += len(inner)
         t.packets_out += 1
         t.bytes_out += len(inner)
 
@@ -1131,6 +1137,45 @@ class Worker:
                 elif e.codec.seq > self._reserved[key] - SEQ_RESERVATION // 2:
                     self._write_reservation(key, e.codec.seq + SEQ_RESERVATION)
 
+    # ---- telemetry to control (rides on the bus acks) ---------------------------
+    def build_report(self) -> dict[str, Any]:
+        """This worker's counters and sequence reservations for control.
+
+        ``in``: inbound SPI → [packets, bytes]; ``out``: tunnel → outbound SPI
+        → [packets, bytes] (bytes are inner, cleartext bytes; counters start
+        at 0 when the worker or the SA entry starts); ``seq``: tunnel →
+        outbound SPI → the first sequence number this owner has not reserved
+        (replay-protected SAs it owns). At most :data:`REPORT_MAX_SAS` SA
+        entries (the rest is left out: the report must fit an ack)."""
+        sad = self.dp.sad
+        budget = REPORT_MAX_SAS
+        inbound: dict[int, list[int]] = {}
+        for spi, e in sad.inbound.items():
+            if budget <= 0:
+                break
+            inbound[spi] = [e.packets, e.bytes]
+            budget -= 1
+        outbound: dict[str, dict[int, list[int]]] = {}
+        for tid, entries in sad.outbound.items():
+            for e in entries:
+                if budget <= 0:
+                    break
+                outbound.setdefault(tid, {})[e.spi] = [e.packets, e.bytes]
+                budget -= 1
+        seq: dict[str, dict[int, int]] = {}
+        for (tid, spi), limit in self._reserved.items():
+            seq.setdefault(tid, {})[spi] = limit + 1
+        return {"v": 1, "in": inbound, "out": outbound, "seq": seq}
+
+    def _send_report(self) -> None:
+        sub = self._subscriber
+        if sub is None or not hasattr(sub, "set_report"):
+            return
+        try:
+            sub.set_report(self.build_report())
+        except ValueError as exc:  # too big: counters stay on /metrics
+            log.warning("report not sent: %s", exc)
+
     # ---- node share of raw packets ------------------------------------------------
     def _update_share(self) -> None:
         assert self.peers is not None
@@ -1192,6 +1237,7 @@ class Worker:
                 self.dp.count(DropReason.NO_TUNNEL)
                 self._gso.errors = 0
             self.metrics.flush(self.dp)
+            self._send_report()
 
     def close(self) -> None:
         """Stop threads and close everything (the TUN devices go with the last queue)."""

@@ -250,8 +250,18 @@ def build_openapi() -> dict[str, Any]:
             "child_id": INT,
             "generation": INT,
             "replay_window": INT,
-            "packets": {**INT, "nullable": True},
-            "bytes": {**INT, "nullable": True},
+            "packets": {
+                **INT,
+                "nullable": True,
+                "description": "Packets on this SA summed over the live workers' latest "
+                "reports (sent every 0.5 s with their bus acks); null while no live "
+                "worker has reported the SA. A restarted worker counts from 0.",
+            },
+            "bytes": {
+                **INT,
+                "nullable": True,
+                "description": "Inner (cleartext) bytes, summed like packets.",
+            },
         },
         [
             "spi",

@@ -476,6 +476,36 @@ def test_packets_counted_per_tunnel(lab: Lab) -> None:
     assert m["anywan_worker_sas"] == sum(1 for r in records() if r.key.startswith("sa/"))
 
 
+def test_sa_counters_reported_to_control_over_the_bus(lab: Lab) -> None:
+    """The worker reports per-SA packets/bytes with its acks; control's
+    publisher holds them (what ``/sas`` sums). Compared with the worker's own
+    per-tunnel metric (the ESP tunnel has one SA per direction)."""
+    from control.service import sum_sa_counters
+
+    t1 = tid(1)
+    assert _received(ping(lab, "host", "10.2.0.1", count=3)) == 3
+
+    def reported() -> dict[tuple[str, int], list[int]]:
+        return sum_sa_counters(lab.publisher.reports().values())
+
+    def caught_up() -> bool:
+        m, c = lab.metrics(), reported()
+        return (
+            c.get(("", 0x1001), [0])[0] == tunnel_packets(m, t1, "in") >= 3
+            and c.get((t1, 0x2001), [0])[0] == tunnel_packets(m, t1, "out") >= 3
+        )
+
+    try:
+        _wait(caught_up, 5, "reported SA counters")
+    except AssertionError:
+        m = lab.metrics()
+        got = (tunnel_packets(m, t1, "in"), tunnel_packets(m, t1, "out"), reported())
+        raise AssertionError(f"metrics in/out vs reports: {got}") from None
+    c = reported()
+    # ICMP echo of 84 inner bytes (IPv4) at least; bytes are inner bytes.
+    assert c[("", 0x1001)][1] >= 84 * 3 and c[(t1, 0x2001)][1] >= 84 * 3
+
+
 # ---- drops: each reason provoked and seen in /metrics -----------------------
 
 

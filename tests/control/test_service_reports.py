@@ -1,0 +1,78 @@
+"""Workers' reports (on the bus acks) summed into ``/sas`` packets/bytes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import zmq
+
+from control.ike.events import ChildSaInstalled
+from control.service import sum_sa_counters
+from replication.records import Direction
+from replication.subscriber import Subscriber
+from tests.control.api_support import add_token, ipsec
+from tests.control.test_service import ACCT, Bus, api, sa, start, wait_for
+
+
+def test_sum_skips_garbage_entries() -> None:
+    reports = [
+        {"in": {1: [2, 20], 2: "x", "3": [1, 1]}, "out": {"t": {5: [1, 100]}, 7: {5: [1, 1]}}},
+        {"in": {1: [3, 30], 4: [-1, 0], 6: [True, 1]}, "out": {"t": {5: [2, 200, 9]}}},
+        "not a map",
+        {"in": [1, 2], "out": None},
+    ]
+    assert sum_sa_counters(reports) == {("", 1): [5, 50], ("t", 5): [1, 100]}
+
+
+async def test_sas_sums_counters_of_live_workers(tmp_path: Path) -> None:
+    bus = Bus(tmp_path)
+    second = zmq.curve_keypair()
+    service, store = await start(tmp_path, bus)
+    service.publisher.allow_client(second[0])  # type: ignore[attr-defined]
+    token = add_token(store, ACCT)
+    subs: list[Subscriber] = [bus.subscriber()]
+    subs.append(
+        Subscriber(
+            snapshot_endpoint=bus.ep["snap"],
+            update_endpoint=bus.ep["upd"],
+            ack_endpoint=bus.ep["ack"],
+            server_public=bus.server[0],
+            client_public=second[0],
+            client_secret=second[1],
+            worker_id="w2",
+            heartbeat_timeout=3.0,
+        )
+    )
+    for s in subs:
+        s.start()
+    try:
+        assert all([await asyncio.to_thread(s.ready.wait, 5.0) for s in subs])
+        t = await api(service, token, "POST", f"/accounts/{ACCT}/magic/ipsec_tunnels", ipsec())
+        tid = t["id"]
+        sin, sout = sa(tid, 0x1000, Direction.IN), sa(tid, 0x2000, Direction.OUT)
+        service.on_ike_event(ChildSaInstalled(tid, ACCT, sin, sout, None))
+        path = f"/accounts/{ACCT}/magic/ipsec_tunnels/{tid}/sas"
+        await wait_for(lambda: all(sout.key in s.state for s in subs))
+        sas = await api(service, token, "GET", path)
+        assert [(c["packets"], c["bytes"]) for c in sas["child_sas"]] == [(None, None)] * 2
+
+        subs[0].set_report({"in": {0x1000: [3, 300]}, "out": {tid: {0x2000: [1, 84]}}})
+        subs[1].set_report({"in": {0x1000: [4, 400]}, "out": {tid: {0x2000: [2, 168]}}})
+
+        async def counters() -> list[tuple[int | None, int | None]]:
+            doc = await api(service, token, "GET", path)
+            return [(c["packets"], c["bytes"]) for c in doc["child_sas"]]
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while await counters() != [(7, 700), (3, 252)]:
+            assert asyncio.get_running_loop().time() < deadline, await counters()
+            await asyncio.sleep(0.05)
+        # A worker that leaves is no longer summed.
+        subs[1].stop()
+        await wait_for(lambda: len(service.publisher.reports()) == 1)  # type: ignore[attr-defined]
+        assert await counters() == [(3, 300), (1, 84)]
+    finally:
+        for s in subs:
+            s.stop()
+        await service.stop()
