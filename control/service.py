@@ -43,6 +43,7 @@ from replication.records import (
     RecordError,
     RouteRecord,
     SaRecord,
+    SeqCheckpoint,
     TunnelKind,
     TunnelRecord,
     decode,
@@ -157,6 +158,24 @@ def sum_sa_counters(reports: Iterable[Any]) -> _Counters:
                         if type(spi) is int:
                             add((tid, spi), value)
     return total
+
+
+def max_seq_checkpoints(reports: Iterable[Any]) -> dict[tuple[str, int], int]:
+    """(tunnel id, outbound SPI) → the highest ``next_seq`` any live worker
+    reported (``{"seq": {tunnel: {spi: next_seq}}}``); bad entries skipped."""
+    best: dict[tuple[str, int], int] = {}
+    for report in reports:
+        seq = report.get("seq") if isinstance(report, dict) else None
+        if not isinstance(seq, dict):
+            continue
+        for tid, per in seq.items():
+            if not isinstance(tid, str) or not isinstance(per, dict):
+                continue
+            for spi, nxt in per.items():
+                ok = type(spi) is int and type(nxt) is int and 0 < nxt < 1 << 64
+                if ok and nxt > best.get((tid, spi), 0):
+                    best[(tid, spi)] = nxt
+    return best
 
 
 def child_sa_view(rec: SaRecord, counters: _Counters | None = None) -> dict[str, Any]:
@@ -288,6 +307,51 @@ class ControlService:
             return list(self.publisher.reports().values())  # type: ignore[attr-defined]
         except Exception:  # no reports() (test doubles) or stopping
             return []
+
+    CHECKPOINT_INTERVAL = 1.0
+    """Seconds between two passes of :meth:`publish_checkpoints` (so at most
+    one ``seq/`` update per SA per interval reaches the bus)."""
+
+    def publish_checkpoints(self) -> int:
+        """Replicate the owners' sequence reservations (DESIGN §5).
+
+        For each replay-protected outbound SA on the bus, publish
+        ``seq/<tunnel>/<spi>`` with the highest ``next_seq`` a live worker
+        reported, if it is higher than the published one (never lower; an
+        owner moves its reservation every 2**19 packets, so this is rare).
+        Checkpoints of SAs that are gone are tombstoned. Returns the number of
+        bus updates. Checkpoints are not persisted: after a control restart
+        the owners' next reports (within a second) rebuild them."""
+        items = self.publisher.items()
+        changed = 0
+        for (tid, spi), nxt in max_seq_checkpoints(self._reports()).items():
+            sa = items.get(f"sa/out/{tid}/{spi:08x}")
+            tunnel = items.get(f"tunnel/{tid}")
+            if not isinstance(sa, SaRecord) or not isinstance(tunnel, TunnelRecord):
+                continue  # only SAs we published: a report cannot make up keys
+            if not tunnel.replay_protection:
+                continue
+            cur = items.get(f"seq/{tid}/{spi:08x}")
+            if isinstance(cur, SeqCheckpoint) and cur.next_seq >= nxt:
+                continue
+            self.publisher.set(SeqCheckpoint(sa.account_id, tid, spi, nxt))
+            changed += 1
+        for key, rec in items.items():
+            if (
+                isinstance(rec, SeqCheckpoint)
+                and f"sa/out/{rec.tunnel_id}/{rec.spi:08x}" not in items
+            ):
+                self.publisher.delete(key)
+                changed += 1
+        return changed
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.CHECKPOINT_INTERVAL)
+            try:
+                self.publish_checkpoints()
+            except Exception as exc:  # a bad report must not stop the loop
+                log.error("publishing sequence checkpoints failed: %s", type(exc).__name__)
 
     def tunnel_sas(self, account_id: str, tunnel_id: str) -> dict[str, Any]:
         counters = sum_sa_counters(self._reports())
@@ -652,6 +716,9 @@ class ControlService:
         n = self.republish_all()
         log.info("republished store: %d keys changed, bus sequence %d", n, self.publisher.sequence)
         await self._serve(self.app, self.config.api_listen)
+        task = asyncio.get_running_loop().create_task(self._checkpoint_loop())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         if self.config.metrics_listen:
             mapp = web.Application()
 

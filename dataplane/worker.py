@@ -44,11 +44,19 @@ With it on, the SA's *owner* among the node's live workers (rendezvous hash
 of the SPI over the indices whose lock files are held) is the only sender:
 the others hand it the cleartext over an abstract AF_UNIX datagram socket.
 An owner reserves sequence numbers ahead in a node-local file
-(``<run_dir>/seq-<tunnel>-<spi>``, :data:`SEQ_RESERVATION` at a time); a new
-owner starts above the last reservation, so a number is never sent twice
-even after SIGKILL. Scope: one node. Across nodes the reservation is not
-replicated (the bus is one-way), so a replay-protected tunnel must have its
-inner traffic reach one node.
+(``<run_dir>/seq-<tunnel>-<spi>``, :data:`SEQ_RESERVATION` at a time) and
+reports the reservation's end to control with its bus acks; control
+replicates the highest one as a ``seq/<tunnel>/<spi>`` checkpoint record. A
+new owner starts above max(local reservation, replicated checkpoint +
+:data:`SEQ_SAFETY_JUMP`), and a current owner that sees a checkpoint beyond
+its own reservation (another node's owner sent there) jumps above it too, so
+a number is never sent twice, even after SIGKILL or when the traffic moves
+to another node. The jump covers one reservation step the replication has
+not caught up with yet. Scope: the owner is elected among the node's live
+workers only, so two nodes receiving the tunnel's inner traffic *at the same
+time* each have an owner, and the peer sees two interleaved (though never
+repeated) sequences; replay protection needs the inner traffic to reach one
+node at a time.
 
 Raw ESP/GRE sockets all receive every packet; each worker installs a classic
 BPF filter taking its share (SPI or outer source modulo the live workers),
@@ -78,6 +86,7 @@ from replication.records import (
     RecordError,
     RouteRecord,
     SaRecord,
+    SeqCheckpoint,
     TunnelKind,
     TunnelRecord,
 )
@@ -146,6 +155,10 @@ SEQ_RESERVATION = 1 << 20
 """Sequence numbers an owner reserves ahead (RFC 6311 style): a new owner
 starts after the reservation, so no number is ever sent twice even when the
 old owner died without a word. 2**20 per takeover out of 2**32 per SA."""
+
+SEQ_SAFETY_JUMP = 1 << 20
+"""Added to a replicated checkpoint (RFC 6311 style): the checkpoint may lag
+the owner's newest reservation by one step (at most :data:`SEQ_RESERVATION`)."""
 
 
 class Dataplane:
@@ -641,6 +654,8 @@ class Worker:
         self._handoff_hdr: dict[str, bytes] = {}
         self._reserved: dict[tuple[str, int], int] = {}
         self._owned_codec: dict[tuple[str, int], Any] = {}
+        self._checkpoints: dict[tuple[str, int], int] = {}
+        """(tunnel, outbound SPI) → replicated ``next_seq`` (``seq/`` records)."""
         self.dp.me = config.index
         self.dp.live = (config.index,)
 
@@ -800,7 +815,14 @@ class Worker:
             os.write(self._wake_w, b"x")
 
     def apply_pending(self) -> None:
-        """Apply queued bus records (loop thread), then fix up account TUNs."""
+        """Apply queued bus records (loop thread), then fix up account TUNs.
+
+        Nothing is applied before the first snapshot is complete, so an SA
+        and its sequence checkpoint always arrive together (a new owner must
+        not start sending below the checkpoint)."""
+        ready = getattr(self._subscriber, "ready", None)
+        if ready is not None and not ready.is_set():
+            return
         dp = self.dp
         while True:
             try:
@@ -808,6 +830,9 @@ class Worker:
             except queue.Empty:
                 break
             try:
+                if key.startswith("seq/"):
+                    self._apply_checkpoint(key, rec if op == "set" else None)
+                    continue
                 if op == "set":
                     assert rec is not None
                     dp.apply(key, rec)
@@ -1105,12 +1130,27 @@ class Worker:
         os.replace(tmp, path)
         self._reserved[key] = limit
 
+    def _apply_checkpoint(self, key: str, rec: Record | None) -> None:
+        """A replicated ``seq/<tunnel>/<spi>`` checkpoint (or its tombstone)."""
+        if rec is None:
+            parts = key.split("/")
+            with contextlib.suppress(IndexError, ValueError):
+                self._checkpoints.pop((parts[1], int(parts[2], 16)), None)
+            return
+        if not isinstance(rec, SeqCheckpoint):
+            raise RecordError("invalid", "a seq/ key holds a checkpoint")
+        self._checkpoints[(rec.tunnel_id, rec.spi)] = rec.next_seq
+
     def manage_owned_sas(self) -> None:
         """Take over / keep reserving sequence ranges for SAs this worker owns.
 
-        A new owner starts after the highest reservation any owner wrote
-        (node-local file), so a sequence number is never sent twice on a
-        replay-protected SA even when the previous owner was SIGKILLed.
+        A new owner starts after the highest reservation any owner on the
+        node wrote (node-local file) and after the replicated checkpoint plus
+        :data:`SEQ_SAFETY_JUMP` (any node), so a sequence number is never sent
+        twice on a replay-protected SA, even when the previous owner was
+        SIGKILLed or ran on another node. An owner whose replicated
+        checkpoint is beyond its own reservation (another node's owner sent
+        there meanwhile) takes over again above it.
         """
         dp = self.dp
         for tid, entries in list(dp.sad.outbound.items()):
@@ -1123,12 +1163,16 @@ class Worker:
                     self._reserved.pop(key, None)
                     self._owned_codec.pop(key, None)
                     continue
-                if self._owned_codec.get(key) is not e.codec:
+                ckpt = self._checkpoints.get(key, 0)
+                mine = self._owned_codec.get(key) is e.codec
+                if not mine or ckpt > self._reserved[key] + 1:
                     try:
                         limit = int(self._seq_file(key).read_text())
                     except (OSError, ValueError):
                         limit = 0
                     first = max(limit + 1, e.codec.seq + 1)
+                    if ckpt:
+                        first = max(first, ckpt + SEQ_SAFETY_JUMP)
                     e.codec = self._esp.OutboundSa.from_record(
                         e.record, worker_id=self.iv_worker_id, first_seq=min(first, 1 << 32)
                     )

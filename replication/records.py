@@ -18,6 +18,8 @@ Keys:
 * ``sa/out/<tunnel_id>/<spi-hex>``: outbound SPIs are chosen by the peer
   (RFC 7296 §3.3.1), so two peers may pick the same one; the tunnel id makes
   the key unique.
+* ``seq/<tunnel_id>/<spi-hex>``: the outbound sequence checkpoint of a
+  replay-protected SA (:class:`SeqCheckpoint`, DESIGN §5).
 * ``ike/<spi-hex>`` is reserved for IKE SA failover.
 """
 
@@ -354,11 +356,39 @@ class SaRecord:
         return f"sa/out/{self.tunnel_id}/{self.spi:08x}"
 
 
-Record = TunnelRecord | RouteRecord | SaRecord
-_KINDS: dict[str, type[TunnelRecord] | type[RouteRecord] | type[SaRecord]] = {
+@dataclass(frozen=True, slots=True)
+class SeqCheckpoint:
+    """Where the owner of a replay-protected outbound SA is in its sequence
+    space (DESIGN §5), replicated so an owner on any node can take over.
+
+    ``next_seq``: the owner sends no sequence number at or above it without
+    first reporting a higher one (it is the end of the owner's reservation).
+    Control publishes the highest value reported by any worker and never
+    lowers it; a new owner starts at ``next_seq`` plus a safety jump."""
+
+    kind_name: ClassVar[str] = "seq"
+
+    account_id: str
+    tunnel_id: str
+    spi: int
+    next_seq: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.account_id, self.tunnel_id)
+        _check_int(self.spi, "spi", 256, 0xFFFFFFFF)
+        _check_int(self.next_seq, "next_seq", 1, (1 << 64) - 1)
+
+    @property
+    def key(self) -> str:
+        return f"seq/{self.tunnel_id}/{self.spi:08x}"
+
+
+Record = TunnelRecord | RouteRecord | SaRecord | SeqCheckpoint
+_KINDS: dict[str, type[TunnelRecord] | type[RouteRecord] | type[SaRecord] | type[SeqCheckpoint]] = {
     "tunnel": TunnelRecord,
     "route": RouteRecord,
     "sa": SaRecord,
+    "seq": SeqCheckpoint,
 }
 _FIELD_NAMES: dict[type, frozenset[str]] = {
     cls: frozenset(f.name for f in fields(cls)) for cls in _KINDS.values()

@@ -76,3 +76,41 @@ async def test_sas_sums_counters_of_live_workers(tmp_path: Path) -> None:
         for s in subs:
             s.stop()
         await service.stop()
+
+
+async def test_checkpoints_published_never_lowered_and_collected(tmp_path: Path) -> None:
+    """Owners' reserved sequences become ``seq/`` records on the bus (only for
+    replay-protected SAs control published), the highest wins, and they go
+    when the SA goes."""
+    bus = Bus(tmp_path)
+    service, store = await start(tmp_path, bus)
+    token = add_token(store, ACCT)
+    sub = bus.subscriber()
+    sub.start()
+    try:
+        assert await asyncio.to_thread(sub.ready.wait, 5.0)
+        body = {**ipsec(), "replay_protection": True}
+        t = await api(service, token, "POST", f"/accounts/{ACCT}/magic/ipsec_tunnels", body)
+        tid = t["id"]
+        sin, sout = sa(tid, 0x1000, Direction.IN), sa(tid, 0x2000, Direction.OUT)
+        service.on_ike_event(ChildSaInstalled(tid, ACCT, sin, sout, None))
+        key = f"seq/{tid}/00002000"
+        # A report naming an SA control never published is ignored.
+        sub.set_report({"seq": {tid: {0x2000: 5000, 0x7777: 9}, "f" * 32: {0x2000: 1}}})
+        await wait_for(lambda: service.publish_checkpoints() > 0 or key in sub.state)
+        await wait_for(lambda: key in sub.state)
+        assert sub.state[key].next_seq == 5000  # type: ignore[attr-defined]
+        assert [k for k in sub.state if k.startswith("seq/")] == [key]
+        sub.set_report({"seq": {tid: {0x2000: 10}}})  # lower: ignored
+        await asyncio.sleep(0.8)
+        assert service.publish_checkpoints() == 0
+        assert sub.state[key].next_seq == 5000  # type: ignore[attr-defined]
+        # The periodic loop publishes a higher one by itself.
+        sub.set_report({"seq": {tid: {0x2000: 7000}}})
+        await wait_for(lambda: sub.state[key].next_seq == 7000)  # type: ignore[attr-defined]
+        await api(service, token, "DELETE", f"/accounts/{ACCT}/magic/ipsec_tunnels/{tid}")
+        service.publish_checkpoints()
+        await wait_for(lambda: key not in sub.state)
+    finally:
+        sub.stop()
+        await service.stop()
