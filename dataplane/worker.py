@@ -1131,15 +1131,18 @@ class Worker:
         self._reserved[key] = limit
 
     def _apply_checkpoint(self, key: str, rec: Record | None) -> None:
-        """A replicated ``seq/<tunnel>/<spi>`` checkpoint (or its tombstone)."""
+        """A replicated ``seq/<tunnel>/<spi>`` checkpoint (or its tombstone).
+
+        Kept as the highest value seen, and a tombstone is ignored: control
+        does not persist checkpoints, so after its restart a snapshot lacks
+        them until the owners report again; forgetting them meanwhile would
+        open a window for reuse. They go with their SA (``manage_owned_sas``)."""
         if rec is None:
-            parts = key.split("/")
-            with contextlib.suppress(IndexError, ValueError):
-                self._checkpoints.pop((parts[1], int(parts[2], 16)), None)
             return
         if not isinstance(rec, SeqCheckpoint):
             raise RecordError("invalid", "a seq/ key holds a checkpoint")
-        self._checkpoints[(rec.tunnel_id, rec.spi)] = rec.next_seq
+        ck = (rec.tunnel_id, rec.spi)
+        self._checkpoints[ck] = max(self._checkpoints.get(ck, 0), rec.next_seq)
 
     def manage_owned_sas(self) -> None:
         """Take over / keep reserving sequence ranges for SAs this worker owns.
@@ -1153,6 +1156,13 @@ class Worker:
         there meanwhile) takes over again above it.
         """
         dp = self.dp
+        if self._checkpoints:
+            for gone in [
+                k
+                for k in self._checkpoints
+                if not any(e.spi == k[1] for e in dp.sad.outbound.get(k[0], ()))
+            ]:
+                del self._checkpoints[gone]
         for tid, entries in list(dp.sad.outbound.items()):
             t = dp.sad.tunnels.get(tid)
             if t is None or not t.record.replay_protection:
@@ -1201,10 +1211,10 @@ class Worker:
             budget -= 1
         outbound: dict[str, dict[int, list[int]]] = {}
         for tid, entries in sad.outbound.items():
-            for e in entries:
+            for o in entries:
                 if budget <= 0:
                     break
-                outbound.setdefault(tid, {})[e.spi] = [e.packets, e.bytes]
+                outbound.setdefault(tid, {})[o.spi] = [o.packets, o.bytes]
                 budget -= 1
         seq: dict[str, dict[int, int]] = {}
         for (tid, spi), limit in self._reserved.items():

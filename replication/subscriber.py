@@ -111,7 +111,8 @@ class _ClientIO:
             except zmq.Again:
                 break
             recv(frames, now)
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            events = sock.getsockopt(zmq.EVENTS)
+            if isinstance(events, int) and not events & zmq.POLLIN:
                 break  # cheaper than provoking zmq.Again
 
     def timer(self) -> float | None:

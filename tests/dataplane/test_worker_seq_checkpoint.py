@@ -91,3 +91,19 @@ def test_same_node_takeover_still_uses_the_local_file(tmp_path: Path) -> None:
     sent = a.send(3)
     a2 = Node(tmp_path / "node")  # another life on the same node, no checkpoint yet
     assert min(a2.send(2)) > max(sent)
+
+
+def test_checkpoint_survives_its_tombstone_until_the_sa_goes(tmp_path: Path) -> None:
+    """A restarted control's snapshot lacks the checkpoints until the owners
+    report again: the worker keeps the highest one it saw meanwhile."""
+    a, b = Node(tmp_path / "node-a"), Node(tmp_path / "node-b")
+    sent_a = a.send(3)
+    b.checkpoint_from(a)
+    key = f"seq/{T.tunnel_id}/{OUT.spi:08x}"
+    b.w._apply_checkpoint(key, None)  # the tombstone of a control restart
+    lower = SeqCheckpoint(ACCOUNT_A, T.tunnel_id, OUT.spi, 2)
+    b.w._apply_checkpoint(key, lower)  # never lowered either
+    assert min(b.send(2)) > max(sent_a) + SEQ_RESERVATION
+    b.w.dp.remove(OUT.key)
+    b.w.manage_owned_sas()
+    assert b.w._checkpoints == {}
