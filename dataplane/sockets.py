@@ -102,8 +102,11 @@ def open_udp(addr: str, port: int) -> socket.socket:
 _BPF_LD_W_ABS = 0x20
 _BPF_LD_W_IND = 0x40
 _BPF_LDX_B_MSH = 0xB1
+_BPF_LD_W_LEN = 0x80
+_BPF_ALU_SUB_X = 0x1C
 _BPF_ALU_MOD_K = 0x94
 _BPF_JMP_JEQ_K = 0x15
+_BPF_JMP_JGE_K = 0x35
 _BPF_RET_K = 0x06
 
 
@@ -120,14 +123,26 @@ def attach_share_filter(sock: socket.socket, proto: int, rank: int, count: int) 
     """Accept only packets whose key % count == rank (count 1: accept all).
 
     Key: for ESP the SPI (after the variable IPv4 header, ``ldx 4*([0]&0xf)``),
-    spread evenly since SPIs are random; for GRE the outer source address.
+    spread evenly since SPIs are random; ESP too short to hold an SPI goes to
+    rank 0 (which counts it as malformed); for GRE the outer source address.
     """
     if count <= 1:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
         return
     if proto == IPPROTO_ESP:
-        load = [(_BPF_LDX_B_MSH, 0, 0, 0), (_BPF_LD_W_IND, 0, 0, 0)]
+        # An ESP payload shorter than an SPI would make ``ld [x+0]`` run off the
+        # packet, which aborts the filter (= drop, uncounted): hand it to share 0
+        # instead so exactly one worker counts it as malformed.
+        short = 0xFFFF if rank == 0 else 0
+        load = [
+            (_BPF_LDX_B_MSH, 0, 0, 0),  # x = IPv4 header length
+            (_BPF_LD_W_LEN, 0, 0, 0),  # a = packet length
+            (_BPF_ALU_SUB_X, 0, 0, 0),  # a = ESP payload length
+            (_BPF_JMP_JGE_K, 1, 0, 4),  # >= 4 bytes: an SPI is there
+            (_BPF_RET_K, 0, 0, short),
+            (_BPF_LD_W_IND, 0, 0, 0),  # a = SPI
+        ]
     else:
         load = [(_BPF_LD_W_ABS, 0, 0, 12)]
     insns = [

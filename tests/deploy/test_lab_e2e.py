@@ -588,11 +588,6 @@ send([IP(src=sys.argv[2], dst=sys.argv[1], proto=50) / Raw(b"\x01\x02\x03")] * i
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dataplane/sockets.py: the raw-ESP share filter (BPF on the SPI) drops ESP "
-    "shorter than an SPI in the kernel, before any worker counts it as malformed",
-)
 def test_esp_too_short_for_an_spi_is_counted(lab: Lab) -> None:
     need(lab, "control", "worker")
     cfg = lab.cfg
