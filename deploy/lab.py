@@ -169,6 +169,8 @@ class LabConfig:
     sites: list[Site] = field(default_factory=list)
     child_lifetime: float | None = None
     """Override control's Child SA lifetime (tests of rekeying)."""
+    ike_lifetime: float | None = None
+    """Override control's IKE SA lifetime (tests of rekeying)."""
 
     @classmethod
     def load(
@@ -774,7 +776,7 @@ class Lab:
             )
 
     # -- control ---------------------------------------------------------------------
-    def _control_argv(self, *args: str) -> list[str]:
+    def _control_argv(self, *args: str, lifetimes: dict[str, float] | None = None) -> list[str]:
         cfg = self.cfg
         argv = [
             *entry_point("anywan-control", "control.cli"),
@@ -785,8 +787,10 @@ class Lab:
             "--id-suffix",
             cfg.id_suffix,
         ]
-        if cfg.child_lifetime is not None:
-            argv += ["--child-lifetime", str(cfg.child_lifetime)]
+        life = {"child": cfg.child_lifetime, "ike": cfg.ike_lifetime, **(lifetimes or {})}
+        for kind, secs in life.items():
+            if secs is not None:
+                argv += [f"--{kind}-lifetime", str(secs)]
         return [*argv, *args]
 
     def start_control(self) -> None:
@@ -841,12 +845,15 @@ class Lab:
                     "control/service.py yet, so strongSwan sites get no answer"
                 )
 
-    def restart_control(self) -> float:
-        """SIGKILL-free restart (SIGTERM, start again); returns seconds until healthy."""
+    def restart_control(self, *, lifetimes: dict[str, float] | None = None) -> float:
+        """SIGKILL-free restart (SIGTERM, start again); returns seconds until healthy.
+        ``lifetimes`` ({"child": s, "ike": s}) overrides the configured SA
+        lifetimes for SAs negotiated by the restarted control (rekey tests)."""
         proc = self.procs["control"]
         self.topo.stop(proc)
         t0 = time.monotonic()
-        self.spawn(self.ns["control"], "control", self._control_argv("serve"))
+        argv = self._control_argv("serve", lifetimes=lifetimes)
+        self.spawn(self.ns["control"], "control", argv)
         wait_until(
             lambda: http_get(self.ns["control"].name, f"{self.cfg.api_url}/healthz", 1.0)[0] == 200,
             20,

@@ -912,3 +912,95 @@ def test_rekey_under_traffic_started_by_the_site(lab: Lab) -> None:
     assert wait_for(lambda: len(set(worker_sa_counts(lab))) == 1, 15), worker_sa_counts(lab)
     sent, got = ping(lab, src, lab.cfg.core_addr, 10, 0.05)
     assert got == sent
+
+
+def test_rekey_under_traffic_started_by_control(lab: Lab) -> None:
+    """Control restarted with short lifetimes (Child 6 s, IKE 10 s); site A
+    negotiates afresh, then a 10 ms ping and iperf3 run ~14 s while *control*
+    rekeys the Child SA and the IKE SA (strongSwan's own rekey times are hours
+    away, and it is the responder of the new IKE SA). A handful of pings lost at
+    most, the first SAs gone from strongSwan, control and the workers. Last in
+    the module: the finally restores the default lifetimes and re-initiates."""
+    need_site(lab, "siteA")
+    charon = lab.sites["siteA"].charon
+    tid = lab.sites["siteA"].tunnel_id
+    src = lan(lab, "siteA")
+    metrics_url = f"http://{lab.cfg.control_addr}:{lab.cfg.metrics_port}/metrics"
+
+    def control_spis() -> set[int]:
+        sas = lab.api.call("GET", f"/accounts/acme/magic/ipsec_tunnels/{tid}/sas")
+        return {int(c["spi"], 16) for c in sas["child_sas"]}
+
+    def charon_spis() -> set[int]:
+        return {
+            int(c[k], 16)
+            for sa in charon.established()
+            for c in sa["child-sas"]
+            for k in ("spi-in", "spi-out")
+        }
+
+    try:
+        lab.restart_control(lifetimes={"child": 6.0, "ike": 10.0})
+        charon.terminate(ike="anywan")
+        charon.initiate(child="net", timeout=15)
+        first = charon.established()
+        assert len(first) == 1 and first[0].get("initiator") == "yes", first
+        old_ike = first[0]["initiator-spi"], first[0]["responder-spi"]
+        old_child = charon_spis()
+        assert wait_for(lambda: control_spis() == old_child, 10), (control_spis(), old_child)
+        ns_exec(src, ["ping", "-c", "3", "-i", "0.2", "-W", "1", lab.cfg.core_addr])
+        rekeys_before = scrape(lab, metrics_url)
+        pinger = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                src,
+                *["ping", "-q", "-c", "1400", "-i", "0.01", "-W", "1"],
+                lab.cfg.core_addr,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        tcp = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                src,
+                "iperf3",
+                "-c",
+                lab.cfg.core_addr,
+                *["-p", "5203", "-t", "12", "-J"],
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        out, _ = pinger.communicate(timeout=60)
+        data = json.loads(tcp.communicate(timeout=60)[0])
+        assert "error" not in data, data.get("error")
+        assert data["end"]["sum_received"]["bytes"] > 1_000_000
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+        assert m and int(m.group(1)) - int(m.group(2)) <= 8, out
+        rekeys_after = scrape(lab, metrics_url)
+        for kind in ("child", "ike"):
+            key = f'anywan_control_child_sa_rekeys_total{{result="{kind}"}}'
+            assert rekeys_after.get(key, 0) > rekeys_before.get(key, 0), (kind, rekeys_after)
+        # strongSwan: a new IKE SA that control initiated, new Child SPIs
+        now = charon.established()
+        assert len(now) == 1, now
+        assert (now[0]["initiator-spi"], now[0]["responder-spi"]) != old_ike
+        assert now[0].get("initiator") != "yes", now[0]  # control started the IKE rekey
+        assert not charon_spis() & old_child
+        # old SAs gone from control and from every worker; control and strongSwan
+        # agree (rekeys keep coming every ~6 s, so retry until they line up)
+        assert wait_for(lambda: not control_spis() & old_child, 15), control_spis()
+        assert wait_for(lambda: control_spis() == charon_spis(), 15)
+        assert wait_for(lambda: len(set(worker_sa_counts(lab))) == 1, 15), worker_sa_counts(lab)
+        sent, got = ping(lab, src, lab.cfg.core_addr, 10, 0.05)
+        assert got == sent
+    finally:
+        lab.restart_control()
+        with contextlib.suppress(Exception):
+            charon.terminate(ike="anywan")
+        charon.initiate(child="net", timeout=15)
