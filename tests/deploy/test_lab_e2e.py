@@ -599,6 +599,83 @@ def test_esp_too_short_for_an_spi_is_counted(lab: Lab) -> None:
     assert after.get("malformed", 0) - before.get("malformed", 0) >= 10
 
 
+REPLAYER = r"""
+import json, sys
+from scapy.all import IP, UDP, L3RawSocket, conf, get_if_list, send, sniff
+conf.verb = 0
+conf.L3socket = L3RawSocket  # the kernel's routing: scapy cannot read multipath routes
+site, n = sys.argv[1], int(sys.argv[2])
+
+
+def is_esp(p):  # ESP in UDP 4500 from the site: no non-ESP marker
+    return (
+        IP in p and UDP in p and p[IP].src == site and p[UDP].dport == 4500
+        and len(bytes(p[UDP].payload)) > 16 and bytes(p[UDP].payload)[:4] != bytes(4)
+    )
+
+
+ifaces = [i for i in get_if_list() if i != "lo"]
+got = sniff(iface=ifaces, lfilter=is_esp, count=1, timeout=10)
+if not got:
+    print(json.dumps({"captured": 0}))
+    sys.exit(0)
+pkt = IP(bytes(got[0][IP]))
+# captured before veth checksum offload filled it in: let scapy compute it
+del pkt[UDP].chksum
+pkt = IP(bytes(pkt))
+send([pkt] * n, inter=0.005)
+esp = bytes(pkt[UDP].payload)
+print(json.dumps({"captured": 1, "spi": esp[:4].hex(), "seq": int.from_bytes(esp[4:8], "big")}))
+"""
+
+
+def test_replayed_esp_is_dropped_as_replay(lab: Lab) -> None:
+    """The attacker in the edge captures one real ESP packet of site A (replay
+    protection on: strongSwan's default window) and sends it again 30 times:
+    each copy is counted as a ``replay`` drop and the site's flow continues."""
+    need_site(lab, "siteA")
+    cfg = lab.cfg
+    site_a = lab.sites["siteA"].site.public_addr
+    n = 30
+    before = drops(lab)
+    legit = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lan(lab, "siteA"),
+            "ping",
+            "-q",
+            "-c",
+            "250",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            cfg.core_addr,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    res = ns_exec(cfg.ns("edge"), [sys.executable, "-c", REPLAYER, site_a, str(n)], 60)
+    out, _ = legit.communicate(timeout=30)
+    assert res.returncode == 0, res.stderr[-1000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["captured"] == 1, info
+    time.sleep(1.5)
+    after = drops(lab)
+    delta = {r: after.get(r, 0) - before.get(r, 0) for r in after}
+    tid = lab.sites["siteA"].tunnel_id
+    sas = lab.api.call("GET", f"/accounts/acme/magic/ipsec_tunnels/{tid}/sas")
+    brief = [(c["spi"], c["direction"], c["replay_window"], c["packets"]) for c in sas["child_sas"]]
+    assert delta.get("replay", 0) >= n, (info, {k: v for k, v in delta.items() if v}, brief)
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m and int(m.group(1)) - int(m.group(2)) <= 2, out
+    assert all(p.poll() is None for p in lab.procs.values()), [
+        k for k, p in lab.procs.items() if p.poll() is not None
+    ]
+
+
 # -- observability ------------------------------------------------------------------
 
 
