@@ -83,8 +83,8 @@ class LabError(RuntimeError):
 # --------------------------------------------------------------------------
 
 
-def _net(cidr: str) -> ipaddress.IPv4Network:
-    return ipaddress.IPv4Network(cidr, strict=False)
+def _net(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(cidr, strict=False)
 
 
 def _host(cidr: str, n: int) -> str:
@@ -108,6 +108,12 @@ class Site:
     interface_address: str
     ike_port: int = 500
     nat: str | None = None
+    lan6: str | None = None
+    """An IPv6 LAN prefix (GRE sites: IPv6 inner traffic through the tunnel)."""
+
+    @property
+    def lan6_host(self) -> str | None:
+        return _host(self.lan6, 10) if self.lan6 else None
 
     @property
     def public_addr(self) -> str:
@@ -225,6 +231,7 @@ class LabConfig:
                     wan=s["wan"],
                     lan=s["lan"],
                     interface_address=s["interface_address"],
+                    lan6=s.get("lan6"),
                     ike_port=int(s.get("ike_port", 500)),
                     nat=s.get("nat"),
                 )
@@ -289,6 +296,13 @@ class LabConfig:
     @property
     def core_addr(self) -> str:
         return str(ipaddress.IPv4Interface(self.core_host).ip)
+
+    core_addr6 = "fd00:200::10"
+    """The core's IPv6 service address (for sites with a ``lan6``)."""
+
+    def inner6(self, node: int) -> tuple[str, str]:
+        """IPv6 of the core <-> node<k>-<account> link: (core side, node side)."""
+        return f"fd00:201:{node}::1/64", f"fd00:201:{node}::2/64"
 
     @property
     def api_url(self) -> str:
@@ -399,6 +413,13 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> Any:
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def _addr6(ns: Any, ifname: str, cidr: str) -> None:
+    """An IPv6 address usable at once (no duplicate address detection wait)."""
+    ns.sysctl(f"net.ipv6.conf.{ifname}.disable_ipv6", 0)
+    ns.sysctl(f"net.ipv6.conf.{ifname}.accept_dad", 0)
+    ns.addr(ifname, cidr)
 
 
 def ns_exec(
@@ -655,7 +676,9 @@ class Lab:
             core.sysctl("net.ipv4.conf.all.rp_filter", 0)
             # the service address on lo (no dummy module in every kernel)
             core.addr("lo", f"{cfg.core_addr}/32")
+            core.addr("lo", f"{cfg.core_addr6}/128")
             back = []
+            back6 = []
             for k in range(1, cfg.nodes + 1):
                 inner = self._namespace(f"node{k}-{acct.id}")
                 inner.enable_forwarding()
@@ -665,6 +688,11 @@ class Lab:
                 self.topo.veth(core, f"n{k}", inner, "core", addr_a=c_side, addr_b=a_side)
                 inner.route(_net(cfg.core_host).with_prefixlen, via=c_side.split("/")[0])
                 back.append((a_side.split("/")[0], 1))
+                c6, a6 = cfg.inner6(k)
+                _addr6(core, f"n{k}", c6)
+                _addr6(inner, "core", a6)
+                inner.route(f"{cfg.core_addr6}/128", via=c6.split("/")[0])
+                back6.append((a6.split("/")[0], 1))
             # Return traffic toward a site. GRE sites: ECMP over every node
             # (any worker encapsulates). strongSwan sites: via the site's home
             # node only — kernel-libipsec cannot turn anti-replay off (a fixed
@@ -679,6 +707,8 @@ class Lab:
                         core.route(p, multipath=back)
                     else:
                         core.route(p, via=back[(home or 1) - 1][0])
+                if site.lan6 and home is None:
+                    core.route(site.lan6, multipath=back6)
                 # site-to-site: decrypted packets for a strongSwan site that
                 # arrive on another node go back to the core, which sends
                 # them to the site's home node.
@@ -743,6 +773,10 @@ class Lab:
             addr_b=_with_len(site.lan, 10),
         )
         lan.route("default", via=site.lan_router)
+        if site.lan6:
+            _addr6(router, "lan", _with_len(site.lan6, 1))
+            _addr6(lan, "eth0", _with_len(site.lan6, 10))
+            lan.route("::/0", via=_host(site.lan6, 1))
 
     # -- core services ----------------------------------------------------------------
     def start_core_services(self) -> None:
@@ -1008,6 +1042,7 @@ class Lab:
             f"--address={site.customer_side}",
             f"--route={_net(cfg.core_host)}",
             *[f"--route={p}" for p in others],
+            *([f"--route={cfg.core_addr6}/128"] if site.lan6 else []),
         ]
         self.spawn(self.ns[site.name], site.name, argv)
         st.gre = self.procs[site.name]
@@ -1102,9 +1137,10 @@ def provision_site(api: Api, cfg: LabConfig, site: Site, st: SiteState) -> None:
         tunnel = api.call("POST", f"{acct}/gre_tunnels", body)
         st.tunnel_id = tunnel["id"]
     nexthop = site.customer_side.split("/")[0]
-    api.call(
-        "POST", f"{acct}/routes", {"prefix": site.lan, "nexthop": nexthop, "description": site.name}
-    )
+    for prefix in (site.lan, site.lan6):
+        if prefix:
+            body = {"prefix": prefix, "nexthop": nexthop, "description": site.name}
+            api.call("POST", f"{acct}/routes", body)
     st.status = "provisioned"
 
 

@@ -223,6 +223,31 @@ def test_gre_site_reaches_the_core_icmp_tcp_udp_http(lab: Lab) -> None:
     assert "core of account acme" in res.stdout
 
 
+def test_gre_site_carries_ipv6_both_ways(lab: Lab) -> None:
+    """Site C has an IPv6 LAN (a route through control's API, IPv4 nexthop of
+    the GRE tunnel): ping6 LAN -> core and core -> LAN, and the GRE router's
+    counters and the workers' tunnel counters see it."""
+    need_site(lab, "siteC")
+    site = lab.sites["siteC"].site
+    assert site.lan6 and site.lan6_host
+    core_ns = lab.cfg.ns(next(a.core for a in lab.cfg.accounts if a.id == "acme"))
+    tid = lab.sites["siteC"].tunnel_id
+    before = sum(v.get("in", 0) for v in tunnel_packets(lab, tid).values())
+    # from the core: sourced from its service address (the one the site routes)
+    both = (
+        (lan(lab, "siteC"), [lab.cfg.core_addr6]),
+        (core_ns, ["-I", lab.cfg.core_addr6, site.lan6_host]),
+    )
+    for src, dst in both:
+        res = ns_exec(src, ["ping", "-6", "-q", "-c", "10", "-i", "0.05", "-W", "1", *dst], 20)
+        m = re.search(r"(\d+) packets transmitted, (\d+) received", res.stdout)
+        assert m and m.group(1) == m.group(2) == "10", (src, dst, res.stdout, res.stderr)
+    # 20 echo packets (10 requests, 10 replies) came in through the tunnel
+    assert wait_for(
+        lambda: sum(v.get("in", 0) for v in tunnel_packets(lab, tid).values()) - before >= 20, 5
+    ), tunnel_packets(lab, tid)
+
+
 @pytest.mark.parametrize("site", ["siteA", "siteB", "siteD"])
 def test_ipsec_site_reaches_its_core(lab: Lab, site: str) -> None:
     need_site(lab, site)
