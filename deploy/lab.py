@@ -1381,6 +1381,10 @@ def print_up(lab: Lab) -> None:
         others = [s for s in cfg.sites_of(first.account) if s is not first]
         if others:
             p(f"    ip netns exec {lan} ping -c3 {others[0].lan_host}              # site -> site")
+    v6 = next((s for s in cfg.sites if s.lan6), None)
+    if v6:
+        lan6 = cfg.ns(f"{v6.name}-lan")
+        p(f"    ip netns exec {lan6} ping -6 -c3 {cfg.core_addr6}    # IPv6 inner ({v6.name})")
     p(f"    {via}curl -s {u['prometheus']}/api/v1/targets | head -c 300")
     p(
         f"    TOKEN=$(cat {cfg.run_dir}/operator.token); {via}curl -s "
