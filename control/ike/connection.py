@@ -378,6 +378,23 @@ class IkeSa:
         r = int.from_bytes(self.engine.rng(2), "big") / 65535.0
         return lifetime * (1.0 - cfg.rekey_jitter * r)
 
+    def derive_initial_keys(self, suite: IkeSuite, g_ir: bytes) -> None:
+        """SKEYSEED = prf(Ni | Nr, g^ir) and SK_* from it (RFC 7296 §2.14), for
+        the IKE SA that IKE_SA_INIT created; both roles, once ni/nr and both
+        SPIs are known."""
+        prf = Prf(suite.prf)
+        keys = derive_ike_keys(
+            prf,
+            skeyseed(prf, self.ni, self.nr, g_ir),
+            self.ni,
+            self.nr,
+            self.spi_i,
+            self.spi_r,
+            enc_len=suite.enc_key_len,
+            integ_len=suite.integ_key_len,
+        )
+        self.set_keys(suite, keys)
+
     def set_keys(self, suite: IkeSuite, keys: IkeKeys) -> None:
         self.suite = suite
         self.prf = Prf(suite.prf)
@@ -1800,18 +1817,7 @@ class IkeSa:
         self.spi_r = msg.header.spi_r
         self.nr = nonce.nonce
         self.init_response = msg.raw
-        prf = Prf(suite.prf)
-        keys = derive_ike_keys(
-            prf,
-            skeyseed(prf, self.ni, self.nr, g_ir),
-            self.ni,
-            self.nr,
-            self.spi_i,
-            self.spi_r,
-            enc_len=suite.enc_key_len,
-            integ_len=suite.integ_key_len,
-        )
-        self.set_keys(suite, keys)
+        self.derive_initial_keys(suite, g_ir)
         # §2.23: compare the responder's NAT_DETECTION hashes with what we see.
         src = [n.data for n in msg.notifies() if n.type == Notify.NAT_DETECTION_SOURCE_IP]
         dst = [n.data for n in msg.notifies() if n.type == Notify.NAT_DETECTION_DESTINATION_IP]

@@ -36,7 +36,6 @@ import msgpack
 from control.ike import dh as dhmod
 from control.ike import messages as wire
 from control.ike.connection import IkeSa, nat_hash, request_hash
-from control.ike.crypto import Prf, derive_ike_keys, skeyseed
 from control.ike.events import IkeEvent, NegotiationFailed
 from control.ike.payloads import (
     ExchangeType,
@@ -757,18 +756,7 @@ class IkeEngine:
         sa.local, sa.remote = local, remote
         sa.ni = nonce.nonce
         sa.nr = self.rng(32)
-        prf = Prf(suite.prf)
-        keys = derive_ike_keys(
-            prf,
-            skeyseed(prf, sa.ni, sa.nr, g_ir),
-            sa.ni,
-            sa.nr,
-            sa.spi_i,
-            sa.spi_r,
-            enc_len=suite.enc_key_len,
-            integ_len=suite.integ_key_len,
-        )
-        sa.set_keys(suite, keys)
+        sa.derive_initial_keys(suite, g_ir)
         out: list[Payload] = [
             Payload(PayloadType.SA, ike_sa_payload(suite, _chosen_num(sa_p, suite))),
             Payload(PayloadType.KE, KePayload(suite.dh, kex.public)),
