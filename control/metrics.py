@@ -9,9 +9,10 @@ carries a key, PSK or token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 OTHER_ACCOUNT = "_other"
 
@@ -103,6 +104,12 @@ class ControlMetrics:
         self.bus_workers.set_function(workers)
         self.bus_slowest_lag.set_function(lag)
 
+    def bind_ike_drops(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Export the IKE engine's drop counts (``engine.drops``: a fixed set of
+        trigger names, so the label set is bounded) as
+        ``anywan_control_ike_dropped_messages_total{reason}``, read at scrape."""
+        self.registry.register(_IkeDropsCollector(source))
+
     def refresh_on_render(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` before each :meth:`render`: for gauges that cost a pass over
         every record, computed per scrape rather than per event."""
@@ -112,3 +119,21 @@ class ControlMetrics:
         for fn in self._before_render:
             fn()
         return generate_latest(self.registry)
+
+
+class _IkeDropsCollector:
+    """Reads the engine's own counter at scrape time: the engine stays free of
+    prometheus_client (sans-IO) and nothing is counted twice."""
+
+    def __init__(self, source: Callable[[], Mapping[str, int]]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "anywan_control_ike_dropped_messages",
+            "IKE messages the engine dropped or refused, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.source().items()):
+            family.add_metric([reason], count)
+        yield family

@@ -278,6 +278,7 @@ class ControlService:
             lambda: sum(1 for k in self.publisher.items() if k.startswith("sa/in/"))
         )
         self.metrics.refresh_on_render(self._refresh_sa_counts)
+        self.metrics.bind_ike_drops(lambda: getattr(self.engine, "drops", {}))
         self._refresh_counts()
 
     # -- hooks for the API ----------------------------------------------------

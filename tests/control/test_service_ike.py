@@ -277,3 +277,27 @@ async def test_our_rekey_deletes_old_sa_once_every_worker_has_the_new_one(
         worker.stop()
         await service.stop()
         store.close()
+
+
+async def test_ike_drop_reasons_are_exported(tmp_path: Path) -> None:
+    """The engine's drop counter (bounded trigger names) reaches /metrics."""
+    bus = Bus(tmp_path)
+    service, store = await start(tmp_path, bus)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    try:
+        before = service.metrics.render().decode()
+        assert "anywan_control_ike_dropped_messages_total{" not in before
+        for _ in range(3):
+            service.engine.receive_datagram(b"\x01" * 12, SERVER, CLIENT, time.monotonic())
+        text = service.metrics.render().decode()
+        (line,) = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("anywan_control_ike_dropped_messages_total{")
+        ]
+        assert line.endswith(" 3.0"), line
+        reason = line.split('reason="', 1)[1].split('"', 1)[0]
+        assert service.engine.drops[reason] == 3
+    finally:
+        await service.stop()
+        store.close()
