@@ -97,6 +97,32 @@ def iperf(lab: Lab, src_ns: str, port: int, *args: str, secs: int = 2) -> dict:
     return data
 
 
+def background_traffic(
+    src: str,
+    dst: str,
+    *,
+    pings: int,
+    secs: int,
+    interval: float = 0.01,
+    ping_flags: tuple[str, ...] = ("-q",),
+) -> tuple[subprocess.Popen[str], subprocess.Popen[str]]:
+    """The traffic the failover, rekey and restart tests run under: a fast
+    ping and an iperf3 TCP flow (the core's port 5203) from ``src`` to ``dst``,
+    started in the background; the caller collects both outputs."""
+    pinger = subprocess.Popen(
+        ["ip", "netns", "exec", src, "ping", *ping_flags, "-c", str(pings),
+         "-i", str(interval), "-W", "1", dst],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    tcp = subprocess.Popen(
+        ["ip", "netns", "exec", src, "iperf3", "-c", dst, "-p", "5203", "-t", str(secs), "-J"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return pinger, tcp
+
+
 def scrape(lab: Lab, url: str) -> dict[str, float]:
     code, body = http_get(lab.cfg.ns("control"), url, 2.0)
     assert code == 200, (url, code)
@@ -360,42 +386,8 @@ def test_worker_failover_under_ping(lab: Lab) -> None:
     ike_before = lab.sites[site].charon.established() if site != "siteC" else None
 
     count, interval = 300, 0.01
-    pinger = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            src,
-            "ping",
-            "-c",
-            str(count),
-            "-i",
-            str(interval),
-            "-W",
-            "1",
-            "-D",
-            lab.cfg.core_addr,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    tcp = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            src,
-            "iperf3",
-            "-c",
-            lab.cfg.core_addr,
-            "-p",
-            "5203",
-            "-t",
-            "3",
-            "-J",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+    pinger, tcp = background_traffic(
+        src, lab.cfg.core_addr, pings=count, interval=interval, secs=3, ping_flags=("-D",)
     )
     time.sleep(0.8)
     lab.procs[victim].kill()
@@ -942,43 +934,7 @@ def test_rekey_under_traffic_started_by_the_site(lab: Lab) -> None:
     before = charon.established()[0]
     child_before = before["child-sas"][0]["spi-in"]
     src = lan(lab, "siteA")
-    pinger = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            src,
-            "ping",
-            "-q",
-            "-c",
-            "300",
-            "-i",
-            "0.01",
-            "-W",
-            "1",
-            lab.cfg.core_addr,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    tcp = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            src,
-            "iperf3",
-            "-c",
-            lab.cfg.core_addr,
-            "-p",
-            "5203",
-            "-t",
-            "3",
-            "-J",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    pinger, tcp = background_traffic(src, lab.cfg.core_addr, pings=300, secs=3)
     time.sleep(0.5)
     charon.rekey(child="net")
     time.sleep(1.0)
@@ -1052,32 +1008,7 @@ def test_rekey_under_traffic_started_by_control(lab: Lab) -> None:
         assert wait_for(lambda: control_spis() == old_child, 10), (control_spis(), old_child)
         ns_exec(src, ["ping", "-c", "3", "-i", "0.2", "-W", "1", lab.cfg.core_addr])
         rekeys_before = scrape(lab, metrics_url)
-        pinger = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                src,
-                *["ping", "-q", "-c", "1400", "-i", "0.01", "-W", "1"],
-                lab.cfg.core_addr,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        tcp = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                src,
-                "iperf3",
-                "-c",
-                lab.cfg.core_addr,
-                *["-p", "5203", "-t", "12", "-J"],
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        pinger, tcp = background_traffic(src, lab.cfg.core_addr, pings=1400, secs=12)
         out, _ = pinger.communicate(timeout=60)
         data = json.loads(tcp.communicate(timeout=60)[0])
         assert "error" not in data, data.get("error")
