@@ -88,14 +88,26 @@ def _status_note(res: dict[str, Any] | None, name: str) -> str | None:
 # --------------------------------------------------------------------------
 
 
-def throughput_md(results: dict[str, Any]) -> str:
-    res = _step(results, "throughput", "throughput")
+def _open_section(
+    results: dict[str, Any], suite: str, title: str
+) -> tuple[dict[str, Any], list[str]] | None:
+    """A suite's result and the start of its markdown section (heading, then
+    the failure or retry note if any); None when the suite did not run."""
+    res = _step(results, suite, suite)
     if res is None:
-        return ""
-    out = ["## Tunnel throughput (`bench.throughput`)\n"]
-    note = _status_note(res, "throughput")
+        return None
+    out = [f"## {title}\n"]
+    note = _status_note(res, suite)
     if note:
         out.append(note)
+    return res, out
+
+
+def throughput_md(results: dict[str, Any]) -> str:
+    opened = _open_section(results, "throughput", "Tunnel throughput (`bench.throughput`)")
+    if opened is None:
+        return ""
+    res, out = opened
     data = res.get("data") or {}
     rows = data.get("rows", [])
     if not rows:
@@ -246,13 +258,10 @@ def throughput_md(results: dict[str, Any]) -> str:
 
 
 def failover_md(results: dict[str, Any]) -> str:
-    res = _step(results, "failover", "failover")
-    if res is None:
+    opened = _open_section(results, "failover", "Failover and rekey (`bench.failover`)")
+    if opened is None:
         return ""
-    out = ["## Failover and rekey (`bench.failover`)\n"]
-    note = _status_note(res, "failover")
-    if note:
-        out.append(note)
+    res, out = opened
     data = res.get("data") or {}
     cfg = data.get("config", {})
     rows = data.get("rows", [])
@@ -294,13 +303,10 @@ def failover_md(results: dict[str, Any]) -> str:
 
 
 def codec_md(results: dict[str, Any]) -> str:
-    res = _step(results, "codec", "codec")
-    if res is None:
+    opened = _open_section(results, "codec", "Codecs (`bench.codec`)")
+    if opened is None:
         return ""
-    out = ["## Codecs (`bench.codec`)\n"]
-    note = _status_note(res, "codec")
-    if note:
-        out.append(note)
+    res, out = opened
     data = res.get("data") or {}
     rows = data.get("rows", [])
     meta = data.get("meta", {})
@@ -330,13 +336,10 @@ def codec_md(results: dict[str, Any]) -> str:
 
 
 def worker_md(results: dict[str, Any]) -> str:
-    res = _step(results, "worker", "worker")
-    if res is None:
+    opened = _open_section(results, "worker", "Worker packet path from memory (`bench.worker`)")
+    if opened is None:
         return ""
-    out = ["## Worker packet path from memory (`bench.worker`)\n"]
-    note = _status_note(res, "worker")
-    if note:
-        out.append(note)
+    res, out = opened
     data = res.get("data") or {}
     out.append(
         "The worker's per-packet code with no kernel (no TUN/socket syscalls): the code's "
@@ -494,13 +497,10 @@ def ike_md(results: dict[str, Any]) -> str:
 
 
 def replication_md(results: dict[str, Any]) -> str:
-    res = _step(results, "replication", "replication")
-    if res is None:
+    opened = _open_section(results, "replication", "Replication bus (`bench.replication`)")
+    if opened is None:
         return ""
-    out = ["## Replication bus (`bench.replication`)\n"]
-    note = _status_note(res, "replication")
-    if note:
-        out.append(note)
+    res, out = opened
     data = res.get("data") or {}
     prop = data.get("propagation", [])
     if prop:
