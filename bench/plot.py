@@ -28,6 +28,14 @@ CIPHER_LABEL = {
 }
 
 
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Every figure is written the same way, and closed so a full run does not
+    keep them all in memory."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _plt() -> Any:
     import matplotlib
 
@@ -149,9 +157,7 @@ def throughput_figure(results: dict[str, Any], cipher: str, path: Path) -> bool:
         "min–max of repetitions\n" + _subtitle(results),
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -209,9 +215,7 @@ def ratio_figure(results: dict[str, Any], path: Path) -> bool:
     )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -250,9 +254,7 @@ def failover_figure(results: dict[str, Any], path: Path) -> bool:
     )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -288,9 +290,7 @@ def ike_figure(results: dict[str, Any], path: Path) -> bool:
     )
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
@@ -317,9 +317,7 @@ def replication_figure(results: dict[str, Any], path: Path) -> bool:
     ax.set_title("Replication propagation at 1000 updates/s\n" + _subtitle(results), fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
