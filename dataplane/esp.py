@@ -120,9 +120,11 @@ _PAD = bytes(range(1, 256))
 """RFC 4303 §2.4: default padding is 1, 2, 3, ... ."""
 _PADS = tuple(_PAD[:i] for i in range(256))
 """The expected padding for each pad length."""
-_TRAILER_NONCE_PACK = tuple(struct.Struct(f"!{pad + 2}s4sII").pack_into for pad in range(4))
+_TRAILER_NONCE_PACK = tuple(struct.Struct(f"!{pad + 10}sI").pack_into for pad in range(4))
 """AES-GCM: trailer (padding ‖ pad length ‖ next header) followed by the
-nonce (salt ‖ worker id ‖ seq) in one write, by pad length; see _GcmOut."""
+nonce (salt ‖ worker id ‖ seq) in one write, by pad length: the first field
+is the trailer joined with the SA's constant salt ‖ worker id (one argument
+instead of three); see _GcmOut."""
 _TRAILERS = tuple(tuple(_PAD[:pad] + bytes((pad, nh)) for nh in range(256)) for pad in range(16))
 """Padding ‖ pad length ‖ next header for pad 0..15 and every next header:
 one table lookup and one slice assignment per packet."""
@@ -151,11 +153,12 @@ _CBC = frozenset({Cipher.AES128CBC, Cipher.AES256CBC})
 
 Buffer = bytes | bytearray | memoryview
 _GcmViews = tuple[
-    memoryview, memoryview, memoryview, Callable[..., None], int, tuple[bytes, ...], int
+    memoryview, memoryview, memoryview, Callable[..., None], int, dict[int, bytes], int
 ]
 """(plaintext, ciphertext ‖ tag, nonce) views into ``out``, the trailer ‖
-nonce writer for the pad length, where it writes, the trailers for the pad
-length by next header, and the ESP packet length."""
+nonce writer for the pad length, where it writes, the SA's trailer ‖ salt ‖
+worker id by next header for the pad length (filled on first use), and the
+ESP packet length."""
 
 
 def iv_worker_id(index: int, incarnation: int) -> int:
@@ -426,16 +429,21 @@ class _GcmOut(OutboundSa):
     per inner length, the plaintext, output and nonce views are cut once per
     output buffer and reused (at most ``_VIEW_CACHE`` lengths; traffic is
     dominated by a few sizes). Only lengths that fit are cached, so a cache
-    hit skips the length checks; sequence number and next header are checked
+    hit skips the length checks; the trailer comes from a per-SA dict that
+    only ever holds valid next headers (a miss, including an out-of-range
+    value, takes the checked slow path), and the sequence number is checked
     on every packet.
     """
 
-    __slots__ = ("_aad", "_bound", "_cache", "_encrypt_into", "_offset", "_salt")
+    __slots__ = ("_aad", "_bound", "_cache", "_encrypt_into", "_offset", "_salt_wid", "_trailers")
 
     def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
         super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
         self._encrypt_into = AESGCM(rec.enc_key).encrypt_into
-        self._salt = rec.salt
+        self._salt_wid = rec.salt + worker_id.to_bytes(4, "big")
+        """The nonce's constant part (RFC 4106 §4: salt ‖ IV's high half)."""
+        self._trailers: tuple[dict[int, bytes], ...] = ({}, {}, {}, {})
+        """By pad length: next header → trailer ‖ salt ‖ worker id, on first use."""
         self._bound: object = None
         self._offset = -1
         self._aad = _EMPTY
@@ -458,8 +466,9 @@ class _GcmOut(OutboundSa):
 
     def _slow(self, out: bytearray, offset: int, n: int, next_header: int) -> _GcmViews:
         """Refuse the packet (``_refuse`` raises), or cut and cache the views
-        for an ``n``-octet inner packet at the bound offset. Only lengths that
-        fit are cached, so a cache hit needs no length check."""
+        for an ``n``-octet inner packet at the bound offset and the trailer
+        for ``next_header``. Only lengths that fit and valid next headers are
+        cached, so a cache hit needs no length or range check."""
         pad = -(n + 2) & 3
         ptlen = n + pad + 2
         total = ptlen + _GCM_FIXED
@@ -471,14 +480,19 @@ class _GcmOut(OutboundSa):
             or offset + total > len(out)
         ):
             self._refuse(out, offset, n, next_header, total)
-        cache = self._cache
-        if len(cache) >= _VIEW_CACHE:
-            cache.clear()
-        p = offset + ESP_HEADER_LEN + _GCM_IV
-        ct = self._out_view[p : p + ptlen + _GCM_ICV]
-        nonce = ct[ptlen : ptlen + 12]  # in the tag's place: class doc
-        entry = (ct[:ptlen], ct, nonce, _TRAILER_NONCE_PACK[pad], p + n, _TRAILERS[pad], total)
-        cache[n] = entry
+        trailers = self._trailers[pad]
+        if next_header not in trailers:
+            trailers[next_header] = _TRAILERS[pad][next_header] + self._salt_wid
+        entry = self._cache.get(n)
+        if entry is None:
+            cache = self._cache
+            if len(cache) >= _VIEW_CACHE:
+                cache.clear()
+            p = offset + ESP_HEADER_LEN + _GCM_IV
+            ct = self._out_view[p : p + ptlen + _GCM_ICV]
+            nonce = ct[ptlen : ptlen + 12]  # in the tag's place: class doc
+            entry = (ct[:ptlen], ct, nonce, _TRAILER_NONCE_PACK[pad], p + n, trailers, total)
+            cache[n] = entry
         return entry
 
     def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
@@ -486,13 +500,17 @@ class _GcmOut(OutboundSa):
         if out is not self._bound or offset != self._offset:
             self._bind(out, offset)
         n = len(inner)
-        views = self._cache.get(n)
-        if views is None or seq > 0xFFFFFFFF or next_header & -256:
+        try:
+            pt, ct, nonce, trailer_nonce, at, trailers, total = self._cache[n]
+            trailer = trailers[next_header]  # KeyError: not seen yet, or not 0..255
+        except KeyError:
             views = self._slow(out, offset, n, next_header)
-        pt, ct, nonce, trailer_nonce, at, trailers, total = views
-        wid = self.worker_id
-        _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
-        trailer_nonce(out, at, trailers[next_header], self._salt, wid, seq)
+            pt, ct, nonce, trailer_nonce, at, trailers, total = views
+            trailer = trailers[next_header]
+        if seq > MAX_SEQ:
+            self._refuse(out, offset, n, next_header, total)
+        _HDR_IV_PACK(out, offset, self.spi, seq, self.worker_id, seq)
+        trailer_nonce(out, at, trailer, seq)
         pt[:n] = inner
         try:
             self._encrypt_into(nonce, pt, self._aad, ct)  # exact in place: class doc
@@ -506,13 +524,17 @@ class _GcmOut(OutboundSa):
         seq = self.seq + 1
         if out is not self._bound or offset != self._offset:
             self._bind(out, offset)
-        views = self._cache.get(n)
-        if views is None or seq > 0xFFFFFFFF or next_header & -256:
+        try:
+            pt, ct, nonce, trailer_nonce, at, trailers, total = self._cache[n]
+            trailer = trailers[next_header]
+        except KeyError:
             views = self._slow(out, offset, n, next_header)
-        pt, ct, nonce, trailer_nonce, at, trailers, total = views
-        wid = self.worker_id
-        _HDR_IV_PACK(out, offset, self.spi, seq, wid, seq)
-        trailer_nonce(out, at, trailers[next_header], self._salt, wid, seq)
+            pt, ct, nonce, trailer_nonce, at, trailers, total = views
+            trailer = trailers[next_header]
+        if seq > MAX_SEQ:
+            self._refuse(out, offset, n, next_header, total)
+        _HDR_IV_PACK(out, offset, self.spi, seq, self.worker_id, seq)
+        trailer_nonce(out, at, trailer, seq)
         try:
             self._encrypt_into(nonce, pt, self._aad, ct)
         except BaseException:

@@ -108,7 +108,8 @@ def test_gcm_packets_equal_the_out_of_place_oracle(cipher: Cipher, integ: Integ)
 def test_gcm_encrypt_into_gets_exactly_aliased_views(cipher: Cipher, integ: Integ) -> None:
     """Plaintext and output start at the same address, output = plaintext + 16:
     exact in place, never the partial overlap cryptography 50 mishandles."""
-    sa = OutboundSa.from_record(make_record(cipher, integ))
+    rec = make_record(cipher, integ)
+    sa = OutboundSa.from_record(rec)
     real = sa._encrypt_into  # type: ignore[attr-defined]
     seen: list[tuple[int, int, int, int]] = []
     nonces: list[tuple[int, bytes]] = []
@@ -130,9 +131,9 @@ def test_gcm_encrypt_into_gets_exactly_aliased_views(cipher: Cipher, integ: Inte
         # The nonce sits where the tag goes (and is overwritten by it).
         nonce_at, nonce = nonces[-1]
         assert nonce_at == out_at + data_len
-        assert nonce == sa._salt + struct.pack("!II", 0, sa.seq)  # type: ignore[attr-defined]
+        assert nonce == rec.salt + struct.pack("!II", 0, sa.seq)
         tag = bytes(buf[offset + 16 + data_len : offset + 32 + data_len])
-        assert not tag.startswith(sa._salt)  # type: ignore[attr-defined]
+        assert not tag.startswith(rec.salt)
     # The zero-copy variant too.
     sa.encapsulate_in_place(buf, 0, 100, NEXT_HEADER_IPV4)
     assert seen[-1][0] == seen[-1][2] == base + 16
