@@ -20,6 +20,10 @@ Keys:
   the key unique.
 * ``seq/<tunnel_id>/<spi-hex>``: the outbound sequence checkpoint of a
   replay-protected SA (:class:`SeqCheckpoint`, DESIGN §5).
+* ``rwin/<spi-hex>``: the inbound replay-window checkpoint of an SA with a
+  replay window (:class:`ReplayCheckpoint`, DESIGN §5).
+* ``worker/<node>/<index>``: a live worker and its handoff address for
+  replay-protected SAs (:class:`WorkerRecord`, DESIGN §5).
 * ``ike/<spi-hex>`` is reserved for IKE SA failover.
 """
 
@@ -383,12 +387,99 @@ class SeqCheckpoint:
         return f"seq/{self.tunnel_id}/{self.spi:08x}"
 
 
-Record = TunnelRecord | RouteRecord | SaRecord | SeqCheckpoint
-_KINDS: dict[str, type[TunnelRecord] | type[RouteRecord] | type[SaRecord] | type[SeqCheckpoint]] = {
+@dataclass(frozen=True, slots=True)
+class ReplayCheckpoint:
+    """The highest authenticated sequence number any worker accepted on an
+    inbound SA with a replay window (DESIGN §5: inbound replay windows are
+    per worker and checkpointed). Control publishes the highest ``top`` the
+    live workers reported and never lowers it; a worker whose window is
+    below it raises the window to it (everything at or below ``top`` then
+    counts as received), so a packet another worker accepted before the
+    checkpoint cannot be replayed to this one."""
+
+    kind_name: ClassVar[str] = "rwin"
+
+    account_id: str
+    tunnel_id: str
+    spi: int
+    top: int
+
+    def __post_init__(self) -> None:
+        _check_ids(self.account_id, self.tunnel_id)
+        _check_int(self.spi, "spi", 256, 0xFFFFFFFF)
+        _check_int(self.top, "top", 1, 0xFFFFFFFF)  # no ESN (DESIGN §3)
+
+    @property
+    def key(self) -> str:
+        return f"rwin/{self.spi:08x}"
+
+
+_NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+HANDOFF_KEY_BYTES = 32
+"""AES-256-GCM key of a worker's cross-node handoff socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """A live worker, as control sees it from its bus acks (DESIGN §5).
+
+    Workers elect the owner of a replay-protected SA by rendezvous hashing
+    over these records, and a non-owner on another node hands the owner the
+    cleartext as AES-256-GCM datagrams to ``handoff_addr``:``handoff_port``
+    (the worker's address on the node's cluster network) under
+    ``handoff_key``, the receiving worker's own random key. The key travels
+    like SA keys (CURVE bus, process memory); ``__repr__`` hides it."""
+
+    kind_name: ClassVar[str] = "worker"
+
+    node: str
+    index: int
+    handoff_addr: str
+    handoff_port: int
+    handoff_key: bytes
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.node, str) and bool(_NODE.match(self.node)), "bad node name")
+        _check_int(self.index, "index", 0, 255)
+        _check_addr(self.handoff_addr, "handoff_addr")
+        _check_int(self.handoff_port, "handoff_port", 1, 65535)
+        _check(
+            isinstance(self.handoff_key, bytes) and len(self.handoff_key) == HANDOFF_KEY_BYTES,
+            "handoff_key must be 32 bytes",
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"WorkerRecord(node={self.node}, index={self.index}, "
+            f"handoff={self.handoff_addr}:{self.handoff_port}, key=<hidden>)"
+        )
+
+    @property
+    def worker_id(self) -> str:
+        """The worker's id on the bus (``<node>/<index>``)."""
+        return f"{self.node}/{self.index}"
+
+    @property
+    def key(self) -> str:
+        return f"worker/{self.node}/{self.index}"
+
+
+Record = TunnelRecord | RouteRecord | SaRecord | SeqCheckpoint | ReplayCheckpoint | WorkerRecord
+_KINDS: dict[
+    str,
+    type[TunnelRecord]
+    | type[RouteRecord]
+    | type[SaRecord]
+    | type[SeqCheckpoint]
+    | type[ReplayCheckpoint]
+    | type[WorkerRecord],
+] = {
     "tunnel": TunnelRecord,
     "route": RouteRecord,
     "sa": SaRecord,
     "seq": SeqCheckpoint,
+    "rwin": ReplayCheckpoint,
+    "worker": WorkerRecord,
 }
 _FIELD_NAMES: dict[type, frozenset[str]] = {
     cls: frozenset(f.name for f in fields(cls)) for cls in _KINDS.values()
