@@ -88,6 +88,12 @@ class ControlMetrics:
             "Updates the slowest live worker has not yet acknowledged",
             registry=r,
         )
+        self.live_workers_published = Gauge(
+            "anywan_control_live_worker_records",
+            "worker/<node>/<index> records on the bus (live workers with a handoff "
+            "address: the owner election set of replay-protected SAs)",
+            registry=r,
+        )
 
     def account_label(self, account_id: str) -> str:
         if account_id in self._accounts:

@@ -41,11 +41,13 @@ from replication.records import (
     Direction,
     Record,
     RecordError,
+    ReplayCheckpoint,
     RouteRecord,
     SaRecord,
     SeqCheckpoint,
     TunnelKind,
     TunnelRecord,
+    WorkerRecord,
     decode,
     encode,
 )
@@ -176,6 +178,42 @@ def max_seq_checkpoints(reports: Iterable[Any]) -> dict[tuple[str, int], int]:
                 if ok and nxt > best.get((tid, spi), 0):
                     best[(tid, spi)] = nxt
     return best
+
+
+def max_replay_tops(reports: Iterable[Any]) -> dict[int, int]:
+    """Inbound SPI → the highest replay-window top any live worker reported
+    (``{"rwin": {spi: top}}``, ``worker.build_report``); bad entries skipped."""
+    best: dict[int, int] = {}
+    for report in reports:
+        rwin = report.get("rwin") if isinstance(report, dict) else None
+        if not isinstance(rwin, dict):
+            continue
+        for spi, top in rwin.items():
+            ok = type(spi) is int and type(top) is int and 0 < top <= 0xFFFFFFFF
+            if ok and top > best.get(spi, 0):
+                best[spi] = top
+    return best
+
+
+def live_worker_records(reports: dict[str, Any]) -> dict[str, WorkerRecord]:
+    """``worker/<node>/<index>`` records of the live workers whose report
+    names a handoff address (``{"handoff": [addr, port, key]}``, worker id
+    ``<node>/<index>``). A report is untrusted input: a worker id or handoff
+    entry that does not make a valid record is skipped."""
+    out: dict[str, WorkerRecord] = {}
+    for worker_id, report in reports.items():
+        handoff = report.get("handoff") if isinstance(report, dict) else None
+        if not isinstance(worker_id, str) or not isinstance(handoff, list | tuple):
+            continue
+        node, _, index = worker_id.rpartition("/")
+        if len(handoff) != 3 or not index.isdigit() or len(index) > 3:
+            continue
+        try:
+            rec = WorkerRecord(node, int(index), *handoff)
+        except (RecordError, TypeError):
+            continue
+        out[rec.key] = rec
+    return out
 
 
 def child_sa_view(rec: SaRecord, counters: _Counters | None = None) -> dict[str, Any]:
@@ -314,7 +352,8 @@ class ControlService:
     one ``seq/`` update per SA per interval reaches the bus)."""
 
     def publish_checkpoints(self) -> int:
-        """Replicate the owners' sequence reservations (DESIGN §5).
+        """Replicate the owners' sequence reservations and the inbound
+        replay-window tops (DESIGN §5).
 
         For each replay-protected outbound SA on the bus, publish
         ``seq/<tunnel>/<spi>`` with the highest ``next_seq`` a live worker
@@ -322,7 +361,13 @@ class ControlService:
         owner moves its reservation every 2**19 packets, so this is rare).
         Checkpoints of SAs that are gone are tombstoned. Returns the number of
         bus updates. Checkpoints are not persisted: after a control restart
-        the owners' next reports (within a second) rebuild them."""
+        the owners' next reports (within a second) rebuild them.
+
+        Inbound: for each inbound SA with a replay window, ``rwin/<spi>``
+        with the highest window top a live worker reported, if higher than
+        the published one (at most one update per SA per pass, so an SA
+        under steady traffic costs one small bus update per
+        :data:`CHECKPOINT_INTERVAL`); tombstoned with the SA."""
         items = self.publisher.items()
         changed = 0
         for (tid, spi), nxt in max_seq_checkpoints(self._reports()).items():
@@ -337,14 +382,54 @@ class ControlService:
                 continue
             self.publisher.set(SeqCheckpoint(sa.account_id, tid, spi, nxt))
             changed += 1
+        for spi, top in max_replay_tops(self._reports()).items():
+            sa = items.get(f"sa/in/{spi:08x}")
+            if not isinstance(sa, SaRecord) or sa.replay_window == 0:
+                continue  # only SAs we published that have a replay window
+            cur = items.get(f"rwin/{spi:08x}")
+            if isinstance(cur, ReplayCheckpoint) and cur.top >= top:
+                continue
+            self.publisher.set(ReplayCheckpoint(sa.account_id, sa.tunnel_id, spi, top))
+            changed += 1
         for key, rec in items.items():
             if (
                 isinstance(rec, SeqCheckpoint)
                 and f"sa/out/{rec.tunnel_id}/{rec.spi:08x}" not in items
-            ):
+            ) or (isinstance(rec, ReplayCheckpoint) and f"sa/in/{rec.spi:08x}" not in items):
                 self.publisher.delete(key)
                 changed += 1
         return changed
+
+    def publish_workers(self) -> int:
+        """Replicate the live worker set (DESIGN §5: cluster-wide owner
+        election of replay-protected SAs).
+
+        Every live subscriber whose report names a handoff address gets a
+        ``worker/<node>/<index>`` record (updated when its address or key
+        changes, i.e. when it restarted); the record of a worker that is no
+        longer live (``Publisher.subscriber_timeout`` after its last ack) is
+        tombstoned. Called after :meth:`publish_checkpoints` in the same
+        pass, so a dead owner's last reported reservation is on the bus
+        before its record goes. Returns the number of bus updates."""
+        items = self.publisher.items()
+        live = live_worker_records(self._report_map())
+        changed = 0
+        for key, rec in live.items():
+            if items.get(key) != rec:
+                self.publisher.set(rec)
+                changed += 1
+        for key, rec in items.items():
+            if isinstance(rec, WorkerRecord) and key not in live:
+                self.publisher.delete(key)
+                changed += 1
+        self.metrics.live_workers_published.set(len(live))
+        return changed
+
+    def _report_map(self) -> dict[str, Any]:
+        try:
+            return dict(self.publisher.reports())  # type: ignore[attr-defined]
+        except Exception:  # no reports() (test doubles) or stopping
+            return {}
 
     async def _checkpoint_loop(self) -> None:
         while True:
@@ -353,6 +438,10 @@ class ControlService:
                 self.publish_checkpoints()
             except Exception as exc:  # a bad report must not stop the loop
                 log.error("publishing sequence checkpoints failed: %s", type(exc).__name__)
+            try:
+                self.publish_workers()
+            except Exception as exc:
+                log.error("publishing the live workers failed: %s", type(exc).__name__)
 
     def tunnel_sas(self, account_id: str, tunnel_id: str) -> dict[str, Any]:
         counters = sum_sa_counters(self._reports())
