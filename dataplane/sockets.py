@@ -119,16 +119,201 @@ def _sock_fprog(insns: list[tuple[int, int, int, int]]) -> tuple[bytes, object]:
     return fprog, buf
 
 
-def attach_share_filter(sock: socket.socket, proto: int, rank: int, count: int) -> None:
+# more classic BPF opcodes for the GRE program
+_BPF_LD_H_IND = 0x48
+_BPF_LD_B_IND = 0x50
+_BPF_LD_MEM = 0x60
+_BPF_LDX_MEM = 0x61
+_BPF_ST = 0x02
+_BPF_STX = 0x03
+_BPF_ALU_ADD_K = 0x04
+_BPF_ALU_ADD_X = 0x0C
+_BPF_ALU_MUL_K = 0x24
+_BPF_ALU_AND_K = 0x54
+_BPF_ALU_LSH_K = 0x64
+_BPF_ALU_RSH_K = 0x74
+_BPF_ALU_XOR_X = 0xAC
+_BPF_JMP_JA = 0x05
+_BPF_JMP_JGE_X = 0x3D
+_BPF_JMP_JSET_K = 0x45
+_BPF_TAX = 0x07
+
+_Insn = tuple[int, int | str, int | str, int]
+
+
+def _assemble(prog: list[_Insn | str]) -> list[tuple[int, int, int, int]]:
+    """Classic BPF with labels: a ``str`` item defines a label; a ``str`` in
+    the jt/jf slot of a conditional jump (or k of ``ja``) names its target."""
+    labels: dict[str, int] = {}
+    insns: list[_Insn] = []
+    for item in prog:
+        if isinstance(item, str):
+            labels[item] = len(insns)
+        else:
+            insns.append(item)
+    out = []
+    for i, (code, jt, jf, k) in enumerate(insns):
+
+        def rel(target: int | str, i: int = i) -> int:
+            if isinstance(target, int):
+                return target
+            off = labels[target] - i - 1
+            if not 0 <= off <= 255:
+                raise ValueError(f"BPF jump to {target} out of range")
+            return off
+
+        if code == _BPF_JMP_JA:
+            out.append((code, 0, 0, rel(k)))
+        else:
+            assert isinstance(k, int)
+            out.append((code, rel(jt), rel(jf), k))
+    return out
+
+
+_GOLDEN = 0x9E3779B1
+
+
+def gre_inner_flow_program(rank: int, count: int) -> list[tuple[int, int, int, int]]:
+    """The GRE share filter: keep a packet when hash(inner flow) % count == rank.
+
+    GRE is stateless (any worker decapsulates any packet), and its header is
+    cleartext, so the share can follow the *inner* flow rather than the outer
+    source: one tunnel's traffic spreads over the node's workers while every
+    inner flow stays on one worker (its packets keep their order). The
+    program walks the outer IPv4 header (IHL), the GRE header (RFC 2784/2890:
+    4 octets, plus 4 for each of the C, K and S flags), and for an inner IPv4
+    or IPv6 packet hashes source XOR destination address (for IPv6 their low
+    32 bits) XOR the TCP/UDP port word when the packet is TCP or UDP and, for
+    IPv4, not a fragment (every fragment of a datagram hashes alike, as in
+    ``ip.parse_flow``). Anything else — a GRE header with routing, a payload
+    that is not IP, a packet too short for a field — falls back to the outer
+    source address, so it still reaches exactly one worker (which counts its
+    drop). Every load is preceded by a length check (an out-of-bounds load
+    would abort the filter, i.e. drop the packet uncounted).
+    """
+    M_IHL, M_FLAGS, M_HLEN, M_INNER, M_PROTO, M_LEN, M_TMP, M_KEY, M_L4 = range(9)
+    prog: list[_Insn | str] = [
+        (_BPF_LDX_B_MSH, 0, 0, 0),  # x = outer IHL (GRE starts there)
+        (_BPF_STX, 0, 0, M_IHL),
+        (_BPF_LD_W_LEN, 0, 0, 0),
+        (_BPF_ALU_SUB_X, 0, 0, 0),  # a = GRE length
+        (_BPF_JMP_JGE_K, 0, "outer", 4),
+        (_BPF_LD_B_IND, 0, 0, 0),  # a = C R K S flags
+        (_BPF_JMP_JSET_K, "outer", 0, 0x40),  # routing present (RFC 1701): fall back
+        (_BPF_ALU_RSH_K, 0, 0, 4),
+        (_BPF_ALU_AND_K, 0, 0, 0x0B),  # C=8, K=2, S=1
+        (_BPF_ST, 0, 0, M_FLAGS),
+        (_BPF_ALU_AND_K, 0, 0, 1),  # S
+        (_BPF_ST, 0, 0, M_HLEN),
+        (_BPF_LD_MEM, 0, 0, M_FLAGS),
+        (_BPF_ALU_RSH_K, 0, 0, 1),
+        (_BPF_ALU_AND_K, 0, 0, 1),  # K
+        (_BPF_LDX_MEM, 0, 0, M_HLEN),
+        (_BPF_ALU_ADD_X, 0, 0, 0),
+        (_BPF_ST, 0, 0, M_HLEN),
+        (_BPF_LD_MEM, 0, 0, M_FLAGS),
+        (_BPF_ALU_RSH_K, 0, 0, 3),  # C
+        (_BPF_LDX_MEM, 0, 0, M_HLEN),
+        (_BPF_ALU_ADD_X, 0, 0, 0),
+        (_BPF_ALU_LSH_K, 0, 0, 2),
+        (_BPF_ALU_ADD_K, 0, 0, 4),  # a = GRE header length
+        (_BPF_LDX_MEM, 0, 0, M_IHL),
+        (_BPF_ALU_ADD_X, 0, 0, 0),
+        (_BPF_ST, 0, 0, M_INNER),  # inner packet offset
+        (_BPF_LD_H_IND, 0, 0, 2),  # a = protocol type (x = IHL)
+        (_BPF_ST, 0, 0, M_PROTO),
+        (_BPF_LDX_MEM, 0, 0, M_INNER),
+        (_BPF_LD_W_LEN, 0, 0, 0),
+        (_BPF_JMP_JGE_X, 0, "outer", 0),  # len >= inner offset
+        (_BPF_ALU_SUB_X, 0, 0, 0),
+        (_BPF_ST, 0, 0, M_LEN),  # inner length
+        (_BPF_LD_MEM, 0, 0, M_PROTO),
+        (_BPF_JMP_JEQ_K, "v4", 0, 0x0800),
+        (_BPF_JMP_JEQ_K, "v6", "outer", 0x86DD),
+        "v4",
+        (_BPF_LD_MEM, 0, 0, M_LEN),
+        (_BPF_JMP_JGE_K, 0, "outer", 20),
+        (_BPF_LD_W_IND, 0, 0, 12),  # source (x = inner offset)
+        (_BPF_ST, 0, 0, M_TMP),
+        (_BPF_LD_W_IND, 0, 0, 16),  # destination
+        (_BPF_LDX_MEM, 0, 0, M_TMP),
+        (_BPF_ALU_XOR_X, 0, 0, 0),
+        (_BPF_ST, 0, 0, M_KEY),
+        (_BPF_LDX_MEM, 0, 0, M_INNER),
+        (_BPF_LD_H_IND, 0, 0, 6),  # flags + fragment offset
+        (_BPF_JMP_JSET_K, "addr", 0, 0x3FFF),  # MF or offset: a fragment
+        (_BPF_LD_B_IND, 0, 0, 9),  # protocol
+        (_BPF_JMP_JEQ_K, "v4ports", 0, 6),
+        (_BPF_JMP_JEQ_K, "v4ports", "addr", 17),
+        "v4ports",
+        (_BPF_LD_B_IND, 0, 0, 0),
+        (_BPF_ALU_AND_K, 0, 0, 0x0F),
+        (_BPF_ALU_LSH_K, 0, 0, 2),  # inner IHL
+        (_BPF_ALU_ADD_X, 0, 0, 0),  # + inner offset = L4 offset
+        (_BPF_ST, 0, 0, M_L4),
+        (_BPF_JMP_JA, 0, 0, "ports"),
+        "v6",
+        (_BPF_LD_MEM, 0, 0, M_LEN),
+        (_BPF_JMP_JGE_K, 0, "outer", 40),
+        (_BPF_LD_W_IND, 0, 0, 20),  # low 32 bits of the source
+        (_BPF_ST, 0, 0, M_TMP),
+        (_BPF_LD_W_IND, 0, 0, 36),  # low 32 bits of the destination
+        (_BPF_LDX_MEM, 0, 0, M_TMP),
+        (_BPF_ALU_XOR_X, 0, 0, 0),
+        (_BPF_ST, 0, 0, M_KEY),
+        (_BPF_LDX_MEM, 0, 0, M_INNER),
+        (_BPF_LD_B_IND, 0, 0, 6),  # next header (no extension headers)
+        (_BPF_JMP_JEQ_K, "v6ports", 0, 6),
+        (_BPF_JMP_JEQ_K, "v6ports", "addr", 17),
+        "v6ports",
+        (_BPF_LD_MEM, 0, 0, M_INNER),
+        (_BPF_ALU_ADD_K, 0, 0, 40),
+        (_BPF_ST, 0, 0, M_L4),
+        "ports",  # a = L4 offset: the port word when it is inside the packet
+        (_BPF_ALU_ADD_K, 0, 0, 4),
+        (_BPF_TAX, 0, 0, 0),
+        (_BPF_LD_W_LEN, 0, 0, 0),
+        (_BPF_JMP_JGE_X, 0, "addr", 0),
+        (_BPF_LDX_MEM, 0, 0, M_L4),
+        (_BPF_LD_W_IND, 0, 0, 0),  # source port << 16 | destination port
+        (_BPF_LDX_MEM, 0, 0, M_KEY),
+        (_BPF_ALU_XOR_X, 0, 0, 0),
+        (_BPF_JMP_JA, 0, 0, "hash"),
+        "addr",
+        (_BPF_LD_MEM, 0, 0, M_KEY),
+        (_BPF_JMP_JA, 0, 0, "hash"),
+        "outer",
+        (_BPF_LD_W_ABS, 0, 0, 12),  # outer source address
+        "hash",
+        (_BPF_ALU_MUL_K, 0, 0, _GOLDEN),  # mix: the low bits of XORed fields are poor
+        (_BPF_ALU_RSH_K, 0, 0, 16),
+        (_BPF_ALU_MOD_K, 0, 0, count),
+        (_BPF_JMP_JEQ_K, 0, 1, rank),
+        (_BPF_RET_K, 0, 0, 0xFFFF),
+        (_BPF_RET_K, 0, 0, 0),
+    ]
+    return _assemble(prog)
+
+
+def attach_share_filter(
+    sock: socket.socket, proto: int, rank: int, count: int, *, gre_inner: bool = True
+) -> None:
     """Accept only packets whose key % count == rank (count 1: accept all).
 
     Key: for ESP the SPI (after the variable IPv4 header, ``ldx 4*([0]&0xf)``),
     spread evenly since SPIs are random; ESP too short to hold an SPI goes to
-    rank 0 (which counts it as malformed); for GRE the outer source address.
+    rank 0 (which counts it as malformed). For GRE a hash of the inner flow
+    (:func:`gre_inner_flow_program`), or with ``gre_inner=False`` the outer
+    source address.
     """
     if count <= 1:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+        return
+    if proto == IPPROTO_GRE and gre_inner:
+        fprog, keep = _sock_fprog(gre_inner_flow_program(rank, count))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        del keep
         return
     if proto == IPPROTO_ESP:
         # An ESP payload shorter than an SPI would make ``ld [x+0]`` run off the

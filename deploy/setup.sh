@@ -12,6 +12,8 @@ APT_PACKAGES=(
     strongswan-charon strongswan-swanctl libcharon-extra-plugins
     # deploy/: Prometheus for the lab and promtool; docker-compose validates the cluster file
     prometheus docker-compose
+    # bench/profile.py: per-stage CPU profile of a worker (perf record / perf stat)
+    linux-perf
 )
 
 missing=()
