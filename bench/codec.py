@@ -1,7 +1,8 @@
 """Per-packet cost of the dataplane codecs: ``python -m bench.codec [--quick]``.
 
-Prints ns/packet for every case as the median of several repetitions, and
-the ratio to a bare ``AESGCM.encrypt`` of the same payload size measured in
+Prints ns/packet for every case as the median, min and max of several
+repetitions (interleaved rounds: 7, or 3 with ``--quick``), and the ratio
+(of the medians) to a bare ``AESGCM.encrypt`` of the same payload size measured in
 the same run (rounds interleave all cases so drift hits them alike). Suites
 register in ``SUITES``; each yields :class:`Case` objects, so another codec
 (GRE, MSS clamp…) adds one function and one dict entry.
@@ -243,6 +244,16 @@ SUITES: dict[str, Callable[[int], Iterator[Case]]] = {"esp": esp_suite, "gre": g
 """Benchmark suites by name; each yields the cases for one inner size."""
 
 
+def spread(samples: list[float]) -> dict[str, object]:
+    """min, max and every value of a case's rounds (ns/packet); the row's
+    ``ns_per_packet`` is their median, the ratio is median ÷ anchor median."""
+    return {
+        "min": round(min(samples), 1),
+        "max": round(max(samples), 1),
+        "values": [round(x, 1) for x in samples],
+    }
+
+
 def measure(cases: list[Case], *, iterations: int, rounds: int) -> None:
     """Interleaved rounds: each round times every case once (``iterations`` calls)."""
     clock = time.perf_counter_ns
@@ -265,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke test)")
     parser.add_argument("--suite", action="append", choices=sorted(SUITES), help="default: all")
     parser.add_argument("--iterations", type=int, help="calls per case per round")
-    parser.add_argument("--rounds", type=int, help="repetitions; the median is reported")
+    parser.add_argument(
+        "--rounds", type=int, help="repetitions (default 7, --quick 3); median, min, max reported"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     iterations = args.iterations or (200 if args.quick else 20_000)
@@ -283,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"suite": c.suite, "case": c.name, "size": c.size, "op": c.op,
                      "ns_per_packet": round(ns, 1),
                      "ratio": round(ns / base[(c.baseline, c.size)], 2),
-                     "baseline": c.baseline})  # fmt: skip
+                     "baseline": c.baseline, "repetitions": len(c.samples),
+                     "spread": {"ns_per_packet": spread(c.samples)}})  # fmt: skip
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": platform.python_version(),
@@ -297,10 +311,13 @@ def main(argv: list[str] | None = None) -> int:
         print()
         return 0
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
-    print(f"{'suite':<6} {'case':<28} {'size':>5} {'op':<8} {'ns/pkt':>9} {'× bare':>7}  baseline")
+    print(f"{'suite':<6} {'case':<28} {'size':>5} {'op':<8} {'ns/pkt':>9} {'min–max':>13} "
+          f"{'× bare':>7}  baseline")  # fmt: skip
     for r in rows:
+        sp = r["spread"]["ns_per_packet"]
         print(f"{r['suite']:<6} {r['case']:<28} {r['size']:>5} {r['op']:<8} "
-              f"{r['ns_per_packet']:>9.0f} {r['ratio']:>7.2f}  {r['baseline']}")  # fmt: skip
+              f"{r['ns_per_packet']:>9.0f} {sp['min']:>6.0f}–{sp['max']:<6.0f} "
+              f"{r['ratio']:>7.2f}  {r['baseline']}")  # fmt: skip
     return 0
 
 

@@ -1,6 +1,6 @@
 """IKEv2 benchmark: our initiator drives our responder in memory, one core.
 
-    python -m bench.ike [--quick] [--fuzz N] [--strongswan N] [--json out.json]
+    python -m bench.ike [--quick] [--reps R] [--fuzz N] [--strongswan N] [--json out.json]
 
 Reports, per DH group (ECP-384, MODP-2048):
 
@@ -12,10 +12,17 @@ Reports, per DH group (ECP-384, MODP-2048):
   tunnels (and 10 000 without ``--quick``), measured as RSS growth and as
   Python-heap growth (tracemalloc; excludes OpenSSL's own allocations).
 
+Every measurement is repeated (``--reps``; default 3, 2 with ``--quick``; the
+groups interleaved within each repetition, memory in a fresh process each
+time). Each number in the JSON is the median over the repetitions, and
+``spread[key]`` holds its ``min``, ``max`` and ``values``.
+
 ``--strongswan N`` (root; namespaces ``$ANYWAN_BENCH_NETNS_PREFIX`` (default
 ``awb-``) + ``ike-*``): the same initiator does N handshakes over UDP against
 Debian's strongSwan responder and against ours,
-each alone in a namespace; responder CPU time and RSS growth come from /proc.
+each alone in a namespace, started fresh for each of the ``--reps``
+repetitions (strongSwan and ours alternating, so drift hits both alike);
+responder CPU time and RSS growth come from /proc.
 
 ``--fuzz N`` runs the mutation fuzzer of tests/control/ike for at least N
 mutated messages (the soak target; CI runs a few thousand).
@@ -115,6 +122,43 @@ class Bench:
         self.client.sas.clear()
         self.client.by_tunnel.clear()
         self.client.spis_in_use.clear()
+
+
+def repeated(runs: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One result from repeated runs: each of ``keys`` is the median over the
+    runs (so readers of a single-run result still work), and ``spread[key]``
+    holds its min, max and every value; ``repetitions`` is the count."""
+    row: dict[str, Any] = {k: statistics.median(r[k] for r in runs) for k in keys}
+    row["repetitions"] = len(runs)
+    row["spread"] = {
+        k: {
+            "min": min(r[k] for r in runs),
+            "max": max(r[k] for r in runs),
+            "values": [r[k] for r in runs],
+        }
+        for k in keys
+    }
+    return row
+
+
+RATE_KEYS = (
+    "pair_handshakes_per_s",
+    "pair_handshakes_per_s_wall",
+    "responder_handshakes_per_s",
+    "responder_ms_per_handshake",
+    "p50_ms",
+    "p99_ms",
+)
+MEMORY_KEYS = ("rss_bytes_per_sa", "python_heap_bytes_per_sa")
+VS_KEYS = (
+    "wall_s",
+    "p50_ms",
+    "p99_ms",
+    "responder_cpu_s",
+    "responder_handshakes_per_cpu_s",
+    "handshakes_per_s_wall",
+    "responder_rss_growth_per_sa",
+)
 
 
 def rss_bytes() -> int:
@@ -293,24 +337,32 @@ def serve() -> None:
             pass
 
 
-def bench_vs_strongswan(n: int) -> list[dict[str, Any]]:
+def bench_vs_strongswan(n: int, reps: int = 3) -> list[dict[str, Any]]:
     """The same initiator against a strongSwan responder and against ours, one
-    group after the other, in two namespaces over a veth; the responders' CPU
-    time and RSS come from /proc."""
+    group after the other, ``reps`` times, in two namespaces over a veth; a
+    fresh responder per run; the responders' CPU time and RSS come from /proc.
+    One row per (group, responder): medians over the repetitions, with
+    ``spread`` (see :func:`repeated`)."""
     from deploy.netns import Topology, cleanup_prefix
     from deploy.strongswan import Charon, Child, Connection
 
     cleanup_prefix(SS_PREFIX)
-    out: list[dict[str, Any]] = []
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
     quiet = {k: 0 for k in ("default", "ike", "cfg", "knl", "net", "enc", "esp")}
     with Topology(SS_PREFIX) as topo:
         site, gw = topo.namespace("site"), topo.namespace("gw")
         topo.veth(site, "s0", gw, "g0", addr_a=f"{SITE_IP}/24", addr_b=f"{GW_IP}/24")
         py = [sys.executable, "-m", "bench.ike"]
-        for group in SUITES:
-            for responder in ("strongswan", "anywan"):
-                charon = None
-                server = None
+        for rep, group, responder in (
+            (rep, g, resp)
+            for rep in range(reps)
+            for g in SUITES
+            for resp in ("strongswan", "anywan")
+        ):
+            # one fresh responder per (repetition, group, responder)
+            charon = None
+            server = None
+            try:
                 if responder == "strongswan":
                     charon = Charon(gw, name=f"bench-{group}", log_levels=quiet)
                     charon.start()
@@ -353,18 +405,30 @@ def bench_vs_strongswan(n: int) -> list[dict[str, Any]]:
                     handshakes_per_s_wall=(n - r["failed"]) / r["wall_s"],
                     responder_rss_growth_per_sa=(rss1 - rss0) / n,
                 )
-                out.append(r)
+                runs.setdefault((group, responder), []).append(r)
                 print(
+                    f"[{rep + 1}/{reps}] "
                     f"{group:9s} {responder:10s} {r['handshakes_per_s_wall']:6.0f}/s wall  "
                     f"responder CPU {1000 * r['responder_cpu_s'] / n:.2f} ms/handshake "
                     f"({r['responder_handshakes_per_cpu_s']:.0f}/CPU-s)  p99 {r['p99_ms']:.1f} ms  "
                     f"RSS +{r['responder_rss_growth_per_sa'] / 1024:.1f} KiB/SA  "
                     f"failed {r['failed']}"
                 )
+            finally:
                 if charon is not None:
                     charon.stop()
                 if server is not None:
                     topo.stop(server)
+    out = []
+    for (group, responder), rs in runs.items():
+        row = repeated(rs, VS_KEYS)
+        row.update(
+            group=group,
+            responder=responder,
+            handshakes=n,
+            failed=sum(r["failed"] for r in rs),
+        )
+        out.append(row)
     return out
 
 
@@ -373,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="short run (CI smoke)")
     ap.add_argument("--fuzz", type=int, default=0, metavar="N", help="fuzz N mutated messages")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument(
+        "--reps", type=int, help="repetitions of every measurement (default 3, --quick 2)"
+    )
     ap.add_argument(
         "--strongswan",
         type=int,
@@ -394,9 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve()
         return 0
+    reps = args.reps or (2 if args.quick else 3)
     if args.strongswan:
-        results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        results["vs_strongswan"] = bench_vs_strongswan(args.strongswan)
+        results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": reps}
+        results["vs_strongswan"] = bench_vs_strongswan(args.strongswan, reps)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
@@ -410,32 +478,44 @@ def main(argv: list[str] | None = None) -> int:
         results["fuzz"] = run_fuzz(args.fuzz)
         print(json.dumps(results["fuzz"]))
     else:
-        n = 300 if args.quick else 2000
-        results["rates"] = []
-        for name, suite in SUITES.items():
-            r = bench_rate(name, suite, n)
-            results["rates"].append(r)
-            print(
-                f"{name:9s} pair {r['pair_handshakes_per_s']:7.0f}/s  "
-                f"responder {r['responder_handshakes_per_s']:7.0f}/s "
-                f"({r['responder_ms_per_handshake']:.2f} ms)  "
-                f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
-            )
-        results["memory"] = []
-        for n_sa in (1000,) if args.quick else (1000, 10000):
-            # a fresh process per size: RSS growth is meaningless after other runs
-            proc = subprocess.run(
-                [sys.executable, "-m", "bench.ike", "--memory", str(n_sa)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            m = json.loads(proc.stdout)
-            results["memory"].append(m)
-            print(
-                f"memory at {n_sa:6d} IKE SAs: {m['rss_bytes_per_sa'] / 1024:.1f} KiB RSS/SA, "
-                f"{m['python_heap_bytes_per_sa'] / 1024:.1f} KiB Python heap/SA"
-            )
+        n = 150 if args.quick else 1000
+        results["reps"] = reps
+        rate_runs: dict[str, list[dict[str, Any]]] = {}
+        for rep in range(reps):
+            for name, suite in SUITES.items():
+                r = bench_rate(name, suite, n)
+                rate_runs.setdefault(name, []).append(r)
+                print(
+                    f"[{rep + 1}/{reps}] {name:9s} pair {r['pair_handshakes_per_s']:7.0f}/s  "
+                    f"responder {r['responder_handshakes_per_s']:7.0f}/s "
+                    f"({r['responder_ms_per_handshake']:.2f} ms)  "
+                    f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms"
+                )
+        results["rates"] = [
+            {"group": name, "handshakes": n, **repeated(rs, RATE_KEYS)}
+            for name, rs in rate_runs.items()
+        ]
+        mem_runs: dict[int, list[dict[str, Any]]] = {}
+        sizes = (1000,) if args.quick else (1000, 10000)
+        for rep in range(reps):
+            for n_sa in sizes:
+                # a fresh process each time: RSS growth is meaningless after other runs
+                proc = subprocess.run(
+                    [sys.executable, "-m", "bench.ike", "--memory", str(n_sa)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                m = json.loads(proc.stdout)
+                mem_runs.setdefault(n_sa, []).append(m)
+                print(
+                    f"[{rep + 1}/{reps}] memory at {n_sa:6d} IKE SAs: "
+                    f"{m['rss_bytes_per_sa'] / 1024:.1f} KiB RSS/SA, "
+                    f"{m['python_heap_bytes_per_sa'] / 1024:.1f} KiB Python heap/SA"
+                )
+        results["memory"] = [
+            {"ike_sas": n_sa, **repeated(ms, MEMORY_KEYS)} for n_sa, ms in mem_runs.items()
+        ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -258,38 +258,89 @@ def failover_figure(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _spread_err(row: dict[str, Any], key: str) -> tuple[float, float]:
+    """(below, above) the median of ``row[key]`` from its repetitions'
+    min–max (``spread``, see bench.ike.repeated); (0, 0) for a single run."""
+    sp = (row.get("spread") or {}).get(key) or {}
+    v = row[key]
+    if not sp.get("values"):
+        return (0.0, 0.0)
+    return (max(v - sp["min"], 0.0), max(sp["max"] - v, 0.0))
+
+
+IKE_RESPONDERS = (
+    ("strongswan", "strongSwan responder", "#888888"),
+    ("anywan", "anywan responder", "#1f77b4"),
+)
+
+
 def ike_figure(results: dict[str, Any], path: Path) -> bool:
+    """Two panels, the same initiator against each responder: handshakes per
+    responder CPU-second, and p50/p99 handshake latency; error bars span the
+    repetitions (min–max)."""
     step = results.get("suites", {}).get("ike", {}).get("ike-vs-strongswan") or {}
     data = (step.get("data") or {}).get("vs_strongswan") or []
     if not data:
         return False
     plt = _plt()
     groups = sorted({r["group"] for r in data})
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    reps = max(int(r.get("repetitions") or 1) for r in data)
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4.4))
     width = 0.38
-    for i, (resp, label, color) in enumerate(
-        (
-            ("strongswan", "strongSwan responder", "#888888"),
-            ("anywan", "anywan responder", "#1f77b4"),
+    for i, (resp, label, color) in enumerate(IKE_RESPONDERS):
+        rows = [
+            (j, r)
+            for j, g in enumerate(groups)
+            for r in data
+            if r["group"] == g and r["responder"] == resp
+        ]
+        if not rows:
+            continue
+        key = "responder_handshakes_per_cpu_s"
+        errs = [_spread_err(r, key) for _, r in rows]
+        ax.bar(
+            [j + (i - 0.5) * width for j, _ in rows],
+            [r[key] for _, r in rows],
+            width,
+            yerr=list(zip(*errs, strict=True)),
+            capsize=4,
+            label=label,
+            color=color,
         )
-    ):
-        xs, ys = [], []
-        for j, g in enumerate(groups):
-            r = next((x for x in data if x["group"] == g and x["responder"] == resp), None)
-            if r:
-                xs.append(j + (i - 0.5) * width)
-                ys.append(r["responder_handshakes_per_cpu_s"])
-        ax.bar(xs, ys, width, label=label, color=color)
-    ax.set_xticks(range(len(groups)), [g.upper() for g in groups])
-    ax.set_xlabel("DH group")
+        for k, (pct, hatch) in enumerate((("p50_ms", ""), ("p99_ms", "//"))):
+            w = width / 2
+            xs = [j + (i - 0.5) * width + (k - 0.5) * w for j, _ in rows]
+            errs = [_spread_err(r, pct) for _, r in rows]
+            lat.bar(
+                xs,
+                [r[pct] for _, r in rows],
+                w,
+                yerr=list(zip(*errs, strict=True)),
+                capsize=3,
+                color=color,
+                hatch=hatch,
+                edgecolor="white" if not hatch else "black",
+                label=f"{label}, {pct[:3]}",
+            )
+    for a in (ax, lat):
+        a.set_xticks(range(len(groups)), [g.upper() for g in groups])
+        a.set_xlabel("DH group")
+        a.grid(alpha=0.3, axis="y")
     ax.set_ylabel("handshakes per CPU-second of the responder")
-    ax.set_title(
-        "IKE_SA_INIT + IKE_AUTH, same initiator (one run each, no error bars)\n"
-        + _subtitle(results),
+    ax.set_title("Responder efficiency (higher is better)", fontsize=9)
+    ax.legend(fontsize=8)
+    lat.set_ylabel("IKE_SA_INIT + IKE_AUTH latency (ms)")
+    lat.set_title("Handshake latency seen by the initiator (lower is better)", fontsize=9)
+    lat.margins(y=0.3)  # room above the bars for the legend
+    lat.legend(fontsize=7, ncols=2, loc="upper left")
+    bars = (
+        f"error bars: min–max of {reps} repetitions" if reps > 1 else "one run each, no error bars"
+    )
+    fig.suptitle(
+        f"IKE_SA_INIT + IKE_AUTH, same initiator, {data[0].get('handshakes')} handshakes per "
+        f"run — {bars}\n" + _subtitle(results),
         fontsize=8,
     )
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
     _save(plt, fig, path)
     return True
 

@@ -49,6 +49,28 @@ def spread(row: dict[str, Any]) -> str:
     return num(row["median"])
 
 
+def stat(row: dict[str, Any], key: str) -> str:
+    """``row[key]`` as ``median (min–max)`` when the suite repeated it (the
+    row's ``spread[key]``: ``bench.ike``, ``bench.codec``), else the plain
+    number (results written before the suites repeated)."""
+    value = row.get(key)
+    if not isinstance(value, int | float):
+        return "—"
+    sp = (row.get("spread") or {}).get(key)
+    if isinstance(sp, dict) and len(sp.get("values") or ()) > 1:
+        return f"{num(value)} ({num(sp.get('min'))}–{num(sp.get('max'))})"
+    return num(value)
+
+
+def reps_note(rows: list[dict[str, Any]]) -> str:
+    """'median (min–max) of N repetitions' for a table, or '' (one run)."""
+    counts = sorted({int(r.get("repetitions") or 1) for r in rows})
+    if not counts or counts[-1] <= 1:
+        return "one run each (no repetitions in this result)"
+    n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    return f"median (min–max) of {n} repetitions"
+
+
 def ratio(x: float | None) -> str:
     return "—" if x is None else f"{x:.2f}×"
 
@@ -309,22 +331,30 @@ def codec_md(results: dict[str, Any]) -> str:
     res, out = opened
     data = res.get("data") or {}
     rows = data.get("rows", [])
+    if not rows:
+        return "\n".join(out)
     meta = data.get("meta", {})
-    out.append(
-        f"ns/packet, median of {meta.get('rounds')} rounds of {meta.get('iterations')} calls; "
-        "ratio to the bare call named in 'anchor', interleaved in the same run.\n"
+    spreads = (
+        " (min–max)" if any((r.get("spread") or {}).get("ns_per_packet") for r in rows) else ""
     )
     out.append(
+        f"ns/packet, median{spreads} of {meta.get('rounds')} interleaved rounds of "
+        f"{meta.get('iterations')} calls; ratio of the medians to the bare call named in "
+        f"'anchor' (its own median{spreads} in 'anchor ns'), measured in the same rounds.\n"
+    )
+    bare = {(r.get("case"), r.get("size")): r for r in rows if r.get("suite") == "bare"}
+    out.append(
         table(
-            ["suite", "case", "size B", "op", "ns/packet", "anchor", "ratio"],
+            ["suite", "case", "size B", "op", "ns/packet", "anchor", "anchor ns", "ratio"],
             [
                 [
                     str(r.get("suite")),
                     str(r.get("case")),
                     str(r.get("size")),
                     str(r.get("op")),
-                    num(r.get("ns_per_packet")),
+                    stat(r, "ns_per_packet"),
                     str(r.get("baseline")),
+                    stat(bare.get((r.get("baseline"), r.get("size"))) or {}, "ns_per_packet"),
                     ratio(r.get("ratio")),
                 ]
                 for r in rows
@@ -409,6 +439,15 @@ def worker_md(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+IKE_VS_METRICS = (
+    ("responder_handshakes_per_cpu_s", "handshakes per responder CPU-second"),
+    ("handshakes_per_s_wall", "handshakes/s, wall clock"),
+    ("p50_ms", "p50 handshake latency, ms"),
+    ("p99_ms", "p99 handshake latency, ms"),
+    ("responder_rss_growth_per_sa", "responder RSS growth, bytes per IKE SA"),
+)
+
+
 def ike_md(results: dict[str, Any]) -> str:
     res = _step(results, "ike", "ike")
     vs = _step(results, "ike", "ike-vs-strongswan")
@@ -422,18 +461,19 @@ def ike_md(results: dict[str, Any]) -> str:
     data = (res or {}).get("data") or {}
     if data.get("rates"):
         out.append(
-            "In memory, one core, CPU time: our initiator and our responder in one process.\n"
+            "In memory, one core, CPU time: our initiator and our responder in one process; "
+            f"{reps_note(data['rates'])} of {data['rates'][0].get('handshakes')} handshakes.\n"
         )
         out.append(
             table(
                 ["DH group", "pair handshakes/s", "responder handshakes/s", "p50 ms", "p99 ms"],
                 [
                     [
-                        r["group"],
-                        num(r["pair_handshakes_per_s"]),
-                        num(r["responder_handshakes_per_s"]),
-                        num(r["p50_ms"]),
-                        num(r["p99_ms"]),
+                        str(r.get("group")),
+                        stat(r, "pair_handshakes_per_s"),
+                        stat(r, "responder_handshakes_per_s"),
+                        stat(r, "p50_ms"),
+                        stat(r, "p99_ms"),
                     ]
                     for r in data["rates"]
                 ],
@@ -441,13 +481,17 @@ def ike_md(results: dict[str, Any]) -> str:
         )
     if data.get("memory"):
         out.append(
+            "Memory per established IKE SA (with its Child SA) in our responder, a fresh "
+            f"process per measurement; {reps_note(data['memory'])}.\n"
+        )
+        out.append(
             table(
                 ["IKE SAs", "RSS bytes/SA", "Python heap bytes/SA"],
                 [
                     [
                         str(m.get("ike_sas")),
-                        num(m.get("rss_bytes_per_sa")),
-                        num(m.get("python_heap_bytes_per_sa")),
+                        stat(m, "rss_bytes_per_sa"),
+                        stat(m, "python_heap_bytes_per_sa"),
                     ]
                     for m in data["memory"]
                 ],
@@ -455,45 +499,137 @@ def ike_md(results: dict[str, Any]) -> str:
         )
     vdata = (vs or {}).get("data") or {}
     if vdata.get("vs_strongswan"):
+        rows = vdata["vs_strongswan"]
+        by = {(r.get("group"), r.get("responder")): r for r in rows}
+        n = rows[0].get("handshakes")
         out.append(
             "Over UDP in a namespace, the same initiator against strongSwan's responder and "
-            "ours in turn; handshakes per second of responder CPU (from /proc), wall-clock "
-            "rate, latency, RSS growth per SA. Ratio: anywan ÷ strongSwan.\n"
+            f"ours in turn, {n} handshakes per run, a fresh responder each run; "
+            f"{reps_note(rows)}. Responder CPU and RSS growth from /proc. "
+            "Ratio: anywan ÷ strongSwan, of the medians (for latency and memory, below "
+            "1× is better).\n"
         )
-        by = {(r["group"], r["responder"]): r for r in vdata["vs_strongswan"]}
         body = []
-        for g in sorted({r["group"] for r in vdata["vs_strongswan"]}):
+        for g in sorted({str(r.get("group")) for r in rows}):
             sw, aw = by.get((g, "strongswan")), by.get((g, "anywan"))
             if not sw or not aw:
                 continue
-            k = "responder_handshakes_per_cpu_s"
-            body.append(
-                [
-                    g,
-                    f"{num(aw[k])} / {num(sw[k])}",
-                    ratio(aw[k] / sw[k] if sw[k] else None),
-                    f"{num(aw['handshakes_per_s_wall'])} / {num(sw['handshakes_per_s_wall'])}",
-                    f"{num(aw['p99_ms'])} / {num(sw['p99_ms'])}",
-                    f"{num(aw['responder_rss_growth_per_sa'])} / "
-                    f"{num(sw['responder_rss_growth_per_sa'])}",
-                    f"{aw['handshakes']}",
-                ]
-            )
-        out.append(
-            table(
-                [
-                    "group",
-                    "per CPU-s anywan / sS",
-                    "ratio",
-                    "wall /s anywan / sS",
-                    "p99 ms anywan / sS",
-                    "RSS B/SA anywan / sS",
-                    "handshakes",
-                ],
-                body,
-            )
-        )
+            for key, label in IKE_VS_METRICS:
+                a, b = aw.get(key), sw.get(key)
+                body.append(
+                    [
+                        g,
+                        label,
+                        stat(aw, key),
+                        stat(sw, key),
+                        ratio(a / b if isinstance(a, int | float) and b else None),
+                    ]
+                )
+        failed = [
+            f"{r.get('group')} {r.get('responder')}: {r['failed']}" for r in rows if r.get("failed")
+        ]
+        out.append(table(["group", "metric", "anywan", "strongSwan", "anywan ÷ sS"], body))
+        if failed:
+            out.append("Handshakes that failed (not counted in the rates): " + "; ".join(failed))
     return "\n".join(out)
+
+
+SA_PROPAGATION_KEYS = ("sa_propagation", "sa_usable", "ike_to_usable", "propagation_sa")
+N_KEYS = ("workers", "n_workers", "n", "N", "subscribers")
+
+
+def _first_key(row: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    return next((k for k in names if isinstance(row.get(k), int | float)), None)
+
+
+def _prefixed(row: dict[str, Any], prefix: str) -> str | None:
+    """``p99_ms`` (or ``p99``, ``p99_us``…): the first numeric key with that prefix."""
+    for k in (f"{prefix}_ms", prefix):
+        if isinstance(row.get(k), int | float):
+            return k
+    return next(
+        (k for k, v in row.items() if k.startswith(prefix) and isinstance(v, int | float)), None
+    )
+
+
+def sa_propagation_rows(data: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The "IKE_AUTH done → SA usable on N workers" rows of a replication
+    result, read tolerantly: a list of dicts (or a dict keyed by N) under
+    one of ``SA_PROPAGATION_KEYS`` (or any key naming an SA and propagation
+    or usability), each with a worker count (``N_KEYS``) and ``p50*``/``p99*``
+    numbers; None when the result has none."""
+    key = next((k for k in SA_PROPAGATION_KEYS if data.get(k)), None)
+    if key is None:
+        key = next(
+            (
+                k
+                for k in data
+                if "sa" in k.lower().split("_")
+                and ("propagation" in k.lower() or "usable" in k.lower())
+                and data[k]
+            ),
+            None,
+        )
+    if key is None:
+        return None
+    raw = data[key]
+    if isinstance(raw, dict):
+        rows = raw.get("rows") if isinstance(raw.get("rows"), list) else None
+        if rows is None:
+            rows = [
+                {"workers": int(n), **v}
+                for n, v in raw.items()
+                if isinstance(v, dict) and str(n).isdigit()
+            ]
+    else:
+        rows = raw if isinstance(raw, list) else []
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def sa_propagation_md(data: dict[str, Any]) -> list[str]:
+    rows = sa_propagation_rows(data)
+    if rows is None:
+        return []
+    out = [
+        "SA propagation: from IKE_AUTH done at control to the Child SA usable on all N "
+        "workers; ratio: p99 ÷ p99 with N = 1 (same run).\n"
+    ]
+    body = []
+    base = None
+    for r in rows:
+        nk, k99 = _first_key(r, N_KEYS), _prefixed(r, "p99")
+        if nk is not None and r[nk] == 1 and k99:
+            base = r[k99]
+    for r in rows:
+        nk, k50, k99 = _first_key(r, N_KEYS), _prefixed(r, "p50"), _prefixed(r, "p99")
+        sp = (r.get("spread") or {}).get(k99 or "") if k99 else None
+        if isinstance(sp, dict) and sp.get("values"):
+            spread_cell = (
+                f"p99 {num(sp.get('min'))}–{num(sp.get('max'))} over {len(sp['values'])} reps"
+            )
+        elif isinstance(r.get("min_ms"), int | float) and isinstance(r.get("max_ms"), int | float):
+            spread_cell = f"{num(r['min_ms'])}–{num(r['max_ms'])} ms (all samples)"
+        elif isinstance(r.get("max_ms"), int | float):
+            spread_cell = f"max {num(r['max_ms'])} ms"
+        else:
+            spread_cell = "—"
+        samples = r.get("samples", r.get("count", r.get("n_samples")))
+        if isinstance(samples, int) and not isinstance(samples, bool):
+            spread_cell += f", {samples} samples"
+        p99 = r.get(k99) if k99 else None
+        body.append(
+            [
+                str(r.get(nk)) if nk else "?",
+                stat(r, k50) if k50 else "—",
+                stat(r, k99) if k99 else "—",
+                spread_cell,
+                ratio(p99 / base if isinstance(p99, int | float) and base else None),
+            ]
+        )
+    k99 = next((k for r in rows if (k := _prefixed(r, "p99"))), "p99_ms")
+    unit = {"us": "µs", "s": "s", "ns": "ns"}.get(k99.rsplit("_", 1)[-1], "ms")
+    out.append(table(["workers N", f"p50 {unit}", f"p99 {unit}", "spread", "p99 ÷ N=1"], body))
+    return out
 
 
 def replication_md(results: dict[str, Any]) -> str:
@@ -525,6 +661,7 @@ def replication_md(results: dict[str, Any]) -> str:
                 ],
             )
         )
+    out += sa_propagation_md(data)
     snap = data.get("snapshot", [])
     if snap:
         base = snap[0]
@@ -570,6 +707,43 @@ def replication_md(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+PROFILE_TITLE = "## Per-stage profile of one worker (`bench.profile`)\n"
+
+
+def profile_md(results: dict[str, Any]) -> str:
+    """The profile suite's section, written by ``bench.profile.markdown(data)``.
+    That module is optional here: when it is missing, or its ``markdown()``
+    raises, the section says so in one line instead of failing the report."""
+    res = _step(results, "profile", "profile")
+    if res is None:
+        return ""
+    note = _status_note(res, "profile")
+    data = res.get("data")
+    if res.get("status") != "ok" or not isinstance(data, dict):
+        return "\n".join([PROFILE_TITLE, note or "**profile suite: no result**\n"])
+    if data.get("skipped"):
+        return "\n".join([PROFILE_TITLE, note or ""])
+    try:
+        from bench import profile
+    except Exception as exc:  # not written yet, or broken: say so, keep the report
+        return (
+            f"{PROFILE_TITLE}\n**profile suite: not available** "
+            f"(bench.profile: {exc.__class__.__name__}: {str(exc)[:200]})\n"
+        )
+    try:
+        lines = [str(x) for x in profile.markdown(data)]
+    except Exception as exc:
+        return (
+            f"{PROFILE_TITLE}\n**profile suite: failed to render** "
+            f"(bench.profile.markdown: {exc.__class__.__name__}: {str(exc)[:200]})\n"
+        )
+    if not lines or not lines[0].startswith("#"):
+        lines.insert(0, PROFILE_TITLE.rstrip("\n"))
+    if note:  # a retried step: say so under the heading
+        lines.insert(1, "\n" + note)
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     pk = m.get("packages", {})
@@ -594,6 +768,7 @@ def markdown(results: dict[str, Any]) -> str:
         throughput_md(results),
         failover_md(results),
         worker_md(results),
+        profile_md(results),
         codec_md(results),
         ike_md(results),
         replication_md(results),

@@ -11,6 +11,9 @@ codec      ESP/GRE codec ns/packet (``bench.codec``)             bare AESGCM.enc
 worker     the worker's packet path from memory, 1 and 2         bare codec call; one
            processes (``bench.worker``); full run: two real      process
            workers back to back through the kernel (--network)
+profile    per-stage CPU profile (TUN, crypto, socket, Python)   share of the loop
+           of one worker carrying iperf3 from strongSwan sites   thread's samples; ns
+           (``bench.profile``; root, Linux ``perf``)             per packet carried
 ike        handshakes/s, p50/p99, memory per IKE SA              strongSwan responder,
            (``bench.ike``; and ``--strongswan``: one initiator    same initiator
            against strongSwan's responder and ours over UDP)
@@ -36,8 +39,10 @@ ratio, median and min–max over the repetitions) and PNG plots
 (:mod:`bench.plot`); ``bench/results/latest`` points at it.
 
 ``--quick`` runs every suite for a few seconds (CI runs it; no thresholds).
-The throughput and failover suites need root (network namespaces); without
-root they are recorded as skipped.
+The throughput, failover and profile suites need root (network namespaces);
+without root they are recorded as skipped. The ike suite repeats every
+measurement (3 times, 2 with ``--quick``) and codec interleaves 7 rounds (3),
+so their tables show median (min–max) too.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-ORDER = ("codec", "worker", "ike", "replication", "throughput", "failover")
+ORDER = ("codec", "worker", "profile", "ike", "replication", "throughput", "failover")
 
 
 @dataclass
@@ -97,6 +102,13 @@ def steps_for(suite: str, quick: bool) -> list[Step]:
                 )
             )
         return steps
+    if suite == "profile":
+        if not (HERE / "profile.py").exists():
+            # recorded, not failed: this tree has no bench/profile.py
+            why = {"skipped": "not available: bench/profile.py is not in this tree"}
+            write = f"import json, sys; json.dump({why!r}, open(sys.argv[1], 'w'))"
+            return [Step("profile", [sys.executable, "-c", write, "{json}"], "file", 30.0)]
+        return [Step("profile", [*py, "bench.profile", *q, "--json", "{json}"], "file", long)]
     if suite == "ike":
         steps = [Step("ike", [*py, "bench.ike", *q, "--json", "{json}"], "file", long)]
         if os.geteuid() == 0:
@@ -104,7 +116,7 @@ def steps_for(suite: str, quick: bool) -> list[Step]:
             steps.append(
                 Step(
                     "ike-vs-strongswan",
-                    [*py, "bench.ike", "--strongswan", n, "--json", "{json}"],
+                    [*py, "bench.ike", "--strongswan", n, *q, "--json", "{json}"],
                     "file",
                     long,
                 )

@@ -5,6 +5,7 @@ its reason and never a number."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,7 @@ def test_markdown_has_ratios_spreads_and_reasons() -> None:
     )
     assert "not run: worker exited 2" in md
     assert "**codec: exit 1**" in md and "boom" in md
+    assert "ns/packet, median of None" not in md  # a failed suite: no empty table
     assert "Test CPU, 2 cores" in md
     assert "7 (5–220)" in md  # failover: median and min–max over repetitions
 
@@ -196,3 +198,221 @@ def test_a_retried_step_says_so() -> None:
     md = report.markdown(res)
     assert "first attempt failed (exit 1: OSError: Address already in use); retried" in md
     assert "| AES-256-GCM | 0.6 (0.5–0.7)" in md  # the retried step's numbers still shown
+
+
+# --------------------------------------------------------------------------
+# repetitions (ike, codec), the profile suite, SA propagation
+# --------------------------------------------------------------------------
+
+COMMITTED = Path(__file__).resolve().parents[2] / "bench/results/20261129T030112Z"
+
+
+def test_the_committed_run_still_renders_and_plots(tmp_path: Path) -> None:
+    """Results written before ike/codec repeated (plain numbers, no spread)
+    keep rendering: same numbers, marked as single runs, no crash."""
+    results = json.loads((COMMITTED / "results.json").read_text())
+    md = report.markdown(results)
+    assert "| ecp384 | 700 | 1435 | 1.41 | 1.81 |" in md
+    assert "one run each (no repetitions in this result)" in md
+    assert "| ecp384 | handshakes per responder CPU-second | 1031 | 426 | 2.42× |" in md
+    assert "| esp | aes128gcm16 | 1400 | encap | 941 | bare-gcm128 | 541 | 1.74× |" in md
+    assert "Per-stage profile" not in md  # that run had no profile suite
+    made = plot.make_all(results, tmp_path)
+    assert "ike.png" in made and "throughput.png" in made
+
+
+def _ike_run(**kw: float) -> dict[str, Any]:
+    base = {
+        "wall_s": 2.0,
+        "p50_ms": 2.0,
+        "p99_ms": 3.0,
+        "responder_cpu_s": 1.0,
+        "responder_handshakes_per_cpu_s": 1000.0,
+        "handshakes_per_s_wall": 500.0,
+        "responder_rss_growth_per_sa": 8000.0,
+    }
+    return {**base, **kw}
+
+
+def repeated_ike() -> dict[str, Any]:
+    from bench import ike
+
+    aw = [
+        _ike_run(responder_handshakes_per_cpu_s=v, p99_ms=p)
+        for v, p in ((900.0, 2.5), (1000.0, 9.0), (1500.0, 3.0))
+    ]
+    sw = [
+        _ike_run(responder_handshakes_per_cpu_s=v, p99_ms=p)
+        for v, p in ((400.0, 4.0), (500.0, 6.0), (450.0, 5.0))
+    ]
+    vs = []
+    for resp, runs in (("strongswan", sw), ("anywan", aw)):
+        row = ike.repeated(runs, ike.VS_KEYS)
+        row.update(group="ecp384", responder=resp, handshakes=1000, failed=0)
+        vs.append(row)
+    rate = [
+        {
+            "pair_handshakes_per_s": v,
+            "pair_handshakes_per_s_wall": v,
+            "responder_handshakes_per_s": 2 * v,
+            "responder_ms_per_handshake": 1000 / (2 * v),
+            "p50_ms": 1.4,
+            "p99_ms": p99,
+        }
+        for v, p99 in ((700.0, 1.8), (650.0, 2.6), (720.0, 1.7))
+    ]
+    mem = [
+        {"rss_bytes_per_sa": r, "python_heap_bytes_per_sa": 5700.0}
+        for r in (23000.0, 24000.0, 23500.0)
+    ]
+    res = synthetic()
+    res["suites"]["ike"] = {
+        "ike": {
+            "status": "ok",
+            "data": {
+                "rates": [
+                    {"group": "ecp384", "handshakes": 1000, **ike.repeated(rate, ike.RATE_KEYS)}
+                ],
+                "memory": [{"ike_sas": 1000, **ike.repeated(mem, ike.MEMORY_KEYS)}],
+            },
+        },
+        "ike-vs-strongswan": {"status": "ok", "data": {"vs_strongswan": vs}},
+    }
+    return res
+
+
+def test_ike_repetitions_show_median_and_spread_ratio_of_medians(tmp_path: Path) -> None:
+    res = repeated_ike()
+    vs = res["suites"]["ike"]["ike-vs-strongswan"]["data"]["vs_strongswan"]
+    aw = next(r for r in vs if r["responder"] == "anywan")
+    assert aw["responder_handshakes_per_cpu_s"] == 1000.0  # the median, not the mean
+    assert aw["spread"]["p99_ms"] == {"min": 2.5, "max": 9.0, "values": [2.5, 9.0, 3.0]}
+    md = report.markdown(res)
+    # ratio on the medians: 1000 / 450 (the mean ratio would be 1133 / 450)
+    assert (
+        "| ecp384 | handshakes per responder CPU-second | 1000 (900–1500) | 450 (400–500) "
+        "| 2.22× |" in md
+    )
+    assert "| ecp384 | p99 handshake latency, ms | 3 (2.5–9) | 5 (4–6) | 0.60× |" in md
+    assert "| ecp384 | 700 (650–720) | 1400 (1300–1440) | 1.4 (1.4–1.4) | 1.8 (1.7–2.6) |" in md
+    assert "| 1000 | 23500 (23000–24000) | 5700 (5700–5700) |" in md
+    assert md.count("median (min–max) of 3 repetitions") == 3
+    made = plot.make_all(res, tmp_path)
+    assert "ike.png" in made
+    assert (tmp_path / "ike.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_codec_rows_carry_min_max_of_the_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import codec
+
+    assert codec.main(["--suite", "gre", "--iterations", "20", "--rounds", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rows = data["rows"]
+    bare = {(r["case"], r["size"]): r for r in rows if r["suite"] == "bare"}
+    for r in rows:
+        sp = r["spread"]["ns_per_packet"]
+        assert r["repetitions"] == 3 and len(sp["values"]) == 3
+        assert sp["min"] <= r["ns_per_packet"] <= sp["max"]
+        anchor = bare[(r["baseline"], r["size"])]["ns_per_packet"]
+        assert r["ratio"] == pytest.approx(r["ns_per_packet"] / anchor, rel=2e-3, abs=0.01)
+    res = synthetic()
+    res["suites"]["codec"] = {"codec": {"status": "ok", "data": data}}
+    md = report.markdown(res)
+    enc = next(r for r in rows if r["case"] == "gre" and r["op"] == "encap" and r["size"] == 64)
+    sp = enc["spread"]["ns_per_packet"]
+    cell = f"{report.num(enc['ns_per_packet'])} ({report.num(sp['min'])}–{report.num(sp['max'])})"
+    assert f"| gre | gre | 64 | encap | {cell} | bare-copy |" in md
+    assert "median (min–max) of 3 interleaved rounds" in md
+
+
+def _with_profile(step: dict[str, Any]) -> dict[str, Any]:
+    res = synthetic()
+    res["suites"]["profile"] = {"profile": step}
+    return res
+
+
+def test_profile_section_never_breaks_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    ok = {"status": "ok", "data": {"rows": [], "config": {}}}
+    # the module is missing (not written yet): one clear line
+    monkeypatch.setitem(sys.modules, "bench.profile", None)
+    md = report.markdown(_with_profile(ok))
+    assert "**profile suite: not available** (bench.profile: ModuleNotFoundError" in md
+    assert "| AES-256-GCM | 0.6 (0.5–0.7)" in md  # the rest of the report is there
+    # its markdown() raises
+    broken = types.ModuleType("bench.profile")
+
+    def boom(result: dict[str, Any]) -> list[str]:
+        raise KeyError("stages")
+
+    broken.markdown = boom  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bench.profile", broken)
+    md = report.markdown(_with_profile(ok))
+    assert "**profile suite: failed to render** (bench.profile.markdown: KeyError" in md
+    # it works: its lines are the section, after the worker section
+    fine = types.ModuleType("bench.profile")
+    fine.markdown = lambda result: ["## Per-stage profile (`bench.profile`)", "", "| x |"]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bench.profile", fine)
+    md = report.markdown(_with_profile(ok))
+    assert "## Per-stage profile (`bench.profile`)\n\n| x |" in md
+    # the step failed or was skipped (no root): said so, no number
+    md = report.markdown(_with_profile({"status": "exit 1", "data": None, "tail": ["perf: x"]}))
+    assert "## Per-stage profile of one worker" in md and "**profile: exit 1** (perf: x)" in md
+    md = report.markdown(_with_profile({"status": "ok", "data": {"skipped": "needs root"}}))
+    assert "**profile: skipped** — needs root" in md
+
+
+def test_profile_suite_is_wired_after_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bench import run
+
+    assert run.ORDER.index("profile") == run.ORDER.index("worker") + 1
+    (step,) = run.steps_for("profile", quick=True)
+    assert step.argv[2:] == ["bench.profile", "--quick", "--json", "{json}"]
+    # a tree without bench/profile.py records the suite as not available
+    monkeypatch.setattr(run, "HERE", tmp_path)
+    (step,) = run.steps_for("profile", quick=True)
+    out = run.run_step(step, run.Progress(1, stream=io.StringIO()), "[1/1]", tmp_path)
+    assert out["status"] == "ok"
+    assert out["data"]["skipped"].startswith("not available: bench/profile.py")
+    md = report.markdown(_with_profile(out))
+    assert "**profile: skipped** — not available: bench/profile.py is not in this tree" in md
+
+
+def _replication(extra: dict[str, Any]) -> dict[str, Any]:
+    res = synthetic()
+    res["suites"]["replication"] = {"replication": {"status": "ok", "data": extra}}
+    return res
+
+
+def test_sa_propagation_table_reads_the_shapes_it_may_get() -> None:
+    rows = [
+        {"workers": 1, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0, "min_ms": 0.5, "samples": 200},
+        {"workers": 4, "p50_ms": 1.5, "p99_ms": 4.0, "max_ms": 6.0, "min_ms": 0.7, "samples": 200},
+        {
+            "workers": 16,
+            "p50_ms": 3.0,
+            "p99_ms": 10.0,
+            "repetitions": 3,
+            "spread": {"p99_ms": {"min": 8.0, "max": 12.0, "values": [8.0, 10.0, 12.0]}},
+        },
+    ]
+    md = report.markdown(_replication({"sa_propagation": rows}))
+    assert "IKE_AUTH done" in md
+    assert "| 1 | 1 | 2 | 0.5–3 ms (all samples), 200 samples | 1.00× |" in md
+    assert "| 4 | 1.5 | 4 | 0.7–3 ms" not in md  # each row its own spread
+    assert "| 4 | 1.5 | 4 | 0.7–6 ms (all samples), 200 samples | 2.00× |" in md
+    assert "| 16 | 3 | 10.0 (8–12.0) | p99 8–12.0 over 3 reps | 5.00× |" in md
+    # keyed by N, other names
+    md = report.markdown(
+        _replication(
+            {"sa_usable_on_workers": {"1": {"p50": 0.2, "p99": 0.4}, "4": {"p50": 0.3, "p99": 1.2}}}
+        )
+    )
+    assert "| 1 | 0.2 | 0.4 | — | 1.00× |" in md and "| 4 | 0.3 | 1.2 | — | 3.00× |" in md
+    # absent: no table, and garbage does not crash
+    assert "IKE_AUTH done" not in report.markdown(_replication({"propagation": []}))
+    report.markdown(_replication({"sa_propagation": [{"workers": "x"}, 3, None]}))
