@@ -345,29 +345,83 @@ def ike_figure(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def _rep_err(row: dict[str, Any], key: str, reps_key: str) -> tuple[float, float]:
+    """Error bar around ``row[key]`` spanning the per-repetition values in
+    ``row[reps_key]`` (bench.replication's ``rep_p99_ms``), else ``spread``."""
+    vals = [x for x in row.get(reps_key) or [] if isinstance(x, int | float)]
+    if vals:
+        return (max(row[key] - min(vals), 0.0), max(max(vals) - row[key], 0.0))
+    return _spread_err(row, key)
+
+
 def replication_figure(results: dict[str, Any], path: Path) -> bool:
+    """set() → applied latency by subscriber count; and, when the result has
+    it, IKE_AUTH done → SA usable on N workers (error bars: the range of the
+    per-repetition p50/p99)."""
+    from bench.report import N_KEYS, _first_key, sa_propagation_rows
+
     step = results.get("suites", {}).get("replication", {}).get("replication") or {}
-    prop = (step.get("data") or {}).get("propagation") or []
-    if not prop:
+    data = step.get("data") or {}
+    prop = data.get("propagation") or []
+    sa = [
+        r
+        for r in sa_propagation_rows(data) or []
+        if _first_key(r, N_KEYS) and isinstance(r.get("p99_ms"), int | float)
+    ]
+    if not prop and not sa:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    ns = [p["subscribers"] for p in prop]
-    for key, label, style in (
-        ("p50_ms", "p50", "o-"),
-        ("p99_ms", "p99", "s-"),
-        ("max_ms", "max", "^--"),
-    ):
-        ax.plot(ns, [p[key] for p in prop], style, label=label)
-    ax.axhline(10, color="red", linewidth=0.8, linestyle=":", label="goal p99 10 ms")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.set_xlabel("subscriber processes")
-    ax.set_ylabel("set() → applied latency (ms)")
-    ax.set_yscale("log")
-    ax.set_title("Replication propagation at 1000 updates/s\n" + _subtitle(results), fontsize=8)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(
+        1,
+        int(bool(prop)) + int(bool(sa)),
+        figsize=(6 * (1 + bool(prop and sa)), 4.2),
+        squeeze=False,
+    )
+    panels = list(axes[0])
+    if prop:
+        ax = panels.pop(0)
+        ns = [p["subscribers"] for p in prop]
+        for key, label, style in (
+            ("p50_ms", "p50", "o-"),
+            ("p99_ms", "p99", "s-"),
+            ("max_ms", "max", "^--"),
+        ):
+            ax.plot(ns, [p[key] for p in prop], style, label=label)
+        ax.axhline(10, color="red", linewidth=0.8, linestyle=":", label="goal p99 10 ms")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("subscriber processes")
+        ax.set_ylabel("set() → applied latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title("Bus propagation at 1000 updates/s", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if sa:
+        ax = panels.pop(0)
+        ns = [r[_first_key(r, N_KEYS) or "subscribers"] for r in sa]
+        for key, label, style in (("p50_ms", "p50", "o-"), ("p99_ms", "p99", "s-")):
+            if not all(isinstance(r.get(key), int | float) for r in sa):
+                continue
+            errs = [_rep_err(r, key, f"rep_{key}") for r in sa]
+            ax.errorbar(
+                ns,
+                [r[key] for r in sa],
+                yerr=list(zip(*errs, strict=True)),
+                fmt=style,
+                capsize=4,
+                label=f"{label} (bars: range over repetitions)",
+            )
+        if all(isinstance(r.get("max_ms"), int | float) for r in sa):
+            ax.plot(ns, [r["max_ms"] for r in sa], "^--", label="max")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_xlabel("worker processes N")
+        ax.set_ylabel("IKE_AUTH response → SA usable on all N (ms)")
+        ax.set_yscale("log")
+        ax.set_title("SA propagation from IKE_AUTH", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Replication\n" + _subtitle(results), fontsize=8)
     _save(plt, fig, path)
     return True
 

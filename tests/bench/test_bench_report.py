@@ -388,7 +388,54 @@ def _replication(extra: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
-def test_sa_propagation_table_reads_the_shapes_it_may_get() -> None:
+def _sa_row(n: int, p50: float, p99: float, rep99: list[float]) -> dict[str, Any]:
+    """The shape bench.replication writes under ``sa_propagation``."""
+    return {
+        "subscribers": n,
+        "handshakes": 300,
+        "child_sas": 300,
+        "reps": 3,
+        "interval_s": 0.02,
+        "not_usable_everywhere": 0,
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "max_ms": 2 * p99,
+        "rep_p50_ms": [p50 * 0.9, p50, p50 * 1.2],
+        "rep_p99_ms": rep99,
+        "first_worker_p50_ms": p50 / 2,
+        "first_worker_p99_ms": p99 / 2,
+        "published_p50_ms": 0.4,
+        "published_p99_ms": 0.9,
+        "bus_p50_ms": p50 - 0.4,
+        "bus_p99_ms": p99 - 0.9,
+        "handler_p50_ms": {"ChildSaInstalled": 0.3},
+        "handler_p99_ms": {"ChildSaInstalled": 0.8},
+        "gaps": 0,
+        "apply_errors": 0,
+    }
+
+
+def test_sa_propagation_table_from_the_replication_result(tmp_path: Path) -> None:
+    rows = [
+        _sa_row(1, 1.0, 2.0, [1.8, 2.0, 2.5]),
+        _sa_row(4, 1.5, 4.0, [3.0, 4.0, 4.4]),
+        _sa_row(16, 3.0, 12.0, [8.0, 12.0, 13.0]),
+    ]
+    md = report.markdown(_replication({"sa_propagation": rows, "propagation": []}))
+    assert "IKE_AUTH response" in md and "300 Child SAs in 3 repetitions" in md
+    assert (
+        "| workers N | p50 ms | p99 ms | spread | first worker p50 | → published p99 "
+        "| bus + apply p99 | not usable on all | p99 ÷ N=1 |" in md
+    )
+    assert "| 1 | 1 | 2 | p50 0.9–1.2, p99 1.8–2.5 over 3 reps; max 4 | 0.5 | 0.9 | 1.1 | 0 " in md
+    assert "| 16 | 3 | 12.0 | p50 2.7–3.6, p99 8–13.0 over 3 reps; max 24.0 |" in md
+    assert md.rstrip().endswith("| 6.00× |")  # 12 / 2, the same run's N = 1
+    res = _replication({"sa_propagation": rows})
+    assert "replication.png" in plot.make_all(res, tmp_path)
+    assert (tmp_path / "replication.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sa_propagation_table_reads_other_shapes() -> None:
     rows = [
         {"workers": 1, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 3.0, "min_ms": 0.5, "samples": 200},
         {"workers": 4, "p50_ms": 1.5, "p99_ms": 4.0, "max_ms": 6.0, "min_ms": 0.7, "samples": 200},
@@ -401,10 +448,8 @@ def test_sa_propagation_table_reads_the_shapes_it_may_get() -> None:
         },
     ]
     md = report.markdown(_replication({"sa_propagation": rows}))
-    assert "IKE_AUTH done" in md
-    assert "| 1 | 1 | 2 | 0.5–3 ms (all samples), 200 samples | 1.00× |" in md
-    assert "| 4 | 1.5 | 4 | 0.7–3 ms" not in md  # each row its own spread
-    assert "| 4 | 1.5 | 4 | 0.7–6 ms (all samples), 200 samples | 2.00× |" in md
+    assert "| 1 | 1 | 2 | all samples 0.5–3; 200 samples | 1.00× |" in md
+    assert "| 4 | 1.5 | 4 | all samples 0.7–6; 200 samples | 2.00× |" in md
     assert "| 16 | 3 | 10.0 (8–12.0) | p99 8–12.0 over 3 reps | 5.00× |" in md
     # keyed by N, other names
     md = report.markdown(
@@ -414,5 +459,5 @@ def test_sa_propagation_table_reads_the_shapes_it_may_get() -> None:
     )
     assert "| 1 | 0.2 | 0.4 | — | 1.00× |" in md and "| 4 | 0.3 | 1.2 | — | 3.00× |" in md
     # absent: no table, and garbage does not crash
-    assert "IKE_AUTH done" not in report.markdown(_replication({"propagation": []}))
+    assert "IKE_AUTH response" not in report.markdown(_replication({"propagation": []}))
     report.markdown(_replication({"sa_propagation": [{"workers": "x"}, 3, None]}))
