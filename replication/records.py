@@ -417,7 +417,7 @@ class ReplayCheckpoint:
 
 _NODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 HANDOFF_KEY_BYTES = 32
-"""AES-256-GCM key of a worker's cross-node handoff socket."""
+"""AES-256-GCM key of a node's cross-node handoff endpoint."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,11 +425,13 @@ class WorkerRecord:
     """A live worker, as control sees it from its bus acks (DESIGN §5).
 
     Workers elect the owner of a replay-protected SA by rendezvous hashing
-    over these records, and a non-owner on another node hands the owner the
-    cleartext as AES-256-GCM datagrams to ``handoff_addr``:``handoff_port``
-    (the worker's address on the node's cluster network) under
-    ``handoff_key``, the receiving worker's own random key. The key travels
-    like SA keys (CURVE bus, process memory); ``__repr__`` hides it."""
+    over the nodes these records name, then over the owner node's workers;
+    a non-owner on another node hands the cleartext to the owner's node as
+    AES-256-GCM datagrams to ``handoff_addr``:``handoff_port`` (the node's
+    address on its cluster network, a port all its workers share) under
+    ``handoff_key``, the node's random key (its workers share it). The key
+    travels like SA keys (CURVE bus, memory; on the node a 0600 file);
+    ``__repr__`` hides it."""
 
     kind_name: ClassVar[str] = "worker"
 
