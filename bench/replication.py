@@ -268,6 +268,50 @@ def child_usable(args: argparse.Namespace) -> int:
     return 0
 
 
+def child_forwarder(args: argparse.Namespace) -> int:
+    """A per-node forwarder process (``replication.forwarder``): one CURVE
+    subscription upstream, re-served on loopback to the node's subscribers
+    (downstream server key = the bench's server key, same client allow-list).
+    Prints its endpoints, then its CPU time once the end marker went through."""
+    from replication.forwarder import Forwarder
+
+    server_public, server_secret = load_secret(args.keys / "server.key")
+    public, secret = load_secret(args.keys / "client.key")
+    snap, upd, ack = args.endpoints.split(",")
+    fwd = Forwarder(
+        upstream_snapshot=snap,
+        upstream_update=upd,
+        upstream_ack=ack,
+        server_public=server_public,
+        client_public=public,
+        client_secret=secret,
+        worker_id=args.worker_id,
+        snapshot_endpoint="tcp://127.0.0.1:*",
+        update_endpoint="tcp://127.0.0.1:*",
+        ack_endpoint="tcp://127.0.0.1:*",
+        local_public=server_public,
+        local_secret=server_secret,
+        allowed_clients=[public],
+    )
+    fwd.start()
+    if not fwd.ready.wait(60):
+        print(json.dumps({"error": "not ready"}), flush=True)
+        fwd.stop()
+        return 1
+    eps = ",".join((fwd.snapshot_endpoint, fwd.update_endpoint, fwd.ack_endpoint))
+    print(json.dumps({"ready": True, "endpoints": eps}), flush=True)
+    cpu0 = time.process_time()
+    end_key = end_marker(0).key
+    deadline = time.monotonic() + args.max_seconds
+    while end_key not in fwd.core.state and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cpu = time.process_time() - cpu0
+    time.sleep(1.0)  # let the end marker reach the subscribers
+    fwd.stop()
+    print(json.dumps({"cpu_s": cpu}), flush=True)
+    return 0
+
+
 # --- parent --------------------------------------------------------------------------------
 
 
@@ -301,8 +345,15 @@ class Lab:
             pub.start()
         return pub
 
-    def spawn(self, pub: Publisher, mode: str, n: int, max_seconds: float) -> subprocess.Popen[str]:
-        eps = ",".join((pub.snapshot_endpoint, pub.update_endpoint, pub.ack_endpoint))
+    def spawn(
+        self, pub: Publisher | str, mode: str, n: int, max_seconds: float
+    ) -> subprocess.Popen[str]:
+        """A child process; ``pub`` is the publisher or "snap,upd,ack" endpoints."""
+        eps = (
+            pub
+            if isinstance(pub, str)
+            else ",".join((pub.snapshot_endpoint, pub.update_endpoint, pub.ack_endpoint))
+        )
         return subprocess.Popen(
             [
                 sys.executable,
@@ -361,16 +412,36 @@ def pct(xs: list[int], q: float) -> float:
 
 
 def stream_run(
-    lab: Lab, n_subs: int, rate: float, seconds: float, keys: int = 1000
+    lab: Lab,
+    n_subs: int,
+    rate: float,
+    seconds: float,
+    keys: int = 1000,
+    *,
+    via_forwarder: bool = False,
 ) -> dict[str, Any]:
-    """Pace ``rate`` updates/s for ``seconds`` to ``n_subs`` subscriber processes."""
+    """Pace ``rate`` updates/s for ``seconds`` to ``n_subs`` subscriber processes
+    (attached to the publisher, or with ``via_forwarder`` to one forwarder
+    process attached to it, as N workers of one node would be)."""
     pub = lab.publisher()
-    procs = [lab.spawn(pub, "stream", i, 10 * seconds + 30) for i in range(n_subs)]
+    fwd: subprocess.Popen[str] | None = None
+    procs: list[subprocess.Popen[str]] = []
+    fwd_result: dict[str, Any] = {}
     try:
+        target: Publisher | str = pub
+        if via_forwarder:
+            fwd = lab.spawn(pub, "forwarder", 99, 10 * seconds + 30)
+            first = read_json(fwd, 60)
+            assert first.get("ready"), first
+            target = first["endpoints"]
+        procs = [lab.spawn(target, "stream", i, 10 * seconds + 30) for i in range(n_subs)]
         readies = [read_json(p, 60) for p in procs]
         assert all("ready" in r for r in readies), readies
         time.sleep(0.3)
         total = int(rate * seconds)
+        main_tid = threading.get_native_id()
+        threads0 = _threads_cpu()
+        set_cpu = 0.0
         t0 = time.perf_counter()
         behind = 0.0
         spis = [0x10000 + i for i in range(keys)]
@@ -383,12 +454,25 @@ def stream_run(
             else:
                 behind = max(behind, -delay)
             base = recs[i % keys]
-            pub.set(_with_generation(base, time.monotonic_ns()))
+            rec = _with_generation(base, time.monotonic_ns())
+            c0 = time.thread_time()
+            pub.set(rec)
+            set_cpu += time.thread_time() - c0
         sent_s = time.perf_counter() - t0
+        time.sleep(0.2)  # the socket and I/O threads finish sending
+        threads1 = _threads_cpu()
+        # Publisher cost: set() in the caller, plus every other thread of this
+        # process (the socket thread, ZeroMQ's I/O thread with CURVE per
+        # connection, ZAP); not the bench's pacing loop.
+        cpu_pub = set_cpu + sum(
+            v - threads0.get(t, 0.0) for t, v in threads1.items() if t != main_tid
+        )
         pub.set(end_marker(1))
         results = finish(procs, 10 * seconds + 60)
+        if fwd is not None:
+            fwd_result = finish([fwd], 30)[0]
     finally:
-        for p in procs:
+        for p in [*procs, *([fwd] if fwd is not None else [])]:
             if p.poll() is None:
                 p.kill()
                 p.wait()
@@ -409,7 +493,26 @@ def stream_run(
         "p99_ms": pct(lats, 0.99),
         "max_ms": pct(lats, 1.0),
         "publisher_max_behind_ms": behind * 1000,
+        "publisher_cpu_us_per_update": cpu_pub / max(1, total) * 1e6,
+        "via_forwarder": via_forwarder,
+        "forwarder_cpu_us_per_update": (
+            fwd_result.get("cpu_s", 0) / max(1, total) * 1e6 if via_forwarder else None
+        ),
     }
+
+
+def _threads_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by native id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _with_generation(rec: SaRecord, gen: int) -> SaRecord:
@@ -538,6 +641,8 @@ async def _ike_propagation(
 
             client = IkeEngine(IkeConfig(dpd_interval=1e9), lambda ident: None)
             any4 = TrafficSelector.from_network("0.0.0.0/0")
+            handlers: dict[str, list[float]] = {}
+            """Event name -> ms spent in service.on_ike_event for it."""
             sent: list[tuple[int, int, int, str, str]] = []
             """(rep, t_response_ns, t_published_ns, inbound key, outbound key)"""
             t_start = time.perf_counter()
@@ -567,7 +672,10 @@ async def _ike_propagation(
                         for rdata, rlocal, rremote in replies:
                             client.receive_datagram(rdata, rremote, rlocal, time.monotonic())
                         while (ev := engine.next_event()) is not None:
+                            t_ev = time.monotonic_ns()
                             service.on_ike_event(ev)
+                            name = type(ev).__name__
+                            handlers.setdefault(name, []).append(_ms(time.monotonic_ns() - t_ev))
                             if isinstance(ev, ChildSaInstalled):
                                 sent.append(
                                     (
@@ -594,6 +702,7 @@ async def _ike_propagation(
     lat_all: list[float] = []
     lat_first: list[float] = []
     publish: list[float] = []
+    after_publish: list[float] = []
     per_rep: list[list[float]] = [[] for _ in range(reps)]
     missing = 0
     for rep, t0, t_pub, k_in, k_out in sent:
@@ -607,6 +716,7 @@ async def _ike_propagation(
             missing += 1
             continue
         lat_all.append(_ms(max(times) - t0))
+        after_publish.append(_ms(max(times) - t_pub))
         lat_first.append(_ms(min(times) - t0))
         per_rep[rep].append(lat_all[-1])
     rep_p50 = [_pct_ms(x, 0.5) for x in per_rep if x]
@@ -627,6 +737,10 @@ async def _ike_propagation(
         "first_worker_p99_ms": _pct_ms(lat_first, 0.99),
         "published_p50_ms": _pct_ms(publish, 0.50),
         "published_p99_ms": _pct_ms(publish, 0.99),
+        "bus_p50_ms": _pct_ms(after_publish, 0.50),
+        "bus_p99_ms": _pct_ms(after_publish, 0.99),
+        "handler_p50_ms": {k: _pct_ms(v, 0.50) for k, v in sorted(handlers.items())},
+        "handler_p99_ms": {k: _pct_ms(v, 0.99) for k, v in sorted(handlers.items())},
         "gaps": sum(r.get("gaps", 0) for r in results),
         "apply_errors": sum(r.get("apply_errors", 0) for r in results),
     }
@@ -662,7 +776,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="propagation: runs per subscriber count; the median run's numbers are reported",
     )
-    ap.add_argument("--child", choices=["stream", "snapshot", "usable"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--child", choices=["stream", "snapshot", "usable", "forwarder"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--keys", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--endpoints", help=argparse.SUPPRESS)
@@ -671,7 +787,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         args.mode = args.child
-        return child_usable(args) if args.child == "usable" else child(args)
+        if args.child == "usable":
+            return child_usable(args)
+        if args.child == "forwarder":
+            return child_forwarder(args)
+        return child(args)
 
     quick = args.quick
 
@@ -702,6 +822,25 @@ def main(argv: list[str] | None = None) -> int:
                     + ")"
                 )
             results["propagation"] = prop
+            n = 2 if quick else 16
+            runs = [
+                stream_run(lab, n, 1000, 1.0 if quick else 5.0, via_forwarder=True)
+                for _ in range(args.runs)
+            ]
+            r = median_run(runs)
+            direct = next((p for p in prop if p["subscribers"] == n), None)
+            print(
+                f"  {n:2d} subscriber processes behind one forwarder process: p50 "
+                f"{r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  max {r['max_ms']:.2f} ms; "
+                f"publisher process {r['publisher_cpu_us_per_update']:.0f} us CPU per update "
+                + (
+                    f"(direct: {direct['publisher_cpu_us_per_update']:.0f} us), "
+                    if direct is not None
+                    else ""
+                )
+                + f"forwarder {r['forwarder_cpu_us_per_update']:.0f} us"
+            )
+            results["propagation_forwarder"] = [r]
 
         if want("ike"):
             print("== SA propagation: IKE_AUTH response -> Child SA usable on all N subscribers")
@@ -713,8 +852,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"  N={n:2d}: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
                     f"max {r['max_ms']:.2f} ms over {r['child_sas']} Child SAs; per-repetition "
                     f"p50 {_span(r['rep_p50_ms'])} ms, p99 {_span(r['rep_p99_ms'])} ms; "
-                    f"first worker p50 {r['first_worker_p50_ms']:.2f} ms; published "
-                    f"p50 {r['published_p50_ms']:.2f} ms; "
+                    f"first worker p50 {r['first_worker_p50_ms']:.2f} ms; records handed to "
+                    f"the publisher p50 {r['published_p50_ms']:.2f} p99 "
+                    f"{r['published_p99_ms']:.2f} ms, then bus+apply p50 {r['bus_p50_ms']:.2f} "
+                    f"p99 {r['bus_p99_ms']:.2f} ms; service handlers p50/p99 ms "
+                    + ", ".join(
+                        f"{k} {v:.2f}/{r['handler_p99_ms'][k]:.2f}"
+                        for k, v in r["handler_p50_ms"].items()
+                    )
+                    + "; "
                     f"not usable everywhere {r['not_usable_everywhere']}, gaps {r['gaps']}"
                 )
             results["sa_propagation"] = ike

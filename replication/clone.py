@@ -314,8 +314,11 @@ class CloneClient:
     :param snapshot_timeout: seconds without any snapshot chunk before the
         request is abandoned and sent again on a fresh connection.
     :param ack_interval: minimum seconds between two acks; applied updates
-        within it are reported together (0 = one ack per drained batch). Bounds
-        ack traffic under load at the cost of that much make-before-break delay.
+        within it are reported together (0 = one ack per drained batch). An
+        update after a quiet spell is acked at once, so a lone rekey's
+        make-before-break wait is not delayed; under a steady stream each
+        subscriber acks every ``ack_interval`` (each ack costs the publisher
+        ~0.1 ms of CPU: 16 workers acking every 10 ms took 0.15 of a core).
     :param keep_raw: emit :class:`Sequenced` and a raw copy in
         :class:`SnapshotInstalled` (a forwarder needs them; workers do not).
     :param max_buffer: stream messages buffered during a snapshot before we
@@ -329,7 +332,7 @@ class CloneClient:
         heartbeat_timeout: float = 2.0,
         snapshot_timeout: float | None = None,
         keep_raw: bool = False,
-        ack_interval: float = 0.01,
+        ack_interval: float = 0.05,
         max_buffer: int = 1_000_000,
         decoder: Callable[[bytes], Record] = decode,
     ) -> None:

@@ -218,8 +218,8 @@ class Subscriber:
     Extra keyword arguments beyond the agreed contract: ``snapshot_timeout``
     (seconds without snapshot data before re-requesting; default
     ``heartbeat_timeout``), ``ack_interval`` (minimum seconds between acks to
-    the publisher, default 10 ms) and ``registry`` for the ``anywan_bus_*``
-    metrics.
+    the publisher under a steady stream, default 50 ms; see ``CloneClient``)
+    and ``registry`` for the ``anywan_bus_*`` metrics.
     """
 
     def __init__(
@@ -236,7 +236,7 @@ class Subscriber:
         on_delete: OnDelete | None = None,
         heartbeat_timeout: float = 2.0,
         snapshot_timeout: float | None = None,
-        ack_interval: float = 0.01,
+        ack_interval: float = 0.05,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.worker_id = worker_id
