@@ -461,3 +461,17 @@ def test_sa_propagation_table_reads_other_shapes() -> None:
     # absent: no table, and garbage does not crash
     assert "IKE_AUTH response" not in report.markdown(_replication({"propagation": []}))
     report.markdown(_replication({"sa_propagation": [{"workers": "x"}, 3, None]}))
+
+
+def test_profile_section_uses_bench_profile_markdown() -> None:
+    from bench import profile
+
+    res = _with_profile({"status": "ok", "data": {"rows": [], "config": {"seconds": 8}}})
+    md = report.markdown(res)
+    section = md[md.index("## Per-stage profile") : md.index("## Codecs")]
+    assert section.count("## ") == 1  # its own heading, not ours twice
+    assert (
+        section.strip()
+        == "\n".join(profile.markdown(res["suites"]["profile"]["profile"]["data"])).strip()
+    )
+    assert md.index("## Failover") < md.index("## Per-stage profile")  # after worker (none here)
