@@ -370,7 +370,17 @@ def leaf_lines(raw: str, top: int = 20) -> list[list[Any]]:
     return [[f, round(100.0 * c / total, 1)] for f, c in counts.most_common(top)] if total else []
 
 
-SYSCALLS = ("recvmsg", "recvfrom", "read", "readv", "write", "sendmsg", "sendto", "epoll_wait")
+SYSCALLS = (
+    "recvmsg",
+    "recvfrom",
+    "read",
+    "readv",
+    "write",
+    "writev",
+    "sendmsg",
+    "sendto",
+    "epoll_wait",
+)
 
 
 def _stat_argv(pid: int, seconds: float) -> list[str]:
