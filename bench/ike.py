@@ -7,7 +7,8 @@ Reports, per DH group (ECP-384, MODP-2048):
 * handshakes/s for IKE_SA_INIT + IKE_AUTH (with the first Child SA) — the whole
   pair, and the responder alone (CPU time spent inside its ``receive_datagram``);
   CPU time (``time.thread_time``), so a busy shared machine does not skew it;
-* p50/p99 latency of one handshake (pair, in memory: pure CPU);
+* p50/p99 latency of one handshake (pair, in memory, so no network; wall
+  clock, so time the process was preempted on a shared machine shows in p99);
 * memory per established IKE SA (with its Child SA) in the responder, at 1 000
   tunnels (and 10 000 without ``--quick``), measured as RSS growth and as
   Python-heap growth (tracemalloc; excludes OpenSSL's own allocations).

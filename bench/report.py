@@ -461,7 +461,8 @@ def ike_md(results: dict[str, Any]) -> str:
     data = (res or {}).get("data") or {}
     if data.get("rates"):
         out.append(
-            "In memory, one core, CPU time: our initiator and our responder in one process; "
+            "In memory, one core: our initiator and our responder in one process; rates "
+            "from CPU time, p50/p99 wall clock per handshake (preemption shows in p99); "
             f"{reps_note(data['rates'])} of {data['rates'][0].get('handshakes')} handshakes.\n"
         )
         out.append(
