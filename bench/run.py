@@ -123,8 +123,14 @@ def steps_for(suite: str, quick: bool) -> list[Step]:
             )
         return steps
     if suite == "replication":
+        runs = [] if quick else ["--runs", "3"]  # bus propagation: median run of 3
         return [
-            Step("replication", [*py, "bench.replication", *q, "--json", "{json}"], "file", long)
+            Step(
+                "replication",
+                [*py, "bench.replication", *q, *runs, "--json", "{json}"],
+                "file",
+                long,
+            )
         ]
     if suite == "throughput":
         return [Step("throughput", [*py, "bench.throughput", *q, "--json", "{json}"], "file", long)]

@@ -424,8 +424,8 @@ def test_sa_propagation_table_from_the_replication_result(tmp_path: Path) -> Non
     md = report.markdown(_replication({"sa_propagation": rows, "propagation": []}))
     assert "IKE_AUTH response" in md and "300 Child SAs in 3 repetitions" in md
     assert (
-        "| workers N | p50 ms | p99 ms | spread | first worker p50 | → published p99 "
-        "| bus + apply p99 | not usable on all | p99 ÷ N=1 |" in md
+        "| workers N | p50 ms | p99 ms | spread | first worker p50 ms | → published p99 ms "
+        "| bus + apply p99 ms | not usable on all | p99 ÷ N=1 |" in md
     )
     assert "| 1 | 1 | 2 | p50 0.9–1.2, p99 1.8–2.5 over 3 reps; max 4 | 0.5 | 0.9 | 1.1 | 0 " in md
     assert "| 16 | 3 | 12.0 | p50 2.7–3.6, p99 8–13.0 over 3 reps; max 24.0 |" in md
@@ -475,3 +475,32 @@ def test_profile_section_uses_bench_profile_markdown() -> None:
         == "\n".join(profile.markdown(res["suites"]["profile"]["profile"]["data"])).strip()
     )
     assert md.index("## Failover") < md.index("## Per-stage profile")  # after worker (none here)
+
+
+def test_bus_propagation_with_runs_and_the_forwarder_row() -> None:
+    def p(
+        n: int, p99: float, runs99: list[float], pub_us: float, fwd: bool = False
+    ) -> dict[str, Any]:
+        return {
+            "subscribers": n,
+            "p50_ms": 0.5,
+            "p99_ms": p99,
+            "max_ms": 2 * p99,
+            "gaps": 0,
+            "runs_p50_ms": [0.4, 0.5, 0.7],
+            "runs_p99_ms": runs99,
+            "publisher_cpu_us_per_update": pub_us,
+            "via_forwarder": fwd,
+        }
+
+    data = {
+        "propagation": [p(1, 2.0, [1.5, 2.0, 3.0], 40.0), p(16, 30.0, [20.0, 30.0, 31.0], 400.0)],
+        "propagation_forwarder": [p(16, 8.0, [6.0, 8.0, 9.0], 35.0, fwd=True)],
+    }
+    md = report.markdown(_replication(data))
+    assert "the run with the median p99 of 3 runs" in md
+    assert "| 16 | 0.5 | 30.0 | 60.0 | 0 | 15.00× | p50 0.4–0.7, p99 20.0–31.0 | 400 µs |" in md
+    assert (
+        "| 16 via forwarder | 0.5 | 8 | 16.0 | 0 | 4.00× | p50 0.4–0.7, p99 6–9 | 400 / 35.0 µs |"
+        in md
+    )
