@@ -70,6 +70,17 @@ def test_quick_light_suites(tmp_path: Path) -> None:
     assert "## Codecs" in md and "bare-gcm256" in md
     assert "## Worker packet path" in md and "÷ bare" in md
     assert "## IKE" in md and "## Replication bus" in md
+    # ike and codec repeat their measurements: median (min–max) per number
+    assert md.count("median (min–max) of 2 repetitions") >= 2, md
+    assert "median (min–max) of 3 interleaved rounds" in md
+    for row in results["suites"]["ike"]["ike"]["data"]["rates"]:
+        sp = row["spread"]["p99_ms"]
+        assert len(sp["values"]) == 2 and sp["min"] <= row["p99_ms"] <= sp["max"]
+    if os.geteuid() == 0:
+        vs = results["suites"]["ike"]["ike-vs-strongswan"]["data"]["vs_strongswan"]
+        assert {r["responder"] for r in vs} == {"anywan", "strongswan"}
+        assert all(r["repetitions"] == 2 and r["failed"] == 0 for r in vs), vs
+        assert "| ecp384 | handshakes per responder CPU-second |" in md
     for png in results.get("plots", []):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     assert "replication.png" in results["plots"]
