@@ -464,11 +464,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reps = args.reps or (2 if args.quick else 3)
     if args.strongswan:
-        results = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "reps": reps}
-        results["vs_strongswan"] = bench_vs_strongswan(args.strongswan, reps)
+        vs: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        vs["reps"] = reps
+        vs["vs_strongswan"] = bench_vs_strongswan(args.strongswan, reps)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+                json.dump(vs, f, indent=2)
         return 0
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -114,24 +114,26 @@ def throughput_figure(results: dict[str, Any], cipher: str, path: Path) -> bool:
     ax = axes[2]
     for i, (mode, label, color) in enumerate(SERIES):
         c = "none" if mode == "plain" else cipher
-        xs, ys, errs = [], [], []
+        bx: list[float] = []
+        by: list[float] = []
+        berr: list[tuple[float, float]] = []
         for j, t in enumerate(tests):
             r = idx.get((mode, c, t))
             if r:
-                xs.append(j + (i - 1.5) * width)
-                ys.append(r["median"])
-                errs.append(_err(r))
-        if xs:
+                bx.append(j + (i - 1.5) * width)
+                by.append(r["median"])
+                berr.append(_err(r))
+        if bx:
             bars = ax.bar(
-                xs,
-                ys,
+                bx,
+                by,
                 width,
-                yerr=list(zip(*errs, strict=True)),
+                yerr=list(zip(*berr, strict=True)),
                 capsize=3,
                 label=label,
                 color=color,
             )
-            ax.bar_label(bars, labels=[f"{y:.2f}" for y in ys], fontsize=7, padding=2)
+            ax.bar_label(bars, labels=[f"{y:.2f}" for y in by], fontsize=7, padding=2)
     ax.set_xticks(
         range(len(tests)),
         [
