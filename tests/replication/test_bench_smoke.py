@@ -28,3 +28,13 @@ def test_bench_ike_auth_to_usable_smoke(tmp_path: Path) -> None:
     assert 0 < r["first_worker_p50_ms"] <= r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert 0 < r["published_p50_ms"] < r["max_ms"]
     assert len(r["rep_p50_ms"]) == len(r["rep_p99_ms"]) == 2
+
+
+def test_bench_stream_behind_a_forwarder_smoke(tmp_path: Path) -> None:
+    """Subscribers attached to a forwarder process get every update; the
+    publisher and forwarder CPU per update are measured."""
+    lab = Lab(tmp_path / "keys")
+    r = stream_run(lab, n_subs=2, rate=200, seconds=0.5, keys=50, via_forwarder=True)
+    assert r["via_forwarder"] and r["sent"] == 100
+    assert r["applied_min"] == 100 and r["gaps"] == 0
+    assert r["publisher_cpu_us_per_update"] > 0 and r["forwarder_cpu_us_per_update"] > 0
