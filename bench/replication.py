@@ -51,7 +51,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from replication.curve import generate_keypair, load_public, load_secret
 from replication.publisher import Publisher
@@ -611,7 +611,9 @@ async def _ike_propagation(
         service = ControlService(
             conf,
             store,
-            lambda initial: lab.publisher(initial, registry=metrics.registry, start=False),
+            cast(
+                Any, lambda initial: lab.publisher(initial, registry=metrics.registry, start=False)
+            ),
             metrics=metrics,
         )
         engine = make_engine(conf, service.lookup)  # as anywan-control builds it
@@ -622,10 +624,14 @@ async def _ike_propagation(
             persist_now = service.persist_ike_state
             pending: list[bool] = []
 
+            def persist_deferred() -> None:
+                pending.clear()
+                persist_now()
+
             def persist_later() -> None:
                 if not pending:
                     pending.append(True)
-                    asyncio.get_running_loop().call_soon(lambda: (pending.clear(), persist_now()))
+                    asyncio.get_running_loop().call_soon(persist_deferred)
 
             service.persist_ike_state = persist_later  # type: ignore[method-assign]
         procs: list[subprocess.Popen[str]] = []
@@ -943,16 +949,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     parts = []
-    if prop := results.get("propagation"):
-        p16 = max(prop, key=lambda r: r["subscribers"])
+    if p_rows := results.get("propagation"):
+        p16 = max(p_rows, key=lambda r: r["subscribers"])
         parts.append(f"p99 {p16['p99_ms']:.2f} ms @ {p16['subscribers']} subs")
-    if ike := results.get("sa_propagation"):
-        i16 = max(ike, key=lambda r: r["subscribers"])
+    if i_rows := results.get("sa_propagation"):
+        i16 = max(i_rows, key=lambda r: r["subscribers"])
         parts.append(f"IKE_AUTH -> usable p99 {i16['p99_ms']:.2f} ms @ {i16['subscribers']} subs")
-    if snaps := results.get("snapshot"):
-        parts.append(", ".join(f"{s['records']} in {s['ready_s']:.2f} s" for s in snaps))
-    if thr := results.get("throughput"):
-        best = max((r["rate_sent"] for r in thr if r["sustained"]), default=0)
+    if s_rows := results.get("snapshot"):
+        parts.append(", ".join(f"{s['records']} in {s['ready_s']:.2f} s" for s in s_rows))
+    if t_rows := results.get("throughput"):
+        best = max((r["rate_sent"] for r in t_rows if r["sustained"]), default=0)
         parts.append(f"sustained {best:.0f} updates/s")
     print("summary: " + "; ".join(parts))
     return 0
