@@ -243,6 +243,10 @@ _VNET_F_NEEDS_CSUM = 1
 _VNET_GSO_TCPV4 = 1
 _ZERO_VNET = bytes(VNET_HDR_LEN)
 _FLOW = struct.Struct("!QI").unpack_from
+_HDR = struct.Struct("!BBHHHBBHIIIIIBB").unpack_from
+"""IPv4 (no options) + TCP up to the flags: version/IHL, TOS, total length,
+ID, flags/fragment, TTL, protocol, checksum, source, destination, ports,
+sequence, acknowledgment, data offset, flags."""
 _U32 = struct.Struct("!I").unpack_from
 _ACK, _PSH = 0x10, 0x08
 
@@ -255,7 +259,8 @@ class _Pending:
     def __init__(self) -> None:
         self.buf = bytearray(VNET_HDR_LEN + 65536)
         self.used = self.count = self.hlen = self.seg = self.next_seq = self.tos_ttl = 0
-        self.ack = self.opts = b""
+        self.ack = 0
+        self.opts = b""
         self.psh = False
 
 
@@ -296,17 +301,50 @@ class GsoTunWriter:
 
     def write(self, pkt: memoryview) -> None:
         n = len(pkt)
-        if (
-            n > 40
-            and pkt[0] == 0x45
-            and pkt[9] == 6
-            and not (pkt[6] & 0x3F or pkt[7])
-            and pkt[33] & 0xF7 == _ACK
-            and ((pkt[2] << 8) | pkt[3]) == n
-        ):
-            hlen = 20 + (pkt[32] >> 4) * 4
-            if 40 <= hlen < n:
-                self._tcp(pkt, n, hlen)
+        if n > 40:
+            # one unpack for every field the merge looks at (IPv4 + TCP headers)
+            b0, tos, total, _, frag, ttl, proto, _, src, dst, ports, seq, ack, off, flags = _HDR(
+                pkt, 0
+            )
+            if (
+                b0 == 0x45
+                and proto == 6
+                and not frag & 0x3FFF
+                and flags & 0xF7 == _ACK
+                and total == n
+                and 40 <= (hlen := 20 + (off >> 4) * 4) < n
+            ):
+                key = ((src << 32) | dst, ports)
+                plen = n - hlen
+                tos_ttl = (tos << 16) | (frag & 0x4000) | ttl
+                slot = self._pending.get(key)
+                if slot is not None:
+                    if (
+                        seq == slot.next_seq
+                        and hlen == slot.hlen
+                        and plen <= slot.seg
+                        and slot.count < self.MAX_SEGMENTS
+                        and slot.used + plen <= self.MAX_BYTES
+                        and tos_ttl == slot.tos_ttl
+                        and ack == slot.ack
+                        and (hlen == 40 or pkt[40:hlen] == slot.opts)
+                    ):
+                        u = slot.used
+                        slot.buf[u : u + plen] = pkt[hlen:n]
+                        slot.used = u + plen
+                        slot.count += 1
+                        slot.next_seq = (seq + plen) & 0xFFFFFFFF
+                        if flags & _PSH or plen < slot.seg:
+                            slot.psh = bool(flags & _PSH)
+                            del self._pending[key]
+                            self._emit(slot)
+                        return
+                    del self._pending[key]
+                    self._emit(slot)
+                if flags & _PSH:
+                    self._plain(pkt)
+                    return
+                self._start(pkt, n, key, hlen, plen, seq, ack, tos_ttl)
                 return
         if self._pending:
             self._flush_flow(pkt, n)
@@ -322,42 +360,21 @@ class GsoTunWriter:
     def _flush_flow(self, pkt: memoryview, n: int) -> None:
         """Before a packet that is not merged: its flow's pending segments."""
         if n >= 24 and pkt[0] == 0x45:
-            key = _FLOW(pkt, 12)
-            slot = self._pending.pop(key, None)
+            slot = self._pending.pop(_FLOW(pkt, 12), None)
             if slot is not None:
                 self._emit(slot)
 
-    def _tcp(self, pkt: memoryview, n: int, hlen: int) -> None:
-        key = _FLOW(pkt, 12)
-        seq = _U32(pkt, 24)[0]
-        plen = n - hlen
-        slot = self._pending.get(key)
-        if slot is not None:
-            if (
-                seq == slot.next_seq
-                and hlen == slot.hlen
-                and plen <= slot.seg
-                and slot.count < self.MAX_SEGMENTS
-                and slot.used + plen <= self.MAX_BYTES
-                and ((pkt[1] << 16) | ((pkt[6] & 0x40) << 8) | pkt[8]) == slot.tos_ttl
-                and pkt[28:32] == slot.ack
-                and (hlen == 40 or pkt[40:hlen] == slot.opts)
-            ):
-                u = slot.used
-                slot.buf[u : u + plen] = pkt[hlen:n]
-                slot.used = u + plen
-                slot.count += 1
-                slot.next_seq = (seq + plen) & 0xFFFFFFFF
-                if pkt[33] & _PSH or plen < slot.seg:
-                    slot.psh = bool(pkt[33] & _PSH)
-                    del self._pending[key]
-                    self._emit(slot)
-                return
-            del self._pending[key]
-            self._emit(slot)
-        if pkt[33] & _PSH:
-            self._plain(pkt)
-            return
+    def _start(
+        self,
+        pkt: memoryview,
+        n: int,
+        key: tuple[int, int],
+        hlen: int,
+        plen: int,
+        seq: int,
+        ack: int,
+        tos_ttl: int,
+    ) -> None:
         if len(self._pending) >= self.SLOTS:
             self._emit(self._pending.pop(next(iter(self._pending))))
         slot = self._free.pop() if self._free else _Pending()
@@ -367,8 +384,8 @@ class GsoTunWriter:
         slot.hlen = hlen
         slot.seg = plen
         slot.next_seq = (seq + plen) & 0xFFFFFFFF
-        slot.tos_ttl = (pkt[1] << 16) | ((pkt[6] & 0x40) << 8) | pkt[8]
-        slot.ack = bytes(pkt[28:32])
+        slot.tos_ttl = tos_ttl
+        slot.ack = ack
         slot.opts = bytes(pkt[40:hlen])
         slot.psh = False
         self._pending[key] = slot
