@@ -10,8 +10,9 @@ Reports, per DH group (ECP-384, MODP-2048):
 * p50/p99 latency of one handshake (pair, in memory, so no network; wall
   clock, so time the process was preempted on a shared machine shows in p99);
 * memory per established IKE SA (with its Child SA) in the responder, at 1 000
-  tunnels (and 10 000 without ``--quick``), measured as RSS growth and as
-  Python-heap growth (tracemalloc; excludes OpenSSL's own allocations).
+  tunnels (and 10 000 without ``--quick``), measured as RSS growth and, in
+  another process, as Python-heap growth (tracemalloc; excludes OpenSSL's own
+  allocations; not in the same process, as tracing inflates RSS).
 
 Every measurement is repeated (``--reps``; default 3, 2 with ``--quick``; the
 groups interleaved within each repetition, memory in a fresh process each
@@ -23,7 +24,9 @@ time). Each number in the JSON is the median over the repetitions, and
 Debian's strongSwan responder and against ours,
 each alone in a namespace, started fresh for each of the ``--reps``
 repetitions (strongSwan and ours alternating, so drift hits both alike);
-responder CPU time and RSS growth come from /proc.
+responder CPU time and RSS growth come from /proc. ``--memory-sas M`` adds,
+per repetition, M ECP-384 handshakes against a fresh responder of each kind:
+RSS growth per IKE SA at M SAs (the full run uses 10 000).
 
 ``--fuzz N`` runs the mutation fuzzer of tests/control/ike for at least N
 mutated messages (the soak target; CI runs a few thousand).
@@ -200,7 +203,12 @@ def bench_rate(name: str, suite: IkeSuite, n: int) -> dict[str, Any]:
     }
 
 
-def bench_memory(n: int) -> dict[str, Any]:
+def bench_memory(n: int, heap: bool = False) -> dict[str, Any]:
+    """Growth per IKE SA while the responder establishes ``n`` more: RSS (no
+    tracing), or with ``heap`` the Python heap by tracemalloc — in a
+    separate process, because tracemalloc's own bookkeeping (a trace per
+    live allocation) is itself RSS: traced, the RSS growth per SA reads
+    about four times too high."""
     suite = SUITES["ecp384"]
     b = Bench(n)
     for i in range(20):
@@ -208,23 +216,21 @@ def bench_memory(n: int) -> dict[str, Any]:
     b.server.sas.clear()
     b.server.by_tunnel.clear()
     gc.collect()
+    if heap:
+        tracemalloc.start()
+        snap0 = tracemalloc.take_snapshot()
     rss0 = rss_bytes()
-    tracemalloc.start()
-    snap0 = tracemalloc.take_snapshot()
     for i in range(n):
         b.handshake(i, suite, i)
     gc.collect()
+    rss1 = rss_bytes()
+    assert len(b.server.ike_sas()) == n
+    if not heap:
+        return {"ike_sas": n, "rss_bytes_per_sa": (rss1 - rss0) / n}
     snap1 = tracemalloc.take_snapshot()
     tracemalloc.stop()
-    rss1 = rss_bytes()
-    heap = sum(s.size_diff for s in snap1.compare_to(snap0, "filename"))
-    assert len(b.server.ike_sas()) == n
-    del b
-    return {
-        "ike_sas": n,
-        "rss_bytes_per_sa": (rss1 - rss0) / n,
-        "python_heap_bytes_per_sa": heap / n,
-    }
+    growth = sum(s.size_diff for s in snap1.compare_to(snap0, "filename"))
+    return {"ike_sas": n, "python_heap_bytes_per_sa": growth / n}
 
 
 def run_fuzz(target: int) -> dict[str, Any]:
@@ -338,89 +344,111 @@ def serve() -> None:
             pass
 
 
-def bench_vs_strongswan(n: int, reps: int = 3) -> list[dict[str, Any]]:
+def _one_responder_run(
+    topo: Any, site: Any, gw: Any, group: str, responder: str, n: int
+) -> dict[str, Any]:
+    """A fresh responder (strongSwan's charon or ours) in the gw namespace, the
+    initiator driving ``n`` handshakes at it from the site namespace; the
+    responder's CPU time and RSS growth from /proc; the responder is stopped
+    afterwards whatever happens."""
+    from deploy.strongswan import Charon, Child, Connection
+
+    quiet = {k: 0 for k in ("default", "ike", "cfg", "knl", "net", "enc", "esp")}
+    py = [sys.executable, "-m", "bench.ike"]
+    charon = None
+    server = None
+    try:
+        if responder == "strongswan":
+            charon = Charon(gw, name=f"bench-{group}", log_levels=quiet)
+            charon.start()
+            charon.load(
+                [
+                    Connection(
+                        name="bench",
+                        local_addrs=GW_IP,
+                        remote_addrs="%any",
+                        local_id=GW_IP,
+                        remote_id="%any",
+                        psk=PSK,
+                        proposals=[SS_PROPOSALS[group]],
+                        children=[
+                            Child(
+                                local_ts=["10.0.0.0/8"],
+                                remote_ts=["192.168.0.0/16"],
+                                esp_proposals=["aes128gcm16"],
+                            )
+                        ],
+                        encap=False,
+                    )
+                ]
+            )
+            assert charon.proc is not None
+            pid = charon.proc.pid
+        else:
+            server = gw.popen([*py, "--serve"], cwd=os.getcwd())
+            pid = server.pid
+            time.sleep(1.0)
+        cpu0, rss0 = proc_cpu_rss(pid)
+        res = site.run([*py, "--drive", str(n), "--group", group], timeout=600)
+        cpu1, rss1 = proc_cpu_rss(pid)
+    finally:
+        if charon is not None:
+            charon.stop()
+        if server is not None:
+            topo.stop(server)
+    r: dict[str, Any] = json.loads(res.stdout)
+    r.update(
+        group=group,
+        responder=responder,
+        responder_cpu_s=cpu1 - cpu0,
+        responder_handshakes_per_cpu_s=(n - r["failed"]) / max(cpu1 - cpu0, 1e-9),
+        handshakes_per_s_wall=(n - r["failed"]) / r["wall_s"],
+        responder_rss_growth_per_sa=(rss1 - rss0) / n,
+    )
+    return r
+
+
+def bench_vs_strongswan(n: int, reps: int = 3, memory_sas: int = 0) -> dict[str, Any]:
     """The same initiator against a strongSwan responder and against ours, one
     group after the other, ``reps`` times, in two namespaces over a veth; a
     fresh responder per run; the responders' CPU time and RSS come from /proc.
-    One row per (group, responder): medians over the repetitions, with
-    ``spread`` (see :func:`repeated`)."""
+    ``vs_strongswan``: one row per (group, responder), medians over the
+    repetitions, with ``spread`` (see :func:`repeated`). With ``memory_sas``,
+    also ``memory_vs_strongswan``: RSS growth per IKE SA of each responder
+    after ``memory_sas`` ECP-384 handshakes (once per repetition)."""
     from deploy.netns import Topology, cleanup_prefix
-    from deploy.strongswan import Charon, Child, Connection
 
     cleanup_prefix(SS_PREFIX)
     runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    quiet = {k: 0 for k in ("default", "ike", "cfg", "knl", "net", "enc", "esp")}
+    mem: dict[str, list[dict[str, Any]]] = {}
     with Topology(SS_PREFIX) as topo:
         site, gw = topo.namespace("site"), topo.namespace("gw")
         topo.veth(site, "s0", gw, "g0", addr_a=f"{SITE_IP}/24", addr_b=f"{GW_IP}/24")
-        py = [sys.executable, "-m", "bench.ike"]
-        for rep, group, responder in (
-            (rep, g, resp)
-            for rep in range(reps)
-            for g in SUITES
-            for resp in ("strongswan", "anywan")
-        ):
-            # one fresh responder per (repetition, group, responder)
-            charon = None
-            server = None
-            try:
-                if responder == "strongswan":
-                    charon = Charon(gw, name=f"bench-{group}", log_levels=quiet)
-                    charon.start()
-                    charon.load(
-                        [
-                            Connection(
-                                name="bench",
-                                local_addrs=GW_IP,
-                                remote_addrs="%any",
-                                local_id=GW_IP,
-                                remote_id="%any",
-                                psk=PSK,
-                                proposals=[SS_PROPOSALS[group]],
-                                children=[
-                                    Child(
-                                        local_ts=["10.0.0.0/8"],
-                                        remote_ts=["192.168.0.0/16"],
-                                        esp_proposals=["aes128gcm16"],
-                                    )
-                                ],
-                                encap=False,
-                            )
-                        ]
+        for rep in range(reps):
+            for group in SUITES:
+                for responder in ("strongswan", "anywan"):
+                    r = _one_responder_run(topo, site, gw, group, responder, n)
+                    runs.setdefault((group, responder), []).append(r)
+                    print(
+                        f"[{rep + 1}/{reps}] {group:9s} {responder:10s} "
+                        f"{r['handshakes_per_s_wall']:6.0f}/s wall  "
+                        f"responder CPU {1000 * r['responder_cpu_s'] / n:.2f} ms/handshake "
+                        f"({r['responder_handshakes_per_cpu_s']:.0f}/CPU-s)  "
+                        f"p99 {r['p99_ms']:.1f} ms  "
+                        f"RSS +{r['responder_rss_growth_per_sa'] / 1024:.1f} KiB/SA  "
+                        f"failed {r['failed']}",
+                        flush=True,
                     )
-                    assert charon.proc is not None
-                    pid = charon.proc.pid
-                else:
-                    server = gw.popen([*py, "--serve"], cwd=os.getcwd())
-                    pid = server.pid
-                    time.sleep(1.0)
-                cpu0, rss0 = proc_cpu_rss(pid)
-                res = site.run([*py, "--drive", str(n), "--group", group], timeout=600)
-                cpu1, rss1 = proc_cpu_rss(pid)
-                r = json.loads(res.stdout)
-                r.update(
-                    group=group,
-                    responder=responder,
-                    responder_cpu_s=cpu1 - cpu0,
-                    responder_handshakes_per_cpu_s=(n - r["failed"]) / max(cpu1 - cpu0, 1e-9),
-                    handshakes_per_s_wall=(n - r["failed"]) / r["wall_s"],
-                    responder_rss_growth_per_sa=(rss1 - rss0) / n,
-                )
-                runs.setdefault((group, responder), []).append(r)
+            for responder in ("strongswan", "anywan") if memory_sas else ():
+                r = _one_responder_run(topo, site, gw, "ecp384", responder, memory_sas)
+                mem.setdefault(responder, []).append(r)
                 print(
-                    f"[{rep + 1}/{reps}] "
-                    f"{group:9s} {responder:10s} {r['handshakes_per_s_wall']:6.0f}/s wall  "
-                    f"responder CPU {1000 * r['responder_cpu_s'] / n:.2f} ms/handshake "
-                    f"({r['responder_handshakes_per_cpu_s']:.0f}/CPU-s)  p99 {r['p99_ms']:.1f} ms  "
+                    f"[{rep + 1}/{reps}] memory at {memory_sas} IKE SAs, {responder:10s} "
                     f"RSS +{r['responder_rss_growth_per_sa'] / 1024:.1f} KiB/SA  "
-                    f"failed {r['failed']}"
+                    f"failed {r['failed']}",
+                    flush=True,
                 )
-            finally:
-                if charon is not None:
-                    charon.stop()
-                if server is not None:
-                    topo.stop(server)
-    out = []
+    out: dict[str, Any] = {"vs_strongswan": []}
     for (group, responder), rs in runs.items():
         row = repeated(rs, VS_KEYS)
         row.update(
@@ -429,7 +457,18 @@ def bench_vs_strongswan(n: int, reps: int = 3) -> list[dict[str, Any]]:
             handshakes=n,
             failed=sum(r["failed"] for r in rs),
         )
-        out.append(row)
+        out["vs_strongswan"].append(row)
+    if mem:
+        out["memory_vs_strongswan"] = [
+            {
+                "group": "ecp384",
+                "responder": responder,
+                "ike_sas": memory_sas,
+                "failed": sum(r["failed"] for r in rs),
+                **repeated(rs, ("responder_rss_growth_per_sa", "handshakes_per_s_wall")),
+            }
+            for responder, rs in mem.items()
+        ]
     return out
 
 
@@ -448,13 +487,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="N handshakes over UDP in netns against strongSwan's responder and ours",
     )
+    ap.add_argument(
+        "--memory-sas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --strongswan: also RSS growth per IKE SA of both responders at N SAs",
+    )
     ap.add_argument("--memory", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--heap", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--drive", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--group", default="ecp384", help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory:
-        print(json.dumps(bench_memory(args.memory)))
+        print(json.dumps(bench_memory(args.memory, args.heap)))
         return 0
     if args.drive:
         print(json.dumps(drive(args.drive, args.group)))
@@ -466,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.strongswan:
         vs: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         vs["reps"] = reps
-        vs["vs_strongswan"] = bench_vs_strongswan(args.strongswan, reps)
+        vs.update(bench_vs_strongswan(args.strongswan, reps, args.memory_sas))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(vs, f, indent=2)
@@ -501,14 +548,17 @@ def main(argv: list[str] | None = None) -> int:
         sizes = (1000,) if args.quick else (1000, 10000)
         for rep in range(reps):
             for n_sa in sizes:
-                # a fresh process each time: RSS growth is meaningless after other runs
-                proc = subprocess.run(
-                    [sys.executable, "-m", "bench.ike", "--memory", str(n_sa)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                m = json.loads(proc.stdout)
+                # a fresh process each time (RSS growth is meaningless after other
+                # runs), RSS and Python heap separately (see bench_memory)
+                m: dict[str, Any] = {}
+                for extra in ([], ["--heap"]):
+                    proc = subprocess.run(
+                        [sys.executable, "-m", "bench.ike", "--memory", str(n_sa), *extra],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                    m.update(json.loads(proc.stdout))
                 mem_runs.setdefault(n_sa, []).append(m)
                 print(
                     f"[{rep + 1}/{reps}] memory at {n_sa:6d} IKE SAs: "

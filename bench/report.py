@@ -481,9 +481,17 @@ def ike_md(results: dict[str, Any]) -> str:
             )
         )
     if data.get("memory"):
+        traced = not any("spread" in m for m in data["memory"])
         out.append(
             "Memory per established IKE SA (with its Child SA) in our responder, a fresh "
-            f"process per measurement; {reps_note(data['memory'])}.\n"
+            f"process per measurement; {reps_note(data['memory'])}. "
+            + (
+                "Written before bench.ike separated them: this RSS was measured while "
+                "tracemalloc traced, whose bookkeeping inflates it (about 4×)."
+                if traced
+                else "RSS growth untraced; Python heap (tracemalloc) in another process."
+            )
+            + "\n"
         )
         out.append(
             table(
@@ -532,6 +540,40 @@ def ike_md(results: dict[str, Any]) -> str:
         out.append(table(["group", "metric", "anywan", "strongSwan", "anywan ÷ sS"], body))
         if failed:
             out.append("Handshakes that failed (not counted in the rates): " + "; ".join(failed))
+    mem = [m for m in vdata.get("memory_vs_strongswan") or [] if isinstance(m, dict)]
+    if mem and vdata.get("vs_strongswan"):
+        # RSS growth per IKE SA by SA count: the 'vs' runs (ECP-384) and the big runs
+        key = "responder_rss_growth_per_sa"
+        sizes: dict[int, dict[str, dict[str, Any]]] = {}
+        for r in [*vdata["vs_strongswan"], *mem]:
+            if r.get("group") == "ecp384" and isinstance(r.get(key), int | float):
+                n_sa = int(r.get("ike_sas") or r.get("handshakes") or 0)
+                sizes.setdefault(n_sa, {})[str(r.get("responder"))] = r
+        out.append(
+            "Responder RSS growth per IKE SA (ECP-384, each with its Child SA) by the number "
+            f"of SAs it holds, a fresh responder per run; {reps_note(mem)}. "
+            "Ratio: anywan ÷ strongSwan, of the medians.\n"
+        )
+        out.append(
+            table(
+                ["IKE SAs", "anywan B/SA", "strongSwan B/SA", "anywan ÷ sS"],
+                [
+                    [
+                        str(n_sa),
+                        stat(by_resp.get("anywan") or {}, key),
+                        stat(by_resp.get("strongswan") or {}, key),
+                        ratio(
+                            by_resp["anywan"][key] / by_resp["strongswan"][key]
+                            if "anywan" in by_resp
+                            and "strongswan" in by_resp
+                            and by_resp["strongswan"][key]
+                            else None
+                        ),
+                    ]
+                    for n_sa, by_resp in sorted(sizes.items())
+                ],
+            )
+        )
     return "\n".join(out)
 
 

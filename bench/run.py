@@ -113,10 +113,11 @@ def steps_for(suite: str, quick: bool) -> list[Step]:
         steps = [Step("ike", [*py, "bench.ike", *q, "--json", "{json}"], "file", long)]
         if os.geteuid() == 0:
             n = "100" if quick else "1000"
+            mem = [] if quick else ["--memory-sas", "10000"]
             steps.append(
                 Step(
                     "ike-vs-strongswan",
-                    [*py, "bench.ike", "--strongswan", n, *q, "--json", "{json}"],
+                    [*py, "bench.ike", "--strongswan", n, *mem, *q, "--json", "{json}"],
                     "file",
                     long,
                 )

@@ -214,6 +214,7 @@ def test_the_committed_run_still_renders_and_plots(tmp_path: Path) -> None:
     md = report.markdown(results)
     assert "| ecp384 | 700 | 1435 | 1.41 | 1.81 |" in md
     assert "one run each (no repetitions in this result)" in md
+    assert "tracemalloc traced, whose bookkeeping inflates it" in md
     assert "| ecp384 | handshakes per responder CPU-second | 1031 | 426 | 2.42× |" in md
     assert "| esp | aes128gcm16 | 1400 | encap | 941 | bare-gcm128 | 541 | 1.74× |" in md
     assert "Per-stage profile" not in md  # that run had no profile suite
@@ -297,6 +298,7 @@ def test_ike_repetitions_show_median_and_spread_ratio_of_medians(tmp_path: Path)
     assert "| ecp384 | 700 (650–720) | 1400 (1300–1440) | 1.4 (1.4–1.4) | 1.8 (1.7–2.6) |" in md
     assert "| 1000 | 23500 (23000–24000) | 5700 (5700–5700) |" in md
     assert md.count("median (min–max) of 3 repetitions") == 3
+    assert "RSS growth untraced" in md
     made = plot.make_all(res, tmp_path)
     assert "ike.png" in made
     assert (tmp_path / "ike.png").read_bytes()[:8] == PNG_MAGIC
@@ -504,3 +506,53 @@ def test_bus_propagation_with_runs_and_the_forwarder_row() -> None:
         "| 16 via forwarder | 0.5 | 8 | 16.0 | 0 | 4.00× | p50 0.4–0.7, p99 6–9 | 400 / 35.0 µs |"
         in md
     )
+
+
+def test_ike_memory_against_strongswan_by_sa_count() -> None:
+    from bench import ike
+
+    res = repeated_ike()
+    vdata = res["suites"]["ike"]["ike-vs-strongswan"]["data"]
+    vdata["memory_vs_strongswan"] = [
+        {
+            "group": "ecp384",
+            "responder": resp,
+            "ike_sas": 10000,
+            "failed": 0,
+            **ike.repeated(
+                [{"responder_rss_growth_per_sa": v, "handshakes_per_s_wall": 300.0} for v in vals],
+                ("responder_rss_growth_per_sa", "handshakes_per_s_wall"),
+            ),
+        }
+        for resp, vals in (("anywan", [7000.0, 7100.0, 9000.0]), ("strongswan", [19000.0] * 3))
+    ]
+    md = report.markdown(res)
+    assert "| IKE SAs | anywan B/SA | strongSwan B/SA | anywan ÷ sS |" in md
+    assert "| 1000 | 8000 (8000–8000) | 8000 (8000–8000) | 1.00× |" in md  # from the vs runs
+    assert "| 10000 | 7100 (7000–9000) | 19000 (19000–19000) | 0.37× |" in md
+
+
+def test_ike_memory_rss_is_measured_without_tracing() -> None:
+    """tracemalloc's per-allocation traces are RSS too: measured traced, the
+    RSS growth per IKE SA read ~23 KB instead of ~6 KB. RSS and heap are now
+    separate fresh processes."""
+    import subprocess
+    import sys
+
+    def run(*extra: str) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.ike", "--memory", "400", *extra],
+            cwd=COMMITTED.parents[2],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        return dict(json.loads(out))
+
+    rss = run()
+    assert set(rss) == {"ike_sas", "rss_bytes_per_sa"}
+    assert 0 < rss["rss_bytes_per_sa"] < 15_000
+    heap = run("--heap")
+    assert set(heap) == {"ike_sas", "python_heap_bytes_per_sa"}
+    assert 2_000 < heap["python_heap_bytes_per_sa"] < 15_000
