@@ -14,11 +14,12 @@ worker     the worker's packet path from memory, 1 and 2         bare codec call
 profile    per-stage CPU profile (TUN, crypto, socket, Python)   share of the loop
            of one worker carrying iperf3 from strongSwan sites   thread's samples; ns
            (``bench.profile``; root, Linux ``perf``)             per packet carried
-ike        handshakes/s, p50/p99, memory per IKE SA              strongSwan responder,
+ike        handshakes/s, p50/p99, memory per IKE SA at 1k/10k    strongSwan responder,
            (``bench.ike``; and ``--strongswan``: one initiator    same initiator
            against strongSwan's responder and ours over UDP)
-replication bus propagation p50/p99 to N subscribers, snapshot   N = 1 / 1k SAs
-           time (``bench.replication``)
+replication bus propagation p50/p99 to N subscribers; SA         N = 1 / 1k SAs
+           propagation IKE_AUTH → usable on N = 1, 4, 16
+           workers; snapshot time (``bench.replication``)
 throughput tunnel TCP Gbit/s and UDP pps through strongSwan's   strongSwan libipsec;
            kernel-libipsec responder and anywan (1, 2 workers)   plain routing (GRE)
            (``bench.throughput``)
