@@ -63,7 +63,8 @@ def stat(row: dict[str, Any], key: str) -> str:
 
 
 def reps_note(rows: list[dict[str, Any]]) -> str:
-    """'median (min–max) of N repetitions' for a table, or '' (one run)."""
+    """'median (min–max) of N repetitions' for a table's caption, or a note
+    that its numbers are single runs."""
     counts = sorted({int(r.get("repetitions") or 1) for r in rows})
     if not counts or counts[-1] <= 1:
         return "one run each (no repetitions in this result)"
