@@ -59,8 +59,17 @@ repeated) sequences; replay protection needs the inner traffic to reach one
 node at a time.
 
 Raw ESP/GRE sockets all receive every packet; each worker installs a classic
-BPF filter taking its share (SPI or outer source modulo the live workers),
+BPF filter taking its share (ESP: the SPI modulo the live workers; GRE: a
+hash of the inner flow, so one GRE tunnel spreads over the workers with each
+inner flow on one of them, ``sockets.gre_inner_flow_program``),
 re-installed within 0.25 s when a sibling appears or dies.
+
+TUN queues carry a ``virtio_net_hdr`` (IFF_VNET_HDR): inner packets are
+written through ``tun.GsoTunWriter``, which merges the in-order TCP segments
+of a loop turn into one GSO write (what GRO does for a NIC: the receiving
+stack handles one skb instead of dozens) and is flushed at the end of every
+loop turn, before the loop waits again. ESP is decrypted in place in the
+receive buffer (no allocation per packet).
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ import queue
 import select
 import signal
 import socket
+import struct
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -114,6 +124,9 @@ WriteFn = Callable[[memoryview], None]
 SOL_IP = 0
 IP_TOS = 1
 IP_TTL = 2
+_SPI = struct.Struct("!I").unpack_from
+_ADDR_PAIR = struct.Struct("!Q").unpack_from
+_IP_TOS_CMSG = 1  # IP_RECVTOS delivers cmsg (SOL_IP, IP_TOS, tos)
 
 
 class AccountNet:
@@ -288,39 +301,61 @@ class Dataplane:
         ``outer_tos``: the outer IPv4 TOS byte (raw socket header, or
         IP_RECVTOS on port 4500); its ECN field is propagated to the inner
         packet per RFC 6040 §4.2 (CE over a Not-ECT inner packet is dropped,
-        reason ``ecn``)."""
+        reason ``ecn``).
+
+        A writable ``packet`` (the worker's receive buffer) is decrypted in
+        place (``InboundSa.decapsulate(in_place=True)``): the inner packet is
+        a view of it, nothing is allocated for the plaintext, and its
+        ciphertext is gone afterwards."""
         try:
             if len(packet) < 8:
                 raise Drop(DropReason.MALFORMED, "ESP shorter than its header")
-            spi = (packet[0] << 24) | (packet[1] << 16) | (packet[2] << 8) | packet[3]
-            entry = self.sad.inbound.get(spi)
+            entry = self.sad.inbound.get(_SPI(packet)[0])
             if entry is None:
                 raise Drop(DropReason.UNKNOWN_SPI)
-            nh, inner = entry.codec.decapsulate(packet)
+            if packet.readonly:
+                nh, inner = entry.codec.decapsulate(packet)
+            else:
+                nh, inner = entry.codec.decapsulate(packet, True)
             if nh != NH_IPV4 and nh != NH_IPV6:
                 raise Drop(DropReason.UNKNOWN_NEXT_HEADER)
-            f = ip.parse_flow(inner)
-            if (f.version == 4) != (nh == NH_IPV4):
+            version, src, dst, proto, sport, dport = ip.parse_flow(inner)
+            if (version == 4) != (nh == NH_IPV4):
                 raise Drop(DropReason.MALFORMED, "next header disagrees with IP version")
-            if not entry.selectors.inbound_ok(f.version, f.src, f.dst, f.proto, f.sport, f.dport):
+            f4 = entry.fast4
+            if f4 is not None and version == 4:
+                # inbound: source in the remote range, destination in the local one
+                if not (f4[2] <= src <= f4[3] and f4[0] <= dst <= f4[1]):
+                    raise Drop(DropReason.SELECTOR)
+            elif not entry.selectors.inbound_ok(version, src, dst, proto, sport, dport):
                 raise Drop(DropReason.SELECTOR)
-            net = self.accounts.get(entry.account_id)
+            account = entry.account_id
+            net = self.accounts.get(account)
             if net is None:
                 raise Drop(DropReason.NO_TUNNEL, "account has no inner network here")
-            self._check_account(entry.account_id, net, f.version, f.dst)
+            tables = self.routes.tables
+            if len(tables) > 1 or (tables and account not in tables):
+                self._check_account(account, net, version, dst)
             if outer_tos & 3:
                 if inner.readonly:
                     inner = memoryview(bytearray(inner))
                 ip.apply_ecn_decap(inner, outer_tos)
-            if self.mss_clamp and f.proto == _TCP:
-                inner = self._clamp(entry.tunnel_id, inner, f.version)
+            if proto == _TCP and self.mss_clamp:
+                # only a SYN needs _clamp (IPv4 here; IPv6 always asks _clamp)
+                if version != 4:
+                    inner = self._clamp(entry.tunnel_id, inner, version)
+                else:
+                    off = (inner[0] & 0x0F) * 4 + 13
+                    if off < len(inner) and inner[off] & _SYN:
+                        inner = self._clamp(entry.tunnel_id, inner, version)
             net.write(inner)
+            n = len(inner)
             entry.packets += 1
-            entry.bytes += len(inner)
+            entry.bytes += n
             t = self.sad.tunnels.get(entry.tunnel_id)
             if t is not None:
                 t.packets_in += 1
-                t.bytes_in += len(inner)
+                t.bytes_in += n
         except Drop as exc:
             self._drop(exc)
 
@@ -336,18 +371,25 @@ class Dataplane:
             if proto != _ETH_P_IP and proto != _ETH_P_IPV6:
                 raise Drop(DropReason.UNSUPPORTED, "GRE payload not IP")
             inner = packet[off:]
-            f = ip.parse_flow(inner)
+            version, _src, dst, proto, _sp, _dp = ip.parse_flow(inner)
             account = t.record.account_id
             net = self.accounts.get(account)
             if net is None:
                 raise Drop(DropReason.NO_TUNNEL, "account has no inner network here")
-            self._check_account(account, net, f.version, f.dst)
+            tables = self.routes.tables
+            if len(tables) > 1 or (tables and account not in tables):
+                self._check_account(account, net, version, dst)
             if outer_tos & 3:
                 if inner.readonly:
                     inner = memoryview(bytearray(inner))
                 ip.apply_ecn_decap(inner, outer_tos)
-            if self.mss_clamp and f.proto == _TCP:
-                inner = self._clamp(t.record.tunnel_id, inner, f.version)
+            if proto == _TCP and self.mss_clamp:
+                if version != 4:
+                    inner = self._clamp(t.record.tunnel_id, inner, version)
+                else:
+                    o = (inner[0] & 0x0F) * 4 + 13
+                    if o < len(inner) and inner[o] & _SYN:
+                        inner = self._clamp(t.record.tunnel_id, inner, version)
             net.write(inner)
             t.packets_in += 1
             t.bytes_in += len(inner)
@@ -407,18 +449,18 @@ class Dataplane:
         never bounce a packet back and forth.
         """
         try:
-            f = ip.parse_flow(packet)
+            version, src, dst, proto, sport, dport = ip.parse_flow(packet)
             table = self.routes.tables.get(net.account_id)
-            choice = None if table is None else table.choice(f.version, f.dst)
+            choice = None if table is None else table.choice(version, dst)
             if choice is None:
-                if (f.dst >> 120 == 0xFF) if f.version == 6 else (f.dst >> 28 == 0xE):
+                if (dst >> 120 == 0xFF) if version == 6 else (dst >> 28 == 0xE):
                     # the namespace's own multicast (IPv6 RS/MLD...): not a routing gap
                     raise Drop(DropReason.UNSUPPORTED, "multicast")
                 raise Drop(DropReason.NO_ROUTE)
             if len(choice.tunnels) == 1:
                 tid = choice.tunnels[0]
             else:
-                tid = choice.pick(flow_hash(f.src, f.dst, f.proto, f.sport, f.dport))
+                tid = choice.pick(flow_hash(src, dst, proto, sport, dport))
             t = self.sad.tunnels.get(tid)
             if t is None:
                 raise Drop(DropReason.NO_TUNNEL)
@@ -426,7 +468,7 @@ class Dataplane:
             if rec.account_id != net.account_id:
                 raise Drop(DropReason.CROSS_ACCOUNT)
             if rec.kind is TunnelKind.IPSEC:
-                sa = self.sad.outbound_for(tid, f.version, f.src, f.dst, f.proto, f.sport, f.dport)
+                sa = self.sad.outbound_for(tid, version, src, dst, proto, sport, dport)
                 if sa is None:
                     if self.sad.outbound.get(tid):
                         raise Drop(DropReason.SELECTOR)
@@ -439,17 +481,22 @@ class Dataplane:
                         return
             else:
                 sa = None
-            if self.mss_clamp and f.proto == _TCP:
-                packet = self._clamp(tid, packet, f.version)
-            n = len(packet)
-            if n > rec.mtu:
-                if f.version == 4 and not packet[6] & 0x40:
+            if proto == _TCP and self.mss_clamp:
+                # only a SYN needs _clamp (IPv4 here; IPv6 always asks _clamp)
+                if version != 4:
+                    packet = self._clamp(tid, packet, version)
+                else:
+                    off = (packet[0] & 0x0F) * 4 + 13
+                    if off < len(packet) and packet[off] & _SYN:
+                        packet = self._clamp(tid, packet, version)
+            if len(packet) > rec.mtu:
+                if version == 4 and not packet[6] & 0x40:
                     for frag in ip.fragment_ipv4(packet, rec.mtu):
-                        self._encap(t, sa, memoryview(frag), f.version)
+                        self._encap(t, sa, memoryview(frag), version)
                     return
-                self._too_big(net, packet, rec.mtu, f.version)
+                self._too_big(net, packet, rec.mtu, version)
                 raise Drop(DropReason.MTU)
-            self._encap(t, sa, packet, f.version)
+            self._encap(t, sa, packet, version)
         except Drop as exc:
             self._drop(exc)
 
@@ -600,6 +647,10 @@ class Worker:
     BATCH = 64
     """Packets drained per fd per loop turn (fairness between fds)."""
 
+    TUN_GSO = True
+    """Open the TUN queues with IFF_VNET_HDR and merge the in-order TCP
+    segments of a loop turn into one GSO write (``tun.GsoTunWriter``)."""
+
     def __init__(self, config: WorkerConfig, *, registry: Any = None) -> None:
         from . import esp, sockets
         from .metrics import WorkerMetrics
@@ -617,6 +668,9 @@ class Worker:
         self.handlers: dict[int, Callable[[], None]] = {}
         self.buf = bytearray(65536)
         self.view = memoryview(self.buf)
+        self._gre_names = {}
+        self._tun_gso: dict[int, Any] = {}
+        """TUN fd → its GsoTunWriter (flushed at the end of every loop turn)."""
         self.ike_to_control = 0
         self.ike_to_peer = 0
         self.ike_unrelayed = 0
@@ -715,6 +769,7 @@ class Worker:
                 self.udp4500 = s.open_udp(cfg.anycast, 4500)
                 self._register(self.udp4500.fileno(), self._drain_udp4500)
                 self._gso = s.GsoBatcher(self.udp4500)
+                self.dp.send_udp = self._gso.add  # one call less per packet than _send_udp
                 s.enable_gro(self.udp4500)
                 s.enable_recvtos(self.udp4500)
             if "udp500" in cfg.listen:
@@ -890,6 +945,7 @@ class Worker:
             if net is not None:
                 del dp.accounts[account]
                 self._unregister(net.fd)
+                self._tun_gso.pop(net.fd, None)
                 os.close(net.fd)
                 if (
                     netns_name is not None
@@ -905,7 +961,7 @@ class Worker:
         if net is None:
             if netns_name is not None and tun.ensure_netns(netns_name):
                 self._created_netns.add(netns_name)
-            fd = tun.open_queue(tun_name, netns_name=netns_name)
+            fd = tun.open_queue(tun_name, netns_name=netns_name, vnet_hdr=self.TUN_GSO)
             net = AccountNet(account, self._tun_writer(fd), fd=fd, netns=netns_name)
             dp.attach_account(net)
             self._register(fd, self._tun_drainer(net))
@@ -925,8 +981,14 @@ class Worker:
         self._tun_routes[account] = set(prefixes)
 
     def _tun_writer(self, fd: int) -> WriteFn:
-        write = os.write
         dp = self.dp
+        if self.TUN_GSO:
+            from . import tun
+
+            writer = tun.GsoTunWriter(fd, lambda: dp.count(DropReason.NO_TUNNEL))
+            self._tun_gso[fd] = writer
+            return writer.write
+        write = os.write
 
         def tun_write(data: memoryview) -> None:
             try:
@@ -941,18 +1003,23 @@ class Worker:
         buf = self.buf
         view = self.view
         readv = os.readv
+        bufs = [buf]
         outbound = self.dp.outbound
         batch = self.BATCH
+        # with IFF_VNET_HDR a virtio_net_hdr comes first (no offloads were
+        # enabled for reads, so it says "plain packet, checksums done")
+        skip = 10 if fd in self._tun_gso else 0
 
         def drain() -> None:
             for _ in range(batch):
                 try:
-                    n = readv(fd, [buf])
+                    n = readv(fd, bufs)
                 except BlockingIOError:
                     return
                 except OSError:
                     return
-                outbound(net, view[:n])
+                if n > skip:
+                    outbound(net, view[skip:n])
 
         return drain
 
@@ -973,47 +1040,83 @@ class Worker:
         sock = self.raw_gre
         assert sock is not None
         buf, view, inbound = self.buf, self.view, self.dp.inbound_gre
-        ntoa = socket.inet_ntoa
+        recv_into = sock.recv_into
+        names = self._gre_names
         for _ in range(self.BATCH):
             try:
-                n = sock.recv_into(buf)
+                n = recv_into(buf)
             except BlockingIOError:
                 return
-            ihl = (buf[0] & 0x0F) * 4
             if n < 20:
                 self.dp.count(DropReason.MALFORMED)
                 continue
-            inbound(view[ihl:n], ntoa(view[16:20]), ntoa(view[12:16]), buf[1])
+            # (local, remote) as text, cached by the 8 address octets as an int
+            pair = names.get(_ADDR_PAIR(buf, 12)[0])
+            if pair is None:
+                pair = self._gre_name_pair(view)
+            inbound(view[(buf[0] & 0x0F) * 4 : n], pair[0], pair[1], buf[1])
+
+    def _gre_name_pair(self, view: memoryview) -> tuple[str, str]:
+        if len(self._gre_names) >= 4096:
+            self._gre_names.clear()
+        ntoa = socket.inet_ntoa
+        pair = (ntoa(view[16:20]), ntoa(view[12:16]))
+        self._gre_names[_ADDR_PAIR(view, 12)[0]] = pair
+        return pair
+
+    _gre_names: dict[int, tuple[str, str]]
 
     def _drain_udp4500(self) -> None:
         sock = self.udp4500
         assert sock is not None
         buf, view, dp = self.buf, self.view, self.dp
-        classify = udpencap.classify
-        esp_kind, ike_kind = udpencap.Udp4500.ESP, udpencap.Udp4500.IKE
+        inbound = dp.inbound_esp
+        recvmsg_into = sock.recvmsg_into
         bufs = [buf]
         cmsg = self._sockets.UDP_CMSG_SPACE
         ancillary = self._sockets.udp_ancillary
         for _ in range(self.BATCH):
             try:
-                n, anc, _flags, addr = sock.recvmsg_into(bufs, cmsg)
+                n, anc, _flags, addr = recvmsg_into(bufs, cmsg)
             except BlockingIOError:
                 return
-            # segment size (GRO) and outer TOS (IP_RECVTOS): once per batch
-            seg, tos = ancillary(anc, n) if anc else (n, 0)
+            # segment size (GRO) and outer TOS (IP_RECVTOS): once per batch.
+            # The common case is one control message, the TOS of one datagram.
+            if not anc:
+                seg, tos = n, 0
+            elif len(anc) == 1 and anc[0][1] == _IP_TOS_CMSG and anc[0][0] == SOL_IP:
+                seg, tos = n, anc[0][2][0]
+            else:
+                seg, tos = ancillary(anc, n)
+            if seg >= n:
+                # one datagram: ESP unless it is a keepalive or carries the
+                # non-ESP marker (RFC 3948 §2.2-2.3; udpencap.classify)
+                if n >= 8 and (buf[0] or buf[1] or buf[2] or buf[3]):
+                    inbound(view[:n], tos)
+                else:
+                    self._udp4500_other(view[:n], addr, tos)
+                continue
             for off in range(0, n, seg):  # UDP GRO: several datagrams of one flow
                 payload = view[off : min(off + seg, n)]
-                try:
-                    kind = classify(payload)
-                except Drop as exc:
-                    dp._drop(exc)
-                    continue
-                if kind == esp_kind:
-                    dp.inbound_esp(payload, tos)
-                elif kind == ike_kind:
-                    self._relay_ike(bytes(payload[4:]), 4500, addr)
+                if len(payload) >= 8 and (payload[0] or payload[1] or payload[2] or payload[3]):
+                    inbound(payload, tos)
                 else:
-                    dp.count(DropReason.KEEPALIVE)
+                    self._udp4500_other(payload, addr, tos)
+
+    def _udp4500_other(self, payload: memoryview, addr: tuple[str, int], tos: int) -> None:
+        """A port-4500 datagram that is not plain ESP: IKE, keepalive or junk."""
+        dp = self.dp
+        try:
+            kind = udpencap.classify(payload)
+        except Drop as exc:
+            dp._drop(exc)
+            return
+        if kind == udpencap.Udp4500.ESP:
+            dp.inbound_esp(payload, tos)
+        elif kind == udpencap.Udp4500.IKE:
+            self._relay_ike(bytes(payload[4:]), 4500, addr)
+        else:
+            dp.count(DropReason.KEEPALIVE)
 
     def _drain_udp500(self) -> None:
         sock = self.udp500
@@ -1259,6 +1362,7 @@ class Worker:
         self._running = True
         handlers = self.handlers
         poll = self.ep.poll
+        tun_gso = self._tun_gso
         end = None if duration is None else time.monotonic() + duration
         next_housekeeping = 0.0
         while self._running:
@@ -1268,6 +1372,9 @@ class Worker:
                     h()
             if self._gso is not None:
                 self._gso.flush()
+            if tun_gso:
+                for w in tun_gso.values():
+                    w.flush()
             now = time.monotonic()
             if now >= next_housekeeping:
                 next_housekeeping = now + 0.25
