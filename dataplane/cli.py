@@ -45,6 +45,19 @@ OPTIONS: list[tuple[str, Any, Any, str]] = [
     ("bus-client-key", str, None, "this worker's CURVE secret key file (.key)"),
     ("bus-timeout", float, 10.0, "seconds to wait for the first snapshot"),
     ("relay-endpoint", str, None, "control's IKE relay endpoint (same CURVE keys)"),
+    (
+        "handoff-addr",
+        str,
+        None,
+        "this worker's address on the cluster network for cross-node handoff of "
+        "replay-protected SAs; default: the source address toward the bus host; off: none",
+    ),
+    (
+        "handoff-port",
+        int,
+        7790,
+        "UDP port of the node's cross-node handoff endpoint (the same for all its workers)",
+    ),
     ("state-file", str, None, "msgpack list of [key, record] to apply at start (tests)"),
     ("listen", str, "esp,gre,udp4500,udp500", "outer listeners to open"),
     ("duration", float, 0.0, "exit after this many seconds (0 = run until SIGTERM)"),
@@ -151,6 +164,8 @@ def make_config(o: dict[str, Any]) -> Any:
         raise ConfigError(f"--listen: unknown listeners {sorted(bad)}")
     if not 0 <= o["index"] < max(1, o["workers"]):
         raise ConfigError(f"--index {o['index']} must be in 0..--workers-1")
+    if not 0 < o["handoff_port"] <= 65535:
+        raise ConfigError("--handoff-port must be in 1..65535")
     if o["index"] > 255:
         raise ConfigError("--index must be below 256 (8 bits of the GCM IV)")
     return WorkerConfig(
@@ -169,6 +184,8 @@ def make_config(o: dict[str, Any]) -> Any:
         relay=relay,
         state_file=Path(o["state_file"]) if o["state_file"] else None,
         listen=listen,
+        handoff_addr=o["handoff_addr"],
+        handoff_port=o["handoff_port"],
     )
 
 
