@@ -260,14 +260,14 @@ def failover_figure(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _spread_err(row: dict[str, Any], key: str) -> tuple[float, float]:
+def _spread_err(row: dict[str, Any], key: str, scale: float = 1.0) -> tuple[float, float]:
     """(below, above) the median of ``row[key]`` from its repetitions'
     min–max (``spread``, see bench.ike.repeated); (0, 0) for a single run."""
     sp = (row.get("spread") or {}).get(key) or {}
     v = row[key]
     if not sp.get("values"):
         return (0.0, 0.0)
-    return (max(v - sp["min"], 0.0), max(sp["max"] - v, 0.0))
+    return (max(v - sp["min"], 0.0) * scale, max(sp["max"] - v, 0.0) * scale)
 
 
 IKE_RESPONDERS = (
@@ -276,18 +276,55 @@ IKE_RESPONDERS = (
 )
 
 
+def _ike_memory_panel(ax: Any, data: list[dict[str, Any]], big: list[dict[str, Any]]) -> None:
+    """RSS growth per IKE SA of each responder (ECP-384) at the 'vs' run size
+    and at the ``--memory-sas`` size."""
+    key = "responder_rss_growth_per_sa"
+    rows = [r for r in [*data, *big] if r.get("group") == "ecp384" and key in r]
+    sizes = sorted({int(r.get("ike_sas") or r.get("handshakes") or 0) for r in rows})
+    width = 0.38
+    for i, (resp, label, color) in enumerate(IKE_RESPONDERS):
+        pts = [
+            (j, r)
+            for j, n in enumerate(sizes)
+            for r in rows
+            if r["responder"] == resp and int(r.get("ike_sas") or r.get("handshakes") or 0) == n
+        ]
+        if not pts:
+            continue
+        errs = [_spread_err(r, key, 1 / 1024) for _, r in pts]
+        ax.bar(
+            [j + (i - 0.5) * width for j, _ in pts],
+            [r[key] / 1024 for _, r in pts],
+            width,
+            yerr=list(zip(*errs, strict=True)),
+            capsize=4,
+            label=label,
+            color=color,
+        )
+    ax.set_xticks(range(len(sizes)), [f"{n:,}".replace(",", " ") for n in sizes])
+    ax.set_xlabel("IKE SAs held by the responder (ECP-384)")
+    ax.set_ylabel("responder RSS growth per IKE SA (KiB)")
+    ax.set_title("Memory per IKE SA with its Child SA (lower is better)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+
+
 def ike_figure(results: dict[str, Any], path: Path) -> bool:
-    """Two panels, the same initiator against each responder: handshakes per
-    responder CPU-second, and p50/p99 handshake latency; error bars span the
-    repetitions (min–max)."""
+    """The same initiator against each responder: handshakes per responder
+    CPU-second, p50/p99 handshake latency, and (when measured) RSS growth per
+    IKE SA by the number of SAs; error bars span the repetitions (min–max)."""
     step = results.get("suites", {}).get("ike", {}).get("ike-vs-strongswan") or {}
-    data = (step.get("data") or {}).get("vs_strongswan") or []
+    vdata = step.get("data") or {}
+    data = vdata.get("vs_strongswan") or []
     if not data:
         return False
     plt = _plt()
     groups = sorted({r["group"] for r in data})
     reps = max(int(r.get("repetitions") or 1) for r in data)
-    fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4.4))
+    big = [m for m in vdata.get("memory_vs_strongswan") or [] if isinstance(m, dict)]
+    fig, axes = plt.subplots(1, 3 if big else 2, figsize=(16 if big else 11, 4.4))
+    ax, lat = axes[0], axes[1]
     width = 0.38
     for i, (resp, label, color) in enumerate(IKE_RESPONDERS):
         rows = [
@@ -335,6 +372,8 @@ def ike_figure(results: dict[str, Any], path: Path) -> bool:
     lat.set_title("Handshake latency seen by the initiator (lower is better)", fontsize=9)
     lat.margins(y=0.3)  # room above the bars for the legend
     lat.legend(fontsize=7, ncols=2, loc="upper left")
+    if big:
+        _ike_memory_panel(axes[2], data, big)
     bars = (
         f"error bars: min–max of {reps} repetitions" if reps > 1 else "one run each, no error bars"
     )

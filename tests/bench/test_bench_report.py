@@ -508,7 +508,7 @@ def test_bus_propagation_with_runs_and_the_forwarder_row() -> None:
     )
 
 
-def test_ike_memory_against_strongswan_by_sa_count() -> None:
+def test_ike_memory_against_strongswan_by_sa_count(tmp_path: Path) -> None:
     from bench import ike
 
     res = repeated_ike()
@@ -530,6 +530,8 @@ def test_ike_memory_against_strongswan_by_sa_count() -> None:
     assert "| IKE SAs | anywan B/SA | strongSwan B/SA | anywan ÷ sS |" in md
     assert "| 1000 | 8000 (8000–8000) | 8000 (8000–8000) | 1.00× |" in md  # from the vs runs
     assert "| 10000 | 7100 (7000–9000) | 19000 (19000–19000) | 0.37× |" in md
+    assert plot.ike_figure(res, tmp_path / "ike.png")  # with its memory panel
+    assert (tmp_path / "ike.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_ike_memory_rss_is_measured_without_tracing() -> None:
