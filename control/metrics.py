@@ -76,6 +76,12 @@ class ControlMetrics:
             "Rekeys whose new SA was not acknowledged by every worker in time",
             registry=r,
         )
+        self.ike_state_writes = Counter(
+            "anywan_control_ike_state_writes",
+            "Sealed per-IKE-SA state rows written (put) or removed (delete)",
+            ["op"],
+            registry=r,
+        )
         # Bus state, read from the publisher at scrape time.
         self.bus_sequence = Gauge(
             "anywan_control_bus_sequence", "Last sequence number published on the bus", registry=r

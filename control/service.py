@@ -299,8 +299,12 @@ class ControlService:
         self.relay = relay
         """``replication.relay.RelayServer`` (not started) feeding the engine, or None."""
         self.transport: Any = None
-        self._ike_state_dirty = False
-        self._last_ike_state: bytes | None = None
+        self._ike_rows: dict[bytes, Any] = {}
+        """Our IKE SPI -> fingerprint of its sealed row as last written."""
+        self._ike_dirty: set[bytes] = set()
+        """IKE SPIs events touched since the last write (either SPI of a pair)."""
+        self._ike_sweep_all = False
+        self._ike_persist_pending = False
         self._ike_sas: dict[tuple[int, int], _IkeSaView] = {}
         self._install_seq: dict[str, int] = {}
         """tunnel_id -> bus sequence of its newest installed Child SA."""
@@ -595,10 +599,6 @@ class ControlService:
         self._refresh_counts()
         return changed
 
-    def _persist_sa(self, rec: SaRecord) -> None:
-        with self.store.transaction():
-            self.store.put_sealed(rec.key, encode(rec))
-
     def _delete_sealed(self, key: str) -> None:
         with self.store.transaction():
             self.store.delete_sealed(key)
@@ -663,19 +663,18 @@ class ControlService:
         )
 
     def on_ike_event(self, ev: object) -> None:
+        """Handle one engine event: Child SA records are sealed and published
+        here; the rows of the IKE SAs it touched are written after the
+        current flush (:meth:`_schedule_ike_persist`), never before a publish."""
         name = type(ev).__name__
-        if name.startswith("IkeSa"):
-            self._ike_state_dirty = True
         handler = getattr(self, f"_on_{name}", None)
         if handler is None:
             log.debug("unhandled IKE event %s", name)
-            return
-        handler(ev)
-        if self._ike_state_dirty:
-            try:
-                self.persist_ike_state()
-            except Exception as exc:
-                log.error("persisting IKE state failed: %s", type(exc).__name__)
+        else:
+            handler(ev)
+        if name.startswith(("IkeSa", "ChildSa")) and hasattr(self.engine, "sas"):
+            self._mark_ike_event(ev)
+            self._schedule_ike_persist()
 
     def _refresh_sa_counts(self) -> None:
         """Per-account SA gauges (issue 10: per-customer dashboards), at scrape
@@ -742,8 +741,9 @@ class ControlService:
     def _publish_pair(self, ev: Any) -> None:
         """Seal both directions into the store, then publish them; the outbound
         one's sequence is what a rekey's old SA waits for (make-before-break)."""
-        for rec in (ev.inbound, ev.outbound):
-            self._persist_sa(rec)
+        with self.store.transaction():
+            for rec in (ev.inbound, ev.outbound):
+                self.store.put_sealed(rec.key, encode(rec))
         self.publisher.set(ev.inbound)
         self._install_seq[ev.tunnel_id] = self.publisher.set(ev.outbound)
 
@@ -836,43 +836,242 @@ class ControlService:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    # IKE SA persistence (issue 7, "control restart keeps tunnels up"): the
-    # engine's export_state() — keys, Message IDs, Child SAs of every
-    # established IKE SA — is sealed into the store (key ``ike/state``) right
-    # after every IKE SA event, once a second while anything changed (Message
-    # IDs move with every DPD), and at stop; restore_ike_state() hands it back
-    # to a fresh engine before the first datagram. Child SA records are
-    # persisted and republished separately (above), so workers keep
-    # forwarding across a restart and the peer renegotiates nothing.
+    # IKE SA persistence (issue 7, "control restart keeps tunnels up"): one
+    # sealed row per IKE SA the engine would export (keys, Message IDs, Child
+    # SAs), key ``ike/sa/<our SPI>``, written when that SA changes and deleted
+    # when it goes; restore_ike_state() hands the rows back to a fresh engine
+    # before the first datagram. See persist_ike_state() for when rows are
+    # written and what a crash can lose. Child SA records are persisted and
+    # republished separately (above), so workers keep forwarding across a
+    # restart and the peer renegotiates nothing.
     IKE_STATE_KEY = "ike/state"
+    """The single blob of every IKE SA older versions wrote; migrated once."""
+    IKE_SA_PREFIX = "ike/sa/"
+    IKE_ROW_VERSION = 1
+
+    def _ike_row_key(self, our_spi: bytes) -> str:
+        return f"{self.IKE_SA_PREFIX}{our_spi.hex()}"
+
+    def _mark_ike_event(self, ev: Any) -> None:
+        """Note the IKE SAs an event touched, so their rows are rewritten."""
+        for a, b in (("spi_i", "spi_r"), ("old_spi_i", "old_spi_r")):
+            spi_i, spi_r = getattr(ev, a, None), getattr(ev, b, None)
+            for spi in (spi_i, spi_r):
+                if type(spi) is int and 0 < spi < 1 << 64:
+                    self._ike_dirty.add(spi.to_bytes(8, "big"))
+        tunnel_id = getattr(ev, "tunnel_id", None)
+        if type(ev).__name__.startswith("ChildSa") and tunnel_id and self.engine is not None:
+            try:
+                for sa in self.engine.ike_sas(tunnel_id):
+                    self._ike_dirty.add(sa.our_spi)
+            except Exception as exc:  # an engine change must not break the event path
+                log.warning("cannot list the engine's IKE SAs: %s", type(exc).__name__)
+                self._ike_sweep_all = True
+
+    def _schedule_ike_persist(self) -> None:
+        """Persist the touched IKE SAs after the current loop turn: the
+        transport dispatches every event of one input in one flush, so the
+        Child SA records of that flush are on the bus before any IKE row is
+        sealed (nothing of it delays the publish). Without a running loop
+        (tests driving the service by hand) it persists at once."""
+        if self._ike_persist_pending:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._persist_ike_logged()
+            return
+        self._ike_persist_pending = True
+        loop.call_soon(self._persist_ike_logged)
+
+    def _persist_ike_logged(self) -> None:
+        self._ike_persist_pending = False
+        try:
+            self.persist_ike_state()
+        except Exception as exc:
+            log.error("persisting IKE state failed: %s", type(exc).__name__)
 
     def restore_ike_state(self, now: float) -> bool:
+        """Load every persisted IKE SA into the (fresh) engine; True if any.
+
+        Each row's relative times are re-based on when it was written (its
+        Unix time, so a row written an hour before the restart does not push
+        that SA's rekey and expiry an hour late); a row without one (engine
+        clock not mapped to Unix time) is re-based on ``now``. A store that
+        still holds the old single blob (``ike/state``) is migrated: the blob
+        is imported once, written back as one row per IKE SA and removed, in
+        one transaction."""
         if self.engine is None or not hasattr(self.engine, "import_state"):
             return False
-        blob = self.store.get_sealed(self.IKE_STATE_KEY)
-        if blob is None:
-            return False
-        self.engine.import_state(blob, now)
-        self._last_ike_state = blob
-        log.info("restored persisted IKE SA state (%d bytes)", len(blob))
-        return True
+        import msgpack
 
-    def persist_ike_state(self) -> None:
-        if self.engine is None or not hasattr(self.engine, "export_state"):
-            return
-        blob = self.engine.export_state()
-        self._ike_state_dirty = False
-        if blob == self._last_ike_state:
-            return
-        with self.store.transaction():
-            self.store.put_sealed(self.IKE_STATE_KEY, blob)
-        self._last_ike_state = blob
+        restored = 0
+        legacy = self.store.get_sealed(self.IKE_STATE_KEY)
+        if legacy is not None:
+            before = set(self.engine.sas)
+            self.engine.import_state(legacy, now)
+            migrated = set(self.engine.sas) - before
+            restored += len(migrated)
+            self._ike_dirty |= migrated
+            self._ike_rows_txn(full=False, drop=(self.IKE_STATE_KEY,))
+            log.info(
+                "migrated the persisted IKE state blob (%d bytes) to %d per-SA rows",
+                len(legacy),
+                len(migrated),
+            )
+        wall = time.time()
+        version = getattr(self.engine, "STATE_VERSION", self.IKE_ROW_VERSION)
+        for key, plain in self.store.sealed_items(self.IKE_SA_PREFIX):
+            try:
+                our_spi = bytes.fromhex(key[len(self.IKE_SA_PREFIX) :])
+                row = msgpack.unpackb(plain, raw=False)
+                at = row.get("at")
+                base = now - max(0.0, wall - at) if isinstance(at, int | float) else now
+                blob = msgpack.packb({"v": version, "sas": [row["sa"]]}, use_bin_type=True)
+            except Exception:
+                log.warning("ignoring unreadable persisted IKE SA row %s", key)
+                self._ike_rows[key.encode()] = self._FORCE  # removed by the next sweep
+                continue
+            self.engine.import_state(blob, base)
+            sa = self.engine.sas.get(our_spi)
+            self._ike_rows[our_spi] = self._fingerprint(sa) if sa is not None else self._FORCE
+            restored += sa is not None
+        if restored:
+            log.info("restored %d persisted IKE SAs", restored)
+        return restored > 0
+
+    _FORCE: Any = object()
+    """A fingerprint no SA has: the row is rewritten (or deleted) next time."""
+
+    @staticmethod
+    def _exportable(sa: Any) -> bool:
+        """The IKE SAs ``IkeEngine.export_state`` keeps (half-open ones are not)."""
+        state = getattr(getattr(sa, "state", None), "value", None)
+        return sa.tunnel is not None and state in ("established", "rekeyed", "deleting")
+
+    @staticmethod
+    def _fingerprint(sa: Any) -> Any:
+        """What must be on disk for this IKE SA to continue after a restart,
+        short of the keys (fixed for its life): state, Message IDs, peer
+        address, the pending request, the rekey time and its Child SAs.
+        Cheap (no serialising, no crypto), so the once-a-second sweep can
+        compare every SA; any engine change that breaks it just rewrites."""
+        try:
+            pend = sa.pending
+            return (
+                sa.state,
+                sa.peer_next,
+                sa.our_next,
+                tuple(sa.local),
+                tuple(sa.remote),
+                sa.nat_detected,
+                sa.udp_encap,
+                sa.ike_rekey_at,
+                None if pend is None else (pend.kind, pend.message_id),
+                id(sa.last_response),
+                tuple(
+                    (c.spi_in, c.generation, c.rekeyed, c.deleting, c.delete_at, c.replaced_by)
+                    for c in sa.children.values()
+                ),
+            )
+        except Exception:
+            return object()
+
+    def persist_ike_state(self) -> int:
+        """Write the rows of the IKE SAs events touched since the last write
+        (called after the flush that carried the events,
+        :meth:`_schedule_ike_persist`); returns rows written or deleted.
+
+        :meth:`sweep_ike_state` (once a second and at stop) compares every
+        IKE SA's cheap fingerprint with the one last written, which catches
+        what moves without an event (Message IDs of DPD exchanges) and SAs
+        the engine dropped silently. Only changed SAs are serialised, sealed
+        and written, all in one transaction.
+
+        Crash safety: Child SA records are sealed before they are published;
+        the IKE rows follow in the next loop turn. A crash in between (well
+        under a millisecond) loses that flush's change of those IKE SAs only:
+        a new IKE SA is then not restored, so the peer's next DPD or rekey
+        goes unanswered and the peer re-establishes (its DPD timeout), while
+        the Child SA it negotiated is already on the bus and carries traffic
+        meanwhile (workers drop it at its ``expire_at``). A crash before the
+        sweep loses at most one second of Message ID moves, as before."""
+        if self.engine is None or not hasattr(self.engine, "sas"):
+            return 0
+        return self._ike_rows_txn(full=self._ike_sweep_all)
+
+    def sweep_ike_state(self) -> int:
+        """Compare every IKE SA (and every row) with what is on disk; write
+        the changed rows, delete the rows of SAs that are gone."""
+        if self.engine is None or not hasattr(self.engine, "sas"):
+            return 0
+        return self._ike_rows_txn(full=True)
+
+    def _ike_rows_txn(self, *, full: bool, drop: Iterable[str] = ()) -> int:
+        """One transaction: the changed rows (and ``drop`` keys); the memo of
+        what is on disk moves only once it committed. If it fails, the next
+        write compares every SA (nothing an event marked is forgotten)."""
+        try:
+            with self.store.transaction():
+                puts, gone = self._write_ike_rows(full=full)
+                for key in drop:
+                    self.store.delete_sealed(key)
+        except BaseException:
+            self._ike_sweep_all = True
+            raise
+        for spi, fp in puts:
+            self._ike_rows[spi] = fp
+        for spi in gone:
+            self._ike_rows.pop(spi, None)
+        if puts:
+            self.metrics.ike_state_writes.labels("put").inc(len(puts))
+        if gone:
+            self.metrics.ike_state_writes.labels("delete").inc(len(gone))
+        return len(puts) + len(gone)
+
+    def _write_ike_rows(self, *, full: bool) -> tuple[list[tuple[bytes, Any]], list[bytes]]:
+        """Write the rows of the candidate SAs whose fingerprint changed and
+        delete the rows of those gone; returns (our SPI, fingerprint) written
+        and the SPIs deleted. Inside the caller's transaction."""
+        import msgpack
+
+        engine = self.engine
+        sas = engine.sas
+        if full:
+            candidates: Iterable[bytes] = set(sas) | set(self._ike_rows)
+            self._ike_dirty.clear()
+            self._ike_sweep_all = False
+        else:
+            candidates, self._ike_dirty = self._ike_dirty, set()
+        shift = float(engine.last_now)
+        offset = float(getattr(engine.config, "unix_time_offset", 0.0) or 0.0)
+        at = shift + offset if offset else None
+        puts: list[tuple[bytes, Any, bytes]] = []
+        gone: list[bytes] = []
+        for spi in candidates:
+            sa = sas.get(spi)
+            if sa is None or not self._exportable(sa):
+                if spi in self._ike_rows:
+                    gone.append(spi)
+                continue
+            fp = self._fingerprint(sa)
+            if self._ike_rows.get(spi) == fp:
+                continue
+            row = {"v": self.IKE_ROW_VERSION, "at": at, "sa": sa.to_state(shift)}
+            puts.append((spi, fp, msgpack.packb(row, use_bin_type=True)))
+        for spi, _, plain in puts:
+            self.store.put_sealed(self._ike_row_key(spi), plain)
+        for spi in gone:
+            # an unreadable row is remembered by its whole key (restore_ike_state)
+            key = self._ike_row_key(spi) if len(spi) == 8 else spi.decode()
+            self.store.delete_sealed(key)
+        return [(spi, fp) for spi, fp, _ in puts], gone
 
     async def _persist_ike_state_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
             try:
-                self.persist_ike_state()
+                self.sweep_ike_state()
             except Exception as exc:
                 log.error("persisting IKE state failed: %s", type(exc).__name__)
 
@@ -897,7 +1096,7 @@ class ControlService:
         for task in list(self._tasks):
             task.cancel()
         try:
-            self.persist_ike_state()
+            self.sweep_ike_state()
         except Exception as exc:
             log.error("persisting IKE state at stop failed: %s", type(exc).__name__)
         if self.transport is not None:
