@@ -16,7 +16,11 @@ engine events come to :meth:`ControlService.on_ike_event`:
   ``publisher.set(inbound)``, ``publisher.set(outbound)``;
 * ``ChildSaDeleted`` → tombstones; for a rekey (``reason == "rekeyed"``) only
   after every live worker acknowledged the replacing SA (make-before-break,
-  bounded by ``rekey_apply_timeout``).
+  bounded by ``rekey_apply_timeout``);
+* every ``IkeSa*``/``ChildSa*`` event marks the IKE SAs it touched; their
+  sealed rows (one per IKE SA, ``ike/sa/<our SPI>``) are written in the next
+  loop turn, after the flush's Child SA records are on the bus
+  (:meth:`ControlService.persist_ike_state`).
 """
 
 from __future__ import annotations

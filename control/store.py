@@ -1,7 +1,9 @@
 """The control node's durable state: one SQLite file (WAL) under the state dir.
 
 Accounts, IPsec and GRE tunnels, routes, API tokens (hashed) and an encrypted
-blob table for IKE/Child SA state that must survive a control restart. Every
+key/value table (``sealed_state``) for the state that must survive a control
+restart: one row per Child SA record (``sa/…``) and one per IKE SA
+(``ike/sa/<SPI>``), each sealed on its own so a change rewrites one row. Every
 secret column is sealed with the master key (:mod:`control.secrets`), so the
 database file alone reveals no PSK or key.
 

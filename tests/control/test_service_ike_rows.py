@@ -269,3 +269,27 @@ async def test_restored_rows_keep_their_age(tmp_path: Path) -> None:
     finally:
         await service.stop()
         store.close()
+
+
+async def test_unreadable_row_is_skipped_and_removed(tmp_path: Path) -> None:
+    bus = Bus(tmp_path)
+    service, store = await restart(tmp_path, bus)
+    token = add_token(store, ACCT)
+    try:
+        peers = await connect_many(service, token, 2)
+        bad = ControlService.IKE_SA_PREFIX + "00" * 8
+        with store.transaction():
+            store.put_sealed(bad, b"\x93not a row")
+    finally:
+        await service.stop()
+        store.close()
+    service, store = await restart(tmp_path, bus)
+    try:
+        assert service.restore_ike_state(time.monotonic())
+        assert len(service.engine.sas) == 2
+        service.sweep_ike_state()
+        assert bad not in ike_rows(store) and len(ike_rows(store)) == 2
+        dpd_answered(service, *peers[1])
+    finally:
+        await service.stop()
+        store.close()
