@@ -108,6 +108,7 @@ class OutboundEntry:
 
     __slots__ = (
         "account_id",
+        "by_address",
         "bytes",
         "codec",
         "dest",
@@ -129,6 +130,13 @@ class OutboundEntry:
         self.tunnel_id = record.tunnel_id
         self.selectors = SaSelectors(record.ts_local, record.ts_remote)
         self.fast4 = fast_v4(self.selectors)
+        self.by_address = all(
+            proto == 0 and sp == 0 and ep == 65535
+            for side in (self.selectors.local, self.selectors.remote)
+            for _v, _s, _e, proto, sp, ep in side.items
+        )
+        """Whether the selectors name addresses only (any protocol, every
+        port): whether the SA covers a packet then depends on its addresses."""
         self.udp_encap = record.udp_encap
         self.dest = (record.remote_addr, record.remote_port if record.udp_encap else 0)
         # Newest first: generation, then install time, then SPI for determinism.

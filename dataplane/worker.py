@@ -122,7 +122,7 @@ from replication.records import (
 from . import gre, ip, mss, udpencap
 from .drops import Drop, DropReason
 from .routes import Routes, flow_hash
-from .sad import InboundFactory, OutboundFactory, Sad, TunnelEntry
+from .sad import InboundFactory, OutboundEntry, OutboundFactory, Sad, TunnelEntry
 
 log = logging.getLogger("anywan.worker")
 
@@ -144,6 +144,8 @@ IP_TOS = 1
 IP_TTL = 2
 _SPI = struct.Struct("!I").unpack_from
 _ADDR_PAIR = struct.Struct("!Q").unpack_from
+FlowEntry = tuple[OutboundEntry, TunnelEntry, int]
+"""(outbound SA entry, tunnel entry, tunnel MTU): :meth:`Dataplane.flow_entry`."""
 _IP_TOS_CMSG = 1  # IP_RECVTOS delivers cmsg (SOL_IP, IP_TOS, tos)
 
 
@@ -340,10 +342,8 @@ class Dataplane:
         self.out_view = memoryview(self.out)
         self.last_error: Drop | None = None
         """The most recent drop (for tests and debug tooling, not per-packet logs)."""
-        self.me = 0
-        """This worker's index on the node."""
-        self.live: tuple[int, ...] = (0,)
-        """Live worker indices on the node (owner election for replay-protected SAs)."""
+        self._me = 0
+        self._live: tuple[int, ...] = (0,)
         self.handoff: Callable[[str, int, memoryview], None] | None = None
         """(account, owner index, cleartext): give a packet to the SA's owner."""
         self.handed_off = 0
@@ -358,10 +358,37 @@ class Dataplane:
         by_ecn: list[Anc] = [[], *([(SOL_IP, IP_TOS, bytes([e]))] for e in (1, 2, 3))]
         self._tos_anc: tuple[Anc, ...] = tuple(by_ecn[ip.ecn_encap(t)] for t in range(256))
         self._ttl_anc: dict[int, tuple[Anc, ...]] = {}
+        self.flows: dict[str, dict[int, FlowEntry | None]] = {}
+        """Account → IPv4 (src << 32 | dst) → :meth:`flow_entry`'s answer.
+        Emptied whenever a record changes (:meth:`apply`, :meth:`remove`);
+        the worker's TUN drainer keeps the per-account dicts, never replaced."""
+
+    @property
+    def me(self) -> int:
+        """This worker's id in the owner election."""
+        return self._me
+
+    @me.setter
+    def me(self, me: int) -> None:
+        if me != self._me:
+            self._me = me
+            self.forget_flows()
+
+    @property
+    def live(self) -> tuple[int, ...]:
+        """Live worker indices on the node (owner election for replay-protected SAs)."""
+        return self._live
+
+    @live.setter
+    def live(self, live: tuple[int, ...]) -> None:
+        if live != self._live:
+            self._live = live
+            self.forget_flows()  # who owns an SA may have changed
 
     # ---- records ---------------------------------------------------------
     def apply(self, key: str, rec: Record) -> None:
         """Apply one bus record. Raises RecordError/ValueError if unusable."""
+        self.forget_flows()
         if isinstance(rec, SaRecord):
             self.sad.apply_sa(key, rec)
             self._refresh_tunnel(rec.tunnel_id)
@@ -375,6 +402,7 @@ class Dataplane:
             raise RecordError("invalid", f"unexpected record {type(rec).__name__}")
 
     def remove(self, key: str) -> None:
+        self.forget_flows()
         if key.startswith("sa/"):
             self.sad.delete_sa(key)
             if key.startswith("sa/out/"):
@@ -640,6 +668,72 @@ class Dataplane:
             self._encap(t, sa, packet, version)
         except Drop as exc:
             self._drop(exc)
+
+    # ---- outbound flow cache (the worker's TUN fast path) ------------------
+    FLOW_CACHE_MAX = 4096
+    """Address pairs remembered per account before the cache starts over."""
+
+    def forget_flows(self) -> None:
+        for cache in self.flows.values():
+            cache.clear()
+
+    def flow_cache(self, account_id: str) -> dict[int, FlowEntry | None]:
+        cache = self.flows.get(account_id)
+        if cache is None:
+            cache = self.flows[account_id] = {}
+        return cache
+
+    def flow_entry(self, net: AccountNet, packet: memoryview) -> FlowEntry | None:
+        """What :meth:`outbound` decides for every IPv4 packet from ``packet``'s
+        source to its destination, when that depends on nothing else, and is
+        remembered in :meth:`flow_cache` under ``src << 32 | dst``.
+
+        A :data:`FlowEntry` (outbound SA entry, tunnel entry, tunnel MTU) when
+        the destination's route has one tunnel (no ECMP hash over ports), the
+        tunnel is IPsec and, with replay protection, this worker owns the SA
+        (``live`` changes forget the cache; a non-owner's ``_NotOwner`` codec
+        also sends every packet to :meth:`outbound`), and
+        every outbound SA of the tunnel selects by addresses only
+        (``OutboundEntry.by_address``), so the SA :meth:`Sad.outbound_for` picks is the same
+        for every packet between the two addresses. None otherwise (also
+        remembered): such packets always take :meth:`outbound`. The caller
+        still checks per packet what is per packet: a clean IPv4 header,
+        a TCP SYN (MSS clamp), the MTU, and the codec.
+        """
+        cache = self.flow_cache(net.account_id)
+        if len(cache) >= self.FLOW_CACHE_MAX:
+            cache.clear()
+        entry = self._flow_entry(net, packet)
+        if len(packet) >= 20:
+            cache[_ADDR_PAIR(packet, 12)[0]] = entry
+        return entry
+
+    def _flow_entry(self, net: AccountNet, packet: memoryview) -> FlowEntry | None:
+        try:
+            version, src, dst, proto, sport, dport = ip.parse_flow(packet)
+        except Drop:
+            return None
+        table = self.routes.tables.get(net.account_id)
+        choice = None if table is None or version != 4 else table.choice(4, dst)
+        if choice is None or len(choice.tunnels) != 1:
+            return None
+        tid = choice.tunnels[0]
+        t = self.sad.tunnels.get(tid)
+        if t is None:
+            return None
+        rec = t.record
+        if rec.account_id != net.account_id or rec.kind is not TunnelKind.IPSEC:
+            return None
+        entries = self.sad.outbound.get(tid)
+        if not entries or not all(e.by_address for e in entries):
+            return None
+        sa = self.sad.outbound_for(tid, 4, src, dst, proto, sport, dport)
+        if sa is None:
+            return None
+        live = self.live
+        if rec.replay_protection and len(live) > 1 and rendezvous_owner(sa.spi, live) != self.me:
+            return None  # handed to the owner by outbound()
+        return sa, t, rec.mtu
 
     def _too_big(self, net: AccountNet, packet: memoryview, mtu: int, version: int) -> None:
         try:
@@ -1038,7 +1132,15 @@ class Worker:
         self._events.put(("del", key, rec))
         self._wake()
 
+    _wake_pending = False
+
     def _wake(self) -> None:
+        """Wake the loop (any thread). One pipe byte per wake-up, not per
+        record: while one is pending (set here, cleared by the loop before
+        it reads the queue) the queued record is seen by that wake-up."""
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"x")
 
@@ -1103,6 +1205,7 @@ class Worker:
         return None
 
     def _drain_events(self) -> None:
+        self._wake_pending = False  # before the queue is read: see _wake
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
@@ -1180,27 +1283,90 @@ class Worker:
         return tun_write
 
     def _tun_drainer(self, net: AccountNet) -> Callable[[], None]:
+        """The TUN queue's reader: up to :attr:`BATCH` packets per call.
+
+        Each packet is read straight into the outbound buffer (``dp.out``)
+        where an AES-GCM ESP payload starts (after SPI, sequence number and
+        IV), so the ESP packet is built around it without a copy
+        (``OutboundSa.encapsulate_in_place``). The fast path covers IPv4
+        packets whose address pair has a :meth:`Dataplane.flow_entry`
+        (remembered per account; what ``Dataplane.outbound`` would decide
+        for them, minus what is per packet): it checks the header, a TCP SYN
+        (MSS clamp), the MTU and the codec, then encrypts and sends. Every
+        other packet (IPv6, SYNs, too big, unknown or ECMP flows, AES-CBC,
+        GRE, SAs another worker owns, drops) is copied out and goes through
+        ``Dataplane.outbound``, which decides everything itself.
+        """
         fd = net.fd
+        dp = self.dp
         buf = self.buf
         view = self.view
+        out = dp.out
+        outv = dp.out_view
         readv = os.readv
-        bufs = [buf]
-        outbound = self.dp.outbound
+        outbound = dp.outbound
         batch = self.BATCH
         # with IFF_VNET_HDR a virtio_net_hdr comes first (no offloads were
-        # enabled for reads, so it says "plain packet, checksums done")
+        # enabled for reads, so it says "plain packet, checksums done"); it
+        # lands in the ESP header's place, which is written afterwards
         skip = 10 if fd in self._tun_gso else 0
+        pay = self._esp.ESP_HEADER_LEN + 8  # AES-GCM's 8-octet IV
+        bufs = [outv[pay - skip : pay - skip + len(buf)]]
+        gcm = self._esp._GcmOut
+        cache = dp.flow_cache(net.account_id)
+        flow_entry = dp.flow_entry
+        tos_anc = dp._tos_anc
+        clamp = dp.mss_clamp
+        addr_pair = _ADDR_PAIR
+        drop = dp._drop
+        v4, tcp, syn = 0x45, _TCP, _SYN
+        pkt_tos, pkt_proto, pkt_flags = pay + 1, pay + 9, pay + 33
 
         def drain() -> None:
+            send_udp = dp.send_udp
+            send_esp = dp.send_esp
             for _ in range(batch):
                 try:
-                    n = readv(fd, bufs)
-                except BlockingIOError:
+                    n = readv(fd, bufs) - skip
+                except OSError:  # BlockingIOError: drained
                     return
-                except OSError:
-                    return
-                if n > skip:
-                    outbound(net, view[skip:n])
+                if n <= 0:
+                    continue
+                hit: Any = None
+                if out[pay] == v4 and n >= 24:
+                    key = addr_pair(out, pay + 12)[0]
+                    hit = cache.get(key, False)  # None: remembered "not cacheable"
+                    if hit is False:
+                        hit = flow_entry(net, outv[pay : pay + n])
+                if hit is not None:
+                    sa, t, mtu = hit
+                    codec = sa.codec
+                    total = out[pay + 2] << 8 | out[pay + 3]
+                    if (
+                        n <= mtu
+                        and 24 <= total <= n
+                        and codec.__class__ is gcm
+                        and not (
+                            out[pkt_proto] == tcp and clamp and n > 33 and out[pkt_flags] & syn
+                        )
+                    ):
+                        anc = tos_anc[out[pkt_tos]]  # before the encryption overwrites it
+                        try:
+                            m = codec.encapsulate_in_place(out, 0, n, 4)
+                        except Drop as exc:
+                            drop(exc)
+                            continue
+                        if sa.udp_encap:
+                            send_udp(outv[:m], sa.dest, anc)
+                        else:
+                            send_esp(outv[:m], sa.dest, anc)
+                        sa.packets += 1
+                        sa.bytes += n
+                        t.packets_out += 1
+                        t.bytes_out += n
+                        continue
+                buf[:n] = outv[pay : pay + n]
+                outbound(net, view[:n])
 
         return drain
 
