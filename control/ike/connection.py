@@ -209,6 +209,16 @@ class ChildSa:
     """Make-before-break for a rekey WE started: our SPI of the replacing Child
     SA. This one is deleted with the peer once that one is on every worker
     (``IkeEngine.child_sa_ready``), or at ``delete_at`` at the latest."""
+    answered: tuple[bytes, int, float] | None = None
+    """Created by our ANSWER to the peer's request: (our SPI of the IKE SA it
+    came on, that request's Message ID, when). Until the peer shows it got the
+    answer — any later request on that IKE SA (§2.3, window 1) — it may still be
+    waiting for it (lost, being retransmitted, §2.1): a rekey of it would meet
+    CHILD_SA_NOT_FOUND, so ours waits (``IkeConfig.peer_answer_grace`` at most)."""
+    deferred_delete: tuple[str, float] | None = None
+    """(reason, when to try again): our DELETE of a Child SA the peer may not
+    hold yet (``answered``) waits, or the peer would ignore it (§3.11) and then
+    install the Child SA from our retransmitted answer — an orphan."""
 
     def __repr__(self) -> str:
         return f"ChildSa(in=0x{self.spi_in:08x}, out=0x{self.spi_out:08x}, {self.suite.name})"
@@ -460,6 +470,7 @@ class IkeSa:
             raise Dropped("message_id")
         msg = self._open(data)
         self.last_heard = now
+        self._confirm_answers(header.message_id)
         self._note_address(local, remote)
         handler = REQUESTS.get((self.state, ExchangeType(header.exchange)))
         if handler is None:
@@ -483,6 +494,16 @@ class IkeSa:
         self._send(out)
         if after is not None:
             after()
+
+    def _confirm_answers(self, message_id: int) -> None:
+        """§2.3: with a window of 1 the peer sends request N+1 only after our
+        answer to N arrived, so the Child SAs our earlier answers created on this
+        IKE SA are now known to the peer (``ChildSa.answered``)."""
+        spi = self.our_spi
+        for c in self.owner().children.values():
+            a = c.answered
+            if a is not None and a[0] == spi and a[1] < message_id:
+                c.answered = None
 
     def _answer_retransmission(self, data: bytes, local: Address, remote: Address) -> None:
         """§2.1: a retransmitted request gets the cached response again — but only
@@ -573,6 +594,8 @@ class IkeSa:
                 cands.append(self.ike_rekey_at)
             for c in self.children.values():
                 if c.deleting:
+                    if c.deferred_delete is not None:
+                        cands.append(c.deferred_delete[1])
                     continue
                 if c.rekeyed:
                     if c.delete_at is not None:
@@ -624,6 +647,9 @@ class IkeSa:
         # never returns a past time that handle_timer() would not act on.
         for c in list(self.children.values()):
             if c.deleting:
+                if c.deferred_delete is not None and now >= c.deferred_delete[1]:
+                    reason, c.deferred_delete = c.deferred_delete[0], None
+                    self.request("delete_child", (c.spi_in, reason))
                 continue
             if now >= c.expire_at:
                 self._queue_child_delete(c, "expired")
@@ -1195,8 +1221,11 @@ class IkeSa:
         before = set(self.children)
         payloads = self._respond_child(msg, now, ni=nonce.nonce, nr=nr, pfs=True, old=old)
         req = self.pending
+        (created,) = set(self.children) - before
+        # the peer holds it once our answer arrives (IKE_AUTH's first Child SA
+        # needs no such care: without that answer the peer has no IKE SA)
+        self.children[created].answered = (self.our_spi, self.peer_next, now)
         if old is not None:
-            (created,) = set(self.children) - before
             old.unconfirmed_successor = created
         if (
             old is not None
@@ -1205,8 +1234,7 @@ class IkeSa:
             and req.ctx.get("old") == old.spi_in
         ):
             # §2.8.1 simultaneous rekey: decided when our own response arrives.
-            (new_spi,) = set(self.children) - before
-            req.ctx["collision"] = (new_spi, nonce.nonce, nr)
+            req.ctx["collision"] = (created, nonce.nonce, nr)
         return payloads, None
 
     def _respond_ike_rekey(
@@ -1412,6 +1440,10 @@ class IkeSa:
         c = self.children.get(spi_in)
         if c is None:
             return None
+        if self._unconfirmed(c, now):
+            c.deferred_delete = (reason, now + self.engine.config.retransmit_timeout)
+            self.engine.count("delete_deferred_unconfirmed")
+            return None
         payload = DeletePayload(Protocol.ESP, [spi_in.to_bytes(4, "big")])
         return (
             ExchangeType.INFORMATIONAL,
@@ -1433,6 +1465,15 @@ class IkeSa:
             spi_in, group, attempt = arg, -1, 0
         c = self.children.get(spi_in)
         if c is None or c.rekeyed or c.deleting or c.rekeying:
+            return None
+        cfg = self.engine.config
+        if self._unconfirmed(c, now):
+            # §2.8/§2.25: the peer may not hold this Child SA yet (our answer that
+            # created it lost and being retransmitted); rekeying it now would get
+            # CHILD_SA_NOT_FOUND and make us drop a Child SA the peer is about to
+            # install. Ask again shortly (on_timer), once the peer moved on.
+            c.rekey_at = min(c.rekey_at, now + cfg.retransmit_timeout)
+            self.engine.count("rekey_deferred_unconfirmed")
             return None
         c.rekeying = True
         if group == -1:
@@ -1458,6 +1499,13 @@ class IkeSa:
         )
         built[2]["attempt"] = attempt
         return built
+
+    def _unconfirmed(self, c: ChildSa, now: float) -> bool:
+        """The peer may not hold ``c`` yet: our answer creating it is not known to
+        have arrived (``ChildSa.answered``), and the peer could still be
+        retransmitting its request (``IkeConfig.peer_answer_grace``)."""
+        a = c.answered
+        return a is not None and now < a[2] + self.engine.config.peer_answer_grace
 
     def _child_request(
         self,
@@ -1586,11 +1634,15 @@ class IkeSa:
         old = req.ctx.get("old")
         if err.type == Notify.CHILD_SA_NOT_FOUND and req.kind == "rekey_child" and old is not None:
             # §3.10.1: the peer has no such Child SA (e.g. our answer creating it was
-            # lost while the IKE SA was rekeyed): it is of no use, remove it here too.
+            # lost while the IKE SA was rekeyed): it is of no use, remove it here too
+            # — with a DELETE (§1.4.1), so that if the peer does hold it after all
+            # (its view changed since it answered) it goes on both sides and neither
+            # keeps an orphan; an SPI the peer does not know is ignored (§3.11).
             owner = self.owner()
             c = owner.children.get(old)
-            if c is not None:
-                owner._child_gone(c, "peer_lost")
+            if c is not None and not c.deleting:
+                owner._queue_child_delete(c, "peer_lost")
+                owner.pump(self.engine.last_now)
 
     def _finish_child(self, msg: wire.Message, req: OutRequest, now: float) -> None:
         assert self.prf is not None and self.keys is not None and self.tunnel is not None

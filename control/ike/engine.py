@@ -113,6 +113,11 @@ class IkeConfig:
     """After an IKE SA rekey we started (§2.18), the old IKE SA is deleted this
     long later, so the peer's exchanges still in flight on it (a lost response
     being retransmitted) complete from our cached answers instead of being cut."""
+    peer_answer_grace: float = 180.0
+    """A Child SA the PEER asked for (created by our answer) is not rekeyed by us
+    until the peer shows it got that answer (its next request, §2.3) or this long
+    after — the peer's whole retransmission schedule (strongSwan: ≈ 165 s), after
+    which it either has the Child SA or gave the IKE SA up (§2.1, §2.4)."""
     replay_window: int = 1024
     """Anti-replay window put in SA records of tunnels with replay protection."""
     unix_time_offset: float = 0.0

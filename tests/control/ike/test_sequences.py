@@ -4,7 +4,7 @@ checks that both ends always agree on the IKE SA and on every live Child SA."""
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from control.ike.engine import IkeConfig
@@ -84,6 +84,19 @@ def test_random_operation_sequences_keep_both_ends_in_agreement(batches: list[li
 @given(
     st.lists(st.lists(st.sampled_from(OPS), min_size=1, max_size=3), min_size=1, max_size=8),
     st.integers(0, 10**6),
+)
+# the server rekeyed / deleted a Child SA the client had asked for while the
+# client still waited for our (lost) answer: CHILD_SA_NOT_FOUND / an ignored
+# DELETE, then the client installed it from the retransmitted answer — an orphan
+# (test_unconfirmed_child.py)
+@example(batches=[["c_rekey_child"], ["s_rekey_child"]], seed=224)
+@example(
+    batches=[
+        ["c_rekey_child", "c_new_child"],
+        ["c_rekey_child", "c_new_child"],
+        ["s_delete_child"],
+    ],
+    seed=1,
 )
 def test_random_sequences_over_a_lossy_network_converge(
     batches: list[list[str]], seed: int

@@ -1,0 +1,133 @@
+"""A Child SA created by our ANSWER to the peer's CREATE_CHILD_SA is not known
+to the peer until that answer arrives (RFC 7296 §2.1: it may be lost and the
+request retransmitted). Rekeying or deleting it before the peer shows it got
+the answer (its next request, §2.3) used to strand it: the peer answered
+CHILD_SA_NOT_FOUND / ignored the DELETE (§3.11), we dropped the Child SA, then
+the peer installed it from our retransmitted answer — an orphan only the peer
+held (found by Hypothesis: test_sequences, ``seed=224``)."""
+
+from __future__ import annotations
+
+from control.ike import events as ev
+from control.ike.engine import IkeConfig
+from control.ike.messages import decode
+from control.ike.payloads import ExchangeType
+from control.ike.state import IkeState
+
+from .pair import TUNNEL, Pair, make_pair
+
+
+def _pair(**server: object) -> Pair:
+    cfg = IkeConfig(strict=True, dpd_interval=1e6, rekey_delete_delay=1.0, **server)  # type: ignore[arg-type]
+    p = make_pair(config=cfg, client_config=IkeConfig(strict=True, dpd_interval=1e6))
+    p.connect()
+    return p
+
+
+def _live(p: Pair, side: str) -> dict[int, int]:
+    eng = p.client if side == "c" else p.server
+    (sa,) = [sa for sa in eng.ike_sas(TUNNEL) if sa.state is IkeState.ESTABLISHED]
+    return {c.spi_in: c.spi_out for c in sa.children.values() if not (c.rekeyed or c.deleting)}
+
+
+def _agree(p: Pair) -> dict[int, int]:
+    s, c = _live(p, "s"), _live(p, "c")
+    assert {out: spi for spi, out in s.items()} == c, (s, c)
+    return s
+
+
+def _lose_answers_once(p: Pair) -> None:
+    """Deliver the client's pending request, lose the server's answer."""
+    p.drop = lambda data, to_server: not to_server
+    p.transfer()
+    p.drop = None
+
+
+def test_server_rekey_waits_for_the_client_to_get_the_answer_of_its_own_rekey() -> None:
+    """The Hypothesis case: the client rekeys, the answer is lost, the server rekeys
+    the new Child SA at once. It must wait until the client holds it, and the
+    two ends must end with the same single Child SA."""
+    p = _pair()
+    assert p.client.rekey_child(TUNNEL, p.now)
+    _lose_answers_once(p)
+    (s_new,) = _live(p, "s")
+    assert s_new not in {v for v in _live(p, "c").values()}  # the client lacks it
+    assert p.server.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert p.server.drops["rekey_deferred_unconfirmed"] >= 1
+    p.step(60.0)  # the client retransmits, gets the cached answer, deletes the old SA
+    live = _agree(p)
+    assert len(live) == 1 and s_new not in live  # the server's deferred rekey ran
+    assert not [e for e in p.events(ev.ChildSaDeleted) if e.reason == "peer_lost"]
+    assert not p.client.drops["internal_error"] and not p.server.drops["internal_error"]
+
+
+def test_server_delete_waits_for_the_client_to_get_the_new_child_sa() -> None:
+    """DELETE of a Child SA the client asked for, before the client got our answer:
+    the client would ignore it (unknown SPI) and install the SA afterwards."""
+    p = _pair()
+    assert p.client.create_child(TUNNEL, p.now)
+    _lose_answers_once(p)
+    (sa,) = p.server.ike_sas(TUNNEL)
+    (new,) = [c for c in sa.children.values() if c.answered is not None]
+    assert p.server.delete_child(TUNNEL, new.spi_in, p.now)
+    p.roundtrip()
+    assert p.server.drops["delete_deferred_unconfirmed"] >= 1
+    # the client gets the answer from its retransmission, but sends nothing after
+    # it that would confirm: the DELETE waits out peer_answer_grace (bounded)
+    p.step(IkeConfig().peer_answer_grace + 10.0)
+    live = _agree(p)
+    assert len(live) == 1 and new.spi_in not in live
+    gone = [e for e in p.events(ev.ChildSaDeleted, "client") if e.reason == "peer_delete"]
+    assert len(gone) == 1  # the client installed it, then deleted it on our DELETE
+
+
+def test_no_wait_once_the_peer_has_moved_on_or_after_the_grace() -> None:
+    """The wait is bounded: a later request from the peer confirms at once
+    (§2.3, window 1), and without one the rekey goes out after peer_answer_grace."""
+    p = _pair(peer_answer_grace=30.0)
+    assert p.client.create_child(TUNNEL, p.now)
+    p.roundtrip()
+    (sa,) = p.server.ike_sas(TUNNEL)
+    (new,) = [c for c in sa.children.values() if c.answered is not None]
+    before = new.generation
+    assert p.server.rekey_child(TUNNEL, p.now, new.spi_in)
+    p.roundtrip()
+    assert p.server.drops["rekey_deferred_unconfirmed"] == 1
+    p.step(31.0)  # no client request meanwhile: the grace ends it
+    (rekeyed,) = [c for c in _live(p, "s") if sa.children[c].child_id == new.child_id]
+    assert sa.children[rekeyed].generation == before + 1
+    _agree(p)
+    # a new Child SA, then any later request from the client confirms it at once
+    assert p.client.create_child(TUNNEL, p.now)
+    p.roundtrip()
+    (newer,) = [c for c in sa.children.values() if c.answered is not None]
+    assert p.client.send_dpd(TUNNEL, p.now)
+    p.roundtrip()
+    assert newer.answered is None
+    deferred = p.server.drops["rekey_deferred_unconfirmed"]
+    assert p.server.rekey_child(TUNNEL, p.now, newer.spi_in)
+    p.roundtrip()
+    assert p.server.drops["rekey_deferred_unconfirmed"] == deferred
+    assert newer.rekeyed
+    _agree(p)
+
+
+def test_child_sa_not_found_deletes_with_the_peer_too() -> None:
+    """§1.4.1/§3.10.1: a Child SA the peer says it lacks goes with a DELETE, so a
+    peer that does hold it after all cannot keep an orphan; a peer without it
+    ignores the unknown SPI (§3.11)."""
+    p = _pair()
+    (c_sa,) = p.client.ike_sas(TUNNEL)
+    (c_child,) = c_sa.children.values()
+    c_sa._child_gone(c_child, "test")  # the client lost it (e.g. an old restart)
+    p.collect()
+    mark = len(p.captured)
+    assert p.server.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    sent = [decode(d).header for to_s, d in p.captured[mark:] if not to_s]
+    requests = [h.exchange for h in sent if not h.is_response]
+    assert requests == [ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL]
+    assert not _live(p, "s") and not _live(p, "c")
+    (gone,) = p.events(ev.ChildSaDeleted)
+    assert gone.reason == "peer_lost"
