@@ -1038,6 +1038,12 @@ class IkeSa:
                 deleting=c[16],
                 replaced_by=c[17] if len(c) > 17 else None,
             )
+            if child.deleting:
+                # our DELETE for it was queued or in flight and is not kept (the
+                # pending request comes back as an "orphan"): send it again, or
+                # the Child SA would stay half-deleted for good; a peer that
+                # already deleted it ignores the unknown SPI (§3.11)
+                child.deferred_delete = ("rekeyed" if child.rekeyed else "local_delete", now)
             child.records = sa._records(child)
             sa.children[child.spi_in] = child
         return sa

@@ -131,3 +131,31 @@ def test_child_sa_not_found_deletes_with_the_peer_too() -> None:
     assert not _live(p, "s") and not _live(p, "c")
     (gone,) = p.events(ev.ChildSaDeleted)
     assert gone.reason == "peer_lost"
+
+
+def test_a_child_sa_being_deleted_across_a_restart_is_deleted_with_the_peer() -> None:
+    """Issue 7 state export: a DELETE queued or in flight is not part of the
+    state; after the restart it is sent again instead of leaving the Child SA
+    half-deleted (gone from neither side) for good."""
+    from control.ike.engine import IkeEngine
+
+    from .pair import make_lookup, server_tunnel
+
+    p = _pair()
+    assert p.client.create_child(TUNNEL, p.now)
+    p.roundtrip()
+    p.client.send_dpd(TUNNEL, p.now)  # confirms the new Child SA (§2.3)
+    p.roundtrip()
+    (sa,) = p.server.ike_sas(TUNNEL)
+    victim = max(sa.children.values(), key=lambda c: c.created)
+    assert p.server.delete_child(TUNNEL, victim.spi_in, p.now)
+    p.server.datagrams_to_send()  # the DELETE is lost with the old process
+    blob = p.server.export_state()
+    p.server = IkeEngine(IkeConfig(strict=True, dpd_interval=1e6), make_lookup([server_tunnel()]))
+    p.server.import_state(blob, p.now)
+    p.step(60.0)
+    live = _agree(p)
+    assert len(live) == 1 and victim.spi_in not in live
+    (sa,) = p.server.ike_sas(TUNNEL)
+    assert set(sa.children) == set(live)  # not kept half-deleted
+    assert [e.inbound_spi for e in p.events(ev.ChildSaDeleted)] == [victim.spi_in]
