@@ -171,6 +171,9 @@ def narrow(offered: list[Selector], allowed: tuple[TrafficSelector, ...]) -> lis
     return out
 
 
+CHILD_WORK = frozenset({"rekey_child", "delete_child", "new_child"})
+"""Queued requests about Child SAs (they move with the Child SAs, ``_hand_to``)."""
+
 # --------------------------------------------------------------- Child SA
 
 
@@ -562,6 +565,13 @@ class IkeSa:
     def pump(self, now: float) -> None:
         """Send the next queued request if none is outstanding (window size 1)."""
         while self.pending is None and self.queue and self.state is not IkeState.CLOSED:
+            if self.state is not IkeState.ESTABLISHED and self.queue[0][0] in CHILD_WORK:
+                # Child SA work belongs on the IKE SA that owns the Child SAs: it
+                # waits here for _hand_to (a §2.8.2 collision still undecided)
+                if all(k in CHILD_WORK for k, _ in self.queue):
+                    return
+                self.queue.rotate(-1)
+                continue
             kind, arg = self.queue.popleft()
             built = getattr(self, "build_" + kind)(arg, now)
             if built is None:
@@ -719,7 +729,6 @@ class IkeSa:
         if self.state is IkeState.CLOSED:
             return
         established = self.state is IkeState.ESTABLISHED
-        self._hand_over_pending()
         for c in list(self.children.values()):
             self._child_gone(c, reason)
         if established and self.tunnel is not None:
@@ -739,8 +748,13 @@ class IkeSa:
         on the IKE SA that now owns the Child SAs (strongSwan migrates such tasks
         too). The peer sorts out a rekey it had answered (``rekey_answer_lost``)."""
         req, owner = self.pending, self.owner()
-        if req is None or owner is self or owner.state is not IkeState.ESTABLISHED:
+        if req is None or owner is self:
             return
+        if owner.state is not IkeState.ESTABLISHED and owner.state is not IkeState.REKEYED:
+            return
+        # a REKEYED owner is one waiting for the answer that decides a §2.8.2
+        # collision: the request waits in its queue and moves on with the Child
+        # SAs (_hand_to), or dies with them if that answer never comes
         ctx = req.ctx
         if req.kind == "rekey_child" and ctx.get("old") is not None:
             rekeyed = owner.children.get(ctx["old"])
@@ -754,7 +768,8 @@ class IkeSa:
             ctx.pop("spi_in")  # that SPI lives on in the successor: keep it reserved
         else:
             return
-        owner.pump(self.engine.last_now)
+        if owner.state is IkeState.ESTABLISHED:
+            owner.pump(self.engine.last_now)
 
     def _child_gone(self, c: ChildSa, reason: str) -> None:
         self.children.pop(c.spi_in, None)
@@ -1356,7 +1371,7 @@ class IkeSa:
         # queued Child SA work continues on the new IKE SA (a marked-for-delete
         # Child SA must still be deleted there)
         for kind, arg in self.queue:
-            if kind in ("rekey_child", "delete_child", "new_child"):
+            if kind in CHILD_WORK:
                 new.queue.append((kind, arg))
         self.queue.clear()
         self.state = IkeState.REKEYED

@@ -521,6 +521,9 @@ class IkeEngine:
 
     def discard(self, sa: IkeSa, reason: str) -> None:
         """Forget an IKE SA without events (its owner sent the ones due)."""
+        # our Child SA request still unanswered on it continues where the Child
+        # SAs moved (every way an IKE SA ends comes through here)
+        sa._hand_over_pending()
         self._leave_half_open(sa)
         for c in sa.children.values():
             self.release_spi(c.spi_in)

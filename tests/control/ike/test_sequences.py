@@ -98,6 +98,15 @@ def test_random_operation_sequences_keep_both_ends_in_agreement(batches: list[li
     ],
     seed=1,
 )
+@example(  # nonce-dependent (§2.8.2): deterministic in test_unconfirmed_child.py
+    batches=[
+        ["s_rekey_ike", "s_rekey_child"],
+        ["c_rekey_ike", "s_rekey_ike", "c_rekey_ike"],
+        ["c_delete_child"],
+        ["c_rekey_ike", "s_rekey_ike", "c_delete_child"],
+    ],
+    seed=322985,
+)
 def test_random_sequences_over_a_lossy_network_converge(
     batches: list[list[str]], seed: int
 ) -> None:
