@@ -171,7 +171,7 @@ def narrow(offered: list[Selector], allowed: tuple[TrafficSelector, ...]) -> lis
     return out
 
 
-CHILD_WORK = frozenset({"rekey_child", "delete_child", "new_child"})
+CHILD_WORK = frozenset({"rekey_child", "delete_child", "new_child", "delete_offered"})
 """Queued requests about Child SAs (they move with the Child SAs, ``_hand_to``)."""
 
 # --------------------------------------------------------------- Child SA
@@ -746,7 +746,14 @@ class IkeSa:
     def _hand_over_pending(self) -> None:
         """A rekeyed IKE SA closes with our Child SA request unanswered: ask again
         on the IKE SA that now owns the Child SAs (strongSwan migrates such tasks
-        too). The peer sorts out a rekey it had answered (``rekey_answer_lost``)."""
+        too). The peer sorts out a rekey it had answered (``rekey_answer_lost``).
+
+        The peer may have answered a CREATE_CHILD_SA and made the Child SA with
+        the SPI we offered (its outbound SPI); we never learnt its keys. After
+        asking again, a DELETE of that SPI (``delete_offered``) removes it there
+        — §2.8.1 makes the initiator delete a redundant SA of its exchange, and
+        this one may be exactly that (the peer decided a collision we never
+        saw); a peer that made nothing ignores the unknown SPI (§3.11)."""
         req, owner = self.pending, self.owner()
         if req is None or owner is self:
             return
@@ -761,8 +768,12 @@ class IkeSa:
             if rekeyed is not None:
                 rekeyed.rekeying = False
             owner.request("rekey_child", ctx["old"])
+            owner.request("delete_offered", ctx.pop("spi_in"))  # reserved until then
         elif req.kind == "new_child":
             owner.request("new_child", (ctx["suites"], ctx["group"], 0))
+            owner.request("delete_offered", ctx.pop("spi_in"))
+        elif req.kind == "delete_offered":
+            owner.request("delete_offered", ctx.pop("offered"))
         elif req.kind == "delete_child":
             owner.request("delete_child", (ctx["spi_in"], ctx["reason"]))
             ctx.pop("spi_in")  # that SPI lives on in the successor: keep it reserved
@@ -1472,6 +1483,16 @@ class IkeSa:
             {"spi_in": spi_in, "reason": reason},
         )
 
+    def build_delete_offered(
+        self, spi: int, now: float
+    ) -> tuple[int, list[Payload], dict[str, Any]] | None:
+        """DELETE of the SPI we offered in a CREATE_CHILD_SA whose answer never
+        came (``_hand_over_pending``); released once the peer answered."""
+        if spi in self.children:  # cannot happen (never installed); keep it safe
+            return None
+        payload = DeletePayload(Protocol.ESP, [spi.to_bytes(4, "big")])
+        return ExchangeType.INFORMATIONAL, [Payload(PayloadType.DELETE, payload)], {"offered": spi}
+
     def build_rekey_child(
         self, arg: int | tuple[int, int | None, int], now: float
     ) -> tuple[int, list[Payload], dict[str, Any]] | None:
@@ -1607,6 +1628,8 @@ class IkeSa:
             c = owner.children.get(req.ctx["spi_in"])
             if c is not None:
                 owner._child_gone(c, req.ctx["reason"])
+        elif req.kind == "delete_offered":
+            self.engine.release_spi(req.ctx["offered"])
         # dpd: hearing back is all we wanted (last_heard already moved)
 
     def on_create_child_sa_response(self, msg: wire.Message, req: OutRequest, now: float) -> None:

@@ -530,9 +530,12 @@ class IkeEngine:
         # SPIs reserved for Child SAs still being negotiated
         pending_ctx = sa.pending.ctx if sa.pending and sa.pending.kind != "delete_child" else {}
         for ctx in (pending_ctx, sa.auth_ctx):
-            spi = ctx.get("spi_in")
+            spi = ctx.get("spi_in", ctx.get("offered"))
             if isinstance(spi, int):
                 self.release_spi(spi)
+        for kind, arg in sa.queue:  # moved nowhere: the IKE SA and its work end here
+            if kind == "delete_offered":
+                self.release_spi(arg)
         sa.children = {}
         sa.state = IkeState.CLOSED
         sa.pending = None
