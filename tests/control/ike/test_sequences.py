@@ -107,6 +107,7 @@ def test_random_operation_sequences_keep_both_ends_in_agreement(batches: list[li
     ],
     seed=322985,
 )
+@example(batches=[["s_rekey_child", "c_rekey_child"], ["c_rekey_ike"], ["c_new_child"]], seed=10976)
 def test_random_sequences_over_a_lossy_network_converge(
     batches: list[list[str]], seed: int
 ) -> None:

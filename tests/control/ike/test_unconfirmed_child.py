@@ -215,3 +215,18 @@ def test_child_rekey_in_flight_when_its_ike_sa_goes_during_an_undecided_ike_reke
     assert p.server.drops["ike_rekey_collision_early_delete"] == 1
     live = _agree(p)
     assert len(live) == 1
+
+
+def test_redundant_sa_of_a_collision_whose_answer_was_lost_is_deleted_by_its_creator() -> None:
+    """Found by Hypothesis (seed=10976): both ends rekeyed the Child SA at once
+    (§2.8.1); the client answered the server's rekey, the answer was lost, and
+    the client rekeyed the IKE SA and deleted the old one before the server's
+    retransmission got through. The client, holding both new SAs, found the
+    server's redundant — but only the server deletes that one, and it never
+    learnt it existed: the client kept it for good. Now the server, giving its
+    request up, DELETEs the SPI it had offered."""
+    p = run_lossy([["s_rekey_child", "c_rekey_child"], ["c_rekey_ike"], ["c_new_child"]], 10976, 0)
+    assert p.client.drops["rekey_collision"] == 1
+    live = _agree(p)
+    assert len(live) == 2
+    assert not p.server.drops["internal_error"] and not p.client.drops["internal_error"]
