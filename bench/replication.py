@@ -33,9 +33,7 @@
   → ``Dataplane.apply``, which builds the ESP cipher objects). N = 1, 4, 16,
   several repetitions; p50/p99 over all handshakes and the spread of the
   per-repetition p50/p99, split into "records handed to the publisher"
-  (control's own work: handlers per event) and "bus + apply". A what-if run
-  moves control's whole-IKE-state persist (today run between
-  ``IkeSaEstablished`` and the Child SA's publish) to the next loop turn.
+  (control's own work: handlers per event) and "bus + apply".
 * Each subscriber also reports the CPU time it spent per update: N subscriber
   processes at R updates/s need N x R x that much CPU, which is what bounds
   the 16-process case on a small machine.
@@ -582,22 +580,15 @@ def ike_propagation_run(
     handshakes: int,
     reps: int,
     interval: float = 0.02,
-    *,
-    defer_ike_state: bool = False,
 ) -> dict[str, Any]:
     """``reps`` × ``handshakes`` IKE_SA_INIT + IKE_AUTH exchanges against the
     real control service, each on its own tunnel, one every ``interval`` s;
-    see the module docstring.
-
-    ``defer_ike_state`` is a what-if, not what ``anywan-control`` does today:
-    the service's whole-IKE-state persist (which ``on_ike_event`` runs right
-    after ``IkeSaEstablished``, before the ``ChildSaInstalled`` that follows
-    in the same flush is published) is moved to the next event-loop turn."""
-    return asyncio.run(_ike_propagation(lab, n_subs, handshakes, reps, interval, defer_ike_state))
+    see the module docstring."""
+    return asyncio.run(_ike_propagation(lab, n_subs, handshakes, reps, interval))
 
 
 async def _ike_propagation(
-    lab: Lab, n_subs: int, handshakes: int, reps: int, interval: float, defer_ike_state: bool
+    lab: Lab, n_subs: int, handshakes: int, reps: int, interval: float
 ) -> dict[str, Any]:
     import aiohttp
 
@@ -629,20 +620,6 @@ async def _ike_propagation(
         engine.config.unix_time_offset = time.time() - time.monotonic()  # as the transport does
         service.engine = engine
         await service.start()
-        if defer_ike_state:
-            persist_now = service.persist_ike_state
-            pending: list[bool] = []
-
-            def persist_deferred() -> None:
-                pending.clear()
-                persist_now()
-
-            def persist_later() -> None:
-                if not pending:
-                    pending.append(True)
-                    asyncio.get_running_loop().call_soon(persist_deferred)
-
-            service.persist_ike_state = persist_later  # type: ignore[method-assign]
         procs: list[subprocess.Popen[str]] = []
         try:
             # Tunnels and PSKs through the REST API, as an operator makes them.
@@ -794,7 +771,6 @@ async def _ike_propagation(
         "handler_p99_ms": {k: _pct_ms(v, 0.99) for k, v in sorted(handlers.items())},
         "gaps": sum(r.get("gaps", 0) for r in results),
         "apply_errors": sum(r.get("apply_errors", 0) for r in results),
-        "deferred_ike_state_persist": defer_ike_state,
         "ike_state_bytes_at_end": state_bytes,
     }
 
@@ -920,23 +896,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"not usable everywhere {r['not_usable_everywhere']}, gaps {r['gaps']}"
                 )
             results["sa_propagation"] = ike
-            print(
-                "== the same, what-if: control persists its IKE state after publishing "
-                "the Child SA (next loop turn) instead of before"
-            )
-            what_if = []
-            for n in (1, 2) if quick else (1, 4, 16):
-                r = ike_propagation_run(
-                    lab, n, 10 if quick else 100, 2 if quick else 3, defer_ike_state=True
-                )
-                what_if.append(r)
-                print(
-                    f"  N={n:2d}: p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
-                    f"max {r['max_ms']:.2f} ms; per-repetition p50 {_span(r['rep_p50_ms'])} ms, "
-                    f"p99 {_span(r['rep_p99_ms'])} ms; records handed to the publisher p50 "
-                    f"{r['published_p50_ms']:.2f} p99 {r['published_p99_ms']:.2f} ms"
-                )
-            results["sa_propagation_deferred_ike_state"] = what_if
 
         if want("snapshot"):
             print("== snapshot to a fresh subscriber process")
