@@ -700,19 +700,20 @@ class Dataplane:
         still checks per packet what is per packet: a clean IPv4 header,
         a TCP SYN (MSS clamp), the MTU, and the codec.
         """
-        cache = self.flow_cache(net.account_id)
-        if len(cache) >= self.FLOW_CACHE_MAX:
-            cache.clear()
-        entry = self._flow_entry(net, packet)
-        if len(packet) >= 20:
-            cache[_ADDR_PAIR(packet, 12)[0]] = entry
-        return entry
-
-    def _flow_entry(self, net: AccountNet, packet: memoryview) -> FlowEntry | None:
         try:
             version, src, dst, proto, sport, dport = ip.parse_flow(packet)
         except Drop:
-            return None
+            return None  # this packet is malformed, not the flow: nothing remembered
+        cache = self.flow_cache(net.account_id)
+        if len(cache) >= self.FLOW_CACHE_MAX:
+            cache.clear()
+        entry = self._flow_entry(net, version, src, dst, proto, sport, dport)
+        cache[_ADDR_PAIR(packet, 12)[0]] = entry
+        return entry
+
+    def _flow_entry(
+        self, net: AccountNet, version: int, src: int, dst: int, proto: int, sport: int, dport: int
+    ) -> FlowEntry | None:
         table = self.routes.tables.get(net.account_id)
         choice = None if table is None or version != 4 else table.choice(4, dst)
         if choice is None or len(choice.tunnels) != 1:

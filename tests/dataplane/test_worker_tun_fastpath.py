@@ -194,3 +194,18 @@ def test_replay_protected_sa_only_the_owner_sends(rig) -> None:
     # ownership moves away while the flow is cached: handed over again
     r.w.dp.me = 1 - owner
     assert r.send(p) == [] and len(handed) == 3
+
+
+def test_a_malformed_packet_is_dropped_and_does_not_pin_its_flow(rig) -> None:
+    out = sa(0x2009, Direction.OUT, udp_encap=True)
+    r = rig(tunnel(1), route(1, "10.2.0.0/24", 1), out)
+    good = bytes(IP(src=SRC, dst=DST) / UDP(sport=7, dport=8) / (b"g" * 100))
+    bad = bytearray(good)
+    bad[2:4] = (len(good) + 50).to_bytes(2, "big")  # IPv4 total length beyond the packet
+    assert r.send(bytes(bad)) == []
+    assert r.w.dp.drops[DropReason.MALFORMED] == 1
+    (s,) = r.send(good)
+    assert _decrypt(out, s[1])[1] == good
+    key = int.from_bytes(good[12:20], "big")
+    assert r.w.dp.flows[ACCOUNT_A][key] is not None  # cached by the good packet
+    assert r.send(bytes(bad)) == [] and r.w.dp.drops[DropReason.MALFORMED] == 2
