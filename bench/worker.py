@@ -169,6 +169,11 @@ def _time(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def _spread(values: list[float]) -> dict[str, Any]:
+    """min / max / every value of a row's rounds (``bench.report.stat``)."""
+    return {"min": min(values), "max": max(values), "values": values}
+
+
 def run(quick: bool) -> list[dict[str, Any]]:
     n = 2000 if quick else 20000
     rounds = 3 if quick else 7
@@ -182,8 +187,10 @@ def run(quick: bool) -> list[dict[str, Any]]:
     for k in KINDS:
         for s in SIZES:
             for op in ("encap", "decap"):
-                w = statistics.median(samples[(k, s, f"worker-{op}")])
+                ws = samples[(k, s, f"worker-{op}")]
+                w = statistics.median(ws)
                 b = statistics.median(samples[(k, s, f"bare-{op}")])
+                kpps = [round(1e-3 / x, 1) for x in ws]
                 rows.append(
                     {
                         "kind": k,
@@ -194,6 +201,11 @@ def run(quick: bool) -> list[dict[str, Any]]:
                         "kpps": round(1e-3 / w, 1),
                         "gbit_s": round(s * 8 / w / 1e9, 3),
                         "ratio_to_bare": round(w / b, 2),
+                        "repetitions": rounds,
+                        "spread": {
+                            "worker_ns": _spread([round(x * 1e9) for x in ws]),
+                            "kpps": _spread(kpps),
+                        },
                     }
                 )
     return rows

@@ -558,3 +558,31 @@ def test_ike_memory_rss_is_measured_without_tracing() -> None:
     heap = run("--heap")
     assert set(heap) == {"ike_sas", "python_heap_bytes_per_sa"}
     assert 2_000 < heap["python_heap_bytes_per_sa"] < 15_000
+
+
+def test_worker_and_snapshot_rows_show_their_spread() -> None:
+    """bench.worker's rounds and the snapshot's runs appear as median/best (min–max)."""
+    from bench import worker
+
+    rows = worker.run(quick=True)
+    r = rows[0]
+    sp = r["spread"]["worker_ns"]
+    assert r["repetitions"] == 3 and len(sp["values"]) == 3
+    assert sp["min"] <= r["worker_ns"] <= sp["max"]
+    res = synthetic()
+    res["suites"]["worker"] = {"worker": {"status": "ok", "data": {"rows": rows}}}
+    res["suites"]["replication"] = {
+        "replication": {
+            "status": "ok",
+            "data": {
+                "snapshot": [
+                    {"records": 1000, "ready_s": 0.016, "ready_all_s": [0.016, 0.02, 0.031]}
+                ]
+            },
+        }
+    }
+    md = report.markdown(res)
+    cell = f"{r['worker_ns']} ({report.num(sp['min'])}–{report.num(sp['max'])})"
+    assert f"| {cell} |" in md
+    assert "median (min–max) of 3 repetitions (interleaved rounds)" in md
+    assert "| 1000 | 0.016 (0.016–0.031) |" in md
