@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -120,9 +121,24 @@ def end_marker(n: int) -> TunnelRecord:
 # --- child process ----------------------------------------------------------------------
 
 
-def child(args: argparse.Namespace) -> int:
-    server_public = load_public(args.keys / "server.pub")
+def _subscriber(args: argparse.Namespace, on_set: Callable[[str, Record], None]) -> Subscriber:
+    """The child's bus subscriber: the endpoints and CURVE keys the lab gave it."""
     public, secret = load_secret(args.keys / "client.key")
+    snap, upd, ack = args.endpoints.split(",")
+    return Subscriber(
+        snapshot_endpoint=snap,
+        update_endpoint=upd,
+        ack_endpoint=ack,
+        server_public=load_public(args.keys / "server.pub"),
+        client_public=public,
+        client_secret=secret,
+        worker_id=args.worker_id,
+        on_set=on_set,
+        heartbeat_timeout=2.0,
+    )
+
+
+def child(args: argparse.Namespace) -> int:
     latencies: list[int] = []
     done = threading.Event()
     count = 0
@@ -135,18 +151,7 @@ def child(args: argparse.Namespace) -> int:
         elif isinstance(rec, TunnelRecord) and rec.tunnel_id == END_KEY_TUNNEL:
             done.set()
 
-    snap, upd, ack = args.endpoints.split(",")
-    sub = Subscriber(
-        snapshot_endpoint=snap,
-        update_endpoint=upd,
-        ack_endpoint=ack,
-        server_public=server_public,
-        client_public=public,
-        client_secret=secret,
-        worker_id=args.worker_id,
-        on_set=on_set,
-        heartbeat_timeout=2.0,
-    )
+    sub = _subscriber(args, on_set)
     t0 = time.perf_counter()
     sub.start()
     if not sub.ready.wait(60):
@@ -187,8 +192,6 @@ def child_usable(args: argparse.Namespace) -> int:
     from dataplane import esp
     from dataplane.worker import Dataplane
 
-    server_public = load_public(args.keys / "server.pub")
-    public, secret = load_secret(args.keys / "client.key")
     events: queue.SimpleQueue[tuple[str, Record]] = queue.SimpleQueue()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -207,18 +210,7 @@ def child_usable(args: argparse.Namespace) -> int:
         send_udp=drop,
         send_gre=drop,
     )
-    snap, upd, ack = args.endpoints.split(",")
-    sub = Subscriber(
-        snapshot_endpoint=snap,
-        update_endpoint=upd,
-        ack_endpoint=ack,
-        server_public=server_public,
-        client_public=public,
-        client_secret=secret,
-        worker_id=args.worker_id,
-        on_set=on_set,
-        heartbeat_timeout=2.0,
-    )
+    sub = _subscriber(args, on_set)
     sub.start()
     if not sub.ready.wait(60):
         print(json.dumps({"error": "not ready"}), flush=True)
