@@ -350,10 +350,7 @@ class ControlService:
 
     def _reports(self) -> list[Any]:
         """The live workers' latest reports (empty if the publisher has none)."""
-        try:
-            return list(self.publisher.reports().values())  # type: ignore[attr-defined]
-        except Exception:  # no reports() (test doubles) or stopping
-            return []
+        return list(self._report_map().values())
 
     CHECKPOINT_INTERVAL = 1.0
     """Seconds between two passes of :meth:`publish_checkpoints` (so at most
@@ -377,8 +374,9 @@ class ControlService:
         under steady traffic costs one small bus update per
         :data:`CHECKPOINT_INTERVAL`); tombstoned with the SA."""
         items = self.publisher.items()
+        reports = self._reports()
         changed = 0
-        for (tid, spi), nxt in max_seq_checkpoints(self._reports()).items():
+        for (tid, spi), nxt in max_seq_checkpoints(reports).items():
             sa = items.get(f"sa/out/{tid}/{spi:08x}")
             tunnel = items.get(f"tunnel/{tid}")
             if not isinstance(sa, SaRecord) or not isinstance(tunnel, TunnelRecord):
@@ -390,7 +388,7 @@ class ControlService:
                 continue
             self.publisher.set(SeqCheckpoint(sa.account_id, tid, spi, nxt))
             changed += 1
-        for spi, top in max_replay_tops(self._reports()).items():
+        for spi, top in max_replay_tops(reports).items():
             sa = items.get(f"sa/in/{spi:08x}")
             if not isinstance(sa, SaRecord) or sa.replay_window == 0:
                 continue  # only SAs we published that have a replay window
@@ -434,6 +432,7 @@ class ControlService:
         return changed
 
     def _report_map(self) -> dict[str, Any]:
+        """Worker id → its latest report (empty if the publisher has none)."""
         try:
             return dict(self.publisher.reports())  # type: ignore[attr-defined]
         except Exception:  # no reports() (test doubles) or stopping
