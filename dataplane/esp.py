@@ -133,8 +133,13 @@ _SCRATCH = 9216
 """Initial per-SA plaintext scratch buffer for AES-CBC (octets)."""
 _VIEW_CACHE = 16
 """Most inner-packet lengths an AES-GCM SA keeps cut views for (per output
-buffer); traffic is dominated by a few sizes (full MSS segments, bare ACKs).
-When full the cache is emptied, never grown: about 10 KiB per SA at most."""
+buffer and offset); traffic is dominated by a few sizes (full MSS segments,
+bare ACKs). When full the cache is emptied, never grown: about 10 KiB per SA
+and offset in use."""
+_BINDINGS = 64
+"""Most offsets of one output buffer an AES-GCM SA keeps views for: at least
+the worker's UDP GSO batch (32 datagrams), so a steady stream of one size
+reuses them (a few views per offset and length in use)."""
 _EMPTY = memoryview(b"")
 _GCM_IV = 8
 _GCM_ICV = 16
@@ -435,7 +440,16 @@ class _GcmOut(OutboundSa):
     on every packet.
     """
 
-    __slots__ = ("_aad", "_bound", "_cache", "_encrypt_into", "_offset", "_salt_wid", "_trailers")
+    __slots__ = (
+        "_aad",
+        "_bindings",
+        "_bound",
+        "_cache",
+        "_encrypt_into",
+        "_offset",
+        "_salt_wid",
+        "_trailers",
+    )
 
     def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
         super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
@@ -448,21 +462,38 @@ class _GcmOut(OutboundSa):
         self._offset = -1
         self._aad = _EMPTY
         self._cache: dict[int, _GcmViews] = {}
-        """Views into the bound ``out`` by inner length; see :meth:`_slow`."""
+        """Views into the bound ``out`` at the bound offset by inner length;
+        see :meth:`_slow`."""
+        self._bindings: dict[int, tuple[memoryview, dict[int, _GcmViews]]] = {}
+        """The AAD view and view cache of each offset used in the bound
+        ``out``, so a caller that builds packets at a few offsets of one
+        buffer (the worker's UDP GSO batch: datagram k at ``k * size``)
+        switches between them with a dict lookup instead of cutting views
+        again."""
 
     def _bind(self, out: bytearray, offset: int) -> None:
-        """A new (buffer, offset): drop the views cut for the old one."""
-        ov = self._out_view = memoryview(out)
-        self._bound = out
+        """Switch to (buffer, offset): a new buffer drops every view cut for
+        the old one; another offset of the same buffer takes its own views
+        (at most ``_BINDINGS`` offsets are remembered)."""
+        if out is not self._bound:
+            self._out_view = memoryview(out)
+            self._bound = out
+            self._bindings = {}
+        binding = self._bindings.get(offset)
+        if binding is None:
+            if len(self._bindings) >= _BINDINGS:
+                self._bindings.clear()
+            aad = self._out_view[offset : offset + ESP_HEADER_LEN] if offset >= 0 else _EMPTY
+            binding = self._bindings[offset] = (aad, {})
         self._offset = offset
-        self._cache = {}
-        self._aad = ov[offset : offset + ESP_HEADER_LEN] if offset >= 0 else _EMPTY
+        self._aad, self._cache = binding
 
     def _unbind(self) -> None:
         self._out_view = self._aad = _EMPTY
         self._bound = None
         self._offset = -1
         self._cache = {}
+        self._bindings = {}
 
     def _slow(self, out: bytearray, offset: int, n: int, next_header: int) -> _GcmViews:
         """Refuse the packet (``_refuse`` raises), or cut and cache the views

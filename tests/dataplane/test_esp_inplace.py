@@ -180,6 +180,32 @@ def test_scapy_decrypts_in_place_gcm_across_buffers_offsets_and_sizes(
         buf[offset : offset + n] = b"\xee" * n
 
 
+@pytest.mark.parametrize(("cipher", "integ"), GCM, ids=GCM_IDS)
+def test_gcm_in_place_back_to_back_in_one_buffer_like_a_gso_batch(
+    cipher: Cipher, integ: Integ
+) -> None:
+    """The worker builds a UDP GSO batch in one buffer: datagram k in place at
+    ``k * size``, more offsets than the SA remembers, sizes changing between
+    batches. Every datagram equals the oracle and its neighbours are intact."""
+    rec = make_record(cipher, integ)
+    sa = OutboundSa.from_record(rec, worker_id=5)
+    hl = sa.payload_offset
+    buf = bytearray(200_000)
+    rng = random.Random(5)
+    for batch, size in enumerate((1400, 1400, 52, 1400, 700)):
+        inners = [rng.randbytes(size) for _ in range(70 if batch == 1 else 33)]
+        total = sa.overhead(size) + size
+        first_seq = sa.seq + 1
+        for k, inner in enumerate(inners):
+            buf[k * total + hl : k * total + hl + size] = inner
+            assert sa.encapsulate_in_place(buf, k * total, size, NEXT_HEADER_IPV4) == total
+        for k, inner in enumerate(inners):
+            want = expected_gcm_packet(
+                rec.enc_key, rec.salt, rec.spi, first_seq + k, 5, inner, NEXT_HEADER_IPV4
+            )
+            assert bytes(buf[k * total : (k + 1) * total]) == want, (batch, k)
+
+
 @pytest.mark.parametrize(("cipher", "integ"), TRANSFORMS, ids=TRANSFORM_IDS)
 def test_encapsulate_in_place_equals_encapsulate_into(cipher: Cipher, integ: Integ) -> None:
     """Two SAs from one record (same worker id): the zero-copy call, with the
