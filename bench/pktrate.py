@@ -112,8 +112,11 @@ from pathlib import Path
 from typing import Any
 
 #: Namespace prefix; each run adds its PID (deploy.netns.unique_prefix). Tests
-#: set ``awt-p-`` through ``ANYWAN_PKTRATE_NETNS_PREFIX``.
-PREFIX = os.environ.get("ANYWAN_PKTRATE_NETNS_PREFIX", "awb-p-")
+#: get ``awt-p-`` (``ANYWAN_PKTRATE_NETNS_PREFIX``, or an ``awt-`` value of
+#: ``ANYWAN_BENCH_NETNS_PREFIX`` as ``bench.run``'s tests set it).
+PREFIX = os.environ.get("ANYWAN_PKTRATE_NETNS_PREFIX") or (
+    "awt-p-" if os.environ.get("ANYWAN_BENCH_NETNS_PREFIX", "").startswith("awt-") else "awb-p-"
+)
 ANYCAST = "203.0.113.1"
 SITE = "198.51.100.2"
 NODE_LINK = "198.51.100.1"

@@ -11,6 +11,10 @@ codec      ESP/GRE codec ns/packet (``bench.codec``)             bare AESGCM.enc
 worker     the worker's packet path from memory, 1 and 2         bare codec call; one
            processes (``bench.worker``); full run: two real      process
            workers back to back through the kernel (--network)
+pktrate    end-to-end kpps / Gbit/s of real worker processes     1 worker (2w ÷ 1w);
+           fed by a cheap GSO / TPACKET generator, encap and     the 150 kpps goal
+           decap, 64 / 1400 B, GCM, CBC+SHA256, GRE, 1 and 2
+           workers (``bench.pktrate``; root)
 profile    per-stage CPU profile (TUN, crypto, socket, Python)   share of the loop
            of one worker carrying iperf3 from strongSwan sites   thread's samples; ns
            (``bench.profile``; root, Linux ``perf``)             per packet carried
@@ -40,7 +44,7 @@ ratio, median and min–max over the repetitions) and PNG plots
 (:mod:`bench.plot`); ``bench/results/latest`` points at it.
 
 ``--quick`` runs every suite for a few seconds (CI runs it; no thresholds).
-The throughput, failover and profile suites need root (network namespaces);
+The pktrate, throughput, failover and profile suites need root (network namespaces);
 without root they are recorded as skipped. The ike suite repeats every
 measurement (3 times, 2 with ``--quick``) and codec interleaves 7 rounds (3),
 so their tables show median (min–max) too.
@@ -70,7 +74,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-ORDER = ("codec", "worker", "profile", "ike", "replication", "throughput", "failover")
+ORDER = ("codec", "worker", "pktrate", "profile", "ike", "replication", "throughput", "failover")
 
 
 @dataclass
@@ -103,6 +107,8 @@ def steps_for(suite: str, quick: bool) -> list[Step]:
                 )
             )
         return steps
+    if suite == "pktrate":
+        return [Step("pktrate", [*py, "bench.pktrate", *q, "--json", "{json}"], "file", long)]
     if suite == "profile":
         if not (HERE / "profile.py").exists():
             # recorded, not failed: this tree has no bench/profile.py
