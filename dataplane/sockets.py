@@ -411,26 +411,79 @@ _NO_ANC: list[tuple[int, int, bytes]] = []
 class GsoBatcher:
     """Collects equal-sized UDP payloads for one destination; one sendmsg each.
 
-    ``add`` copies the datagram into a preallocated buffer; a datagram of a
-    different size (only the last of a batch may be shorter), another
-    destination, or a full buffer flushes first. ``flush`` at the end of each
-    loop turn. Without GSO support every datagram is sent on its own.
+    A batch is ``buf[start:used]``: ``count`` datagrams of ``seg`` octets (only
+    the last may be shorter), one destination, one list of control messages.
+    Two ways in:
+
+    * :meth:`add` copies a datagram to the end of the batch;
+    * zero copy: build the datagram in place at :meth:`slot` (the end of the
+      batch, with ``room`` octets free after it: the worker reads a TUN
+      packet there and encrypts it where it lies), then :meth:`commit` it.
+
+    A datagram that does not fit the batch (another size, destination or
+    ``anc``, or the batch full) sends the batch first; a committed one that
+    does not fit starts the next batch where it lies. :meth:`flush` at the
+    end of each loop turn. Without GSO support every datagram is sent on its
+    own.
     """
 
-    def __init__(self, sock: socket.socket, *, max_segments: int = 32) -> None:
+    MAX_PAYLOAD = 65000
+    """Octets of UDP payload in one GSO send (the kernel's limit is one IP
+    datagram, 65535 octets with the headers)."""
+
+    def __init__(self, sock: socket.socket, *, max_segments: int = 32, room: int = 65535) -> None:
         self.sock = sock
         self.enabled = gso_supported(sock)
-        self.buf = bytearray(65535)
+        self.room = room
+        """Octets free after :meth:`slot` for building one datagram in place."""
+        self.buf = bytearray(self.MAX_PAYLOAD + room)
         self.view = memoryview(self.buf)
         self.max_segments = max_segments
         self.dest: tuple[str, int] | None = None
         self.anc = _NO_ANC
         self.seg = 0
+        self.start = 0
         self.used = 0
         self.count = 0
         self.short = False
         self.sent = 0
         self.errors = 0
+
+    def slot(self) -> int:
+        """Where the next datagram goes in :attr:`buf`, with :attr:`room`
+        octets free; sends the batch first when it is full."""
+        if self.count >= self.max_segments or self.used + self.room > len(self.buf):
+            self.flush()
+        return self.used
+
+    def commit(
+        self, n: int, dest: tuple[str, int], anc: list[tuple[int, int, bytes]] = _NO_ANC
+    ) -> None:
+        """The ``n``-octet datagram built at :meth:`slot` joins the batch.
+        ``anc``: extra control messages (IP_TOS) that apply to the whole
+        batch, so a batch only holds datagrams with the same list object (the
+        caller shares one list per value)."""
+        used = self.used
+        if self.count and (
+            anc is not self.anc
+            or dest != self.dest
+            or n > self.seg
+            or self.short
+            or used + n - self.start > self.MAX_PAYLOAD
+        ):
+            self._send_batch()  # the new datagram starts the next batch where it is
+        if not self.count:
+            if not self.enabled:
+                self._send(self.view[used : used + n], dest, anc)
+                return
+            self.start = used
+            self.dest = dest
+            self.seg = n
+            self.anc = anc
+        elif n < self.seg:
+            self.short = True
+        self.used = used + n
+        self.count += 1
 
     def add(
         self,
@@ -438,43 +491,34 @@ class GsoBatcher:
         dest: tuple[str, int],
         anc: list[tuple[int, int, bytes]] = _NO_ANC,
     ) -> None:
-        """Queue one datagram. ``anc``: extra control messages (IP_TOS) that
-        apply to the whole batch, so a batch only holds datagrams with the
-        same list object (the caller shares one list per value)."""
-        n = len(data)
+        """Queue one datagram (a copy); see :meth:`commit`."""
         if not self.enabled:
             self._send(data, dest, anc)
             return
-        if self.count and (
-            anc is not self.anc
-            or dest != self.dest
-            or n > self.seg
-            or self.short
-            or self.used + n > 65000
-            or self.count >= self.max_segments
-        ):
-            self.flush()
-        if not self.count:
-            self.dest = dest
-            self.seg = n
-            self.anc = anc
-        elif n < self.seg:
-            self.short = True
-        self.buf[self.used : self.used + n] = data
-        self.used += n
-        self.count += 1
+        n = len(data)
+        at = self.slot()
+        if at + n > len(self.buf):  # more than ``room``: cannot be a UDP datagram anyway
+            self._send(data, dest, anc)
+            return
+        self.buf[at : at + n] = data
+        self.commit(n, dest, anc)
 
     def flush(self) -> None:
-        if not self.count:
-            return
+        """Send the batch; the buffer starts over."""
+        if self.count:
+            self._send_batch()
+        self.start = self.used = 0
+
+    def _send_batch(self) -> None:
         dest = self.dest
         assert dest is not None
+        batch = self.view[self.start : self.used]
         if self.count == 1:
-            self._send(self.view[: self.used], dest, self.anc)
+            self._send(batch, dest, self.anc)
         else:
             try:
                 self.sock.sendmsg(
-                    [self.view[: self.used]],
+                    [batch],
                     [(SOL_UDP, UDP_SEGMENT, struct.pack("H", self.seg)), *self.anc],
                     0,
                     dest,
@@ -482,7 +526,8 @@ class GsoBatcher:
                 self.sent += self.count
             except OSError:
                 self.errors += self.count
-        self.count = self.used = 0
+        self.start = self.used
+        self.count = 0
         self.short = False
 
     def _send(

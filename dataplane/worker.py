@@ -1036,7 +1036,8 @@ class Worker:
             if "udp4500" in cfg.listen:
                 self.udp4500 = s.open_udp(cfg.anycast, 4500)
                 self._register(self.udp4500.fileno(), self._drain_udp4500)
-                self._gso = s.GsoBatcher(self.udp4500)
+                # room to read a whole TUN packet into the batch (_tun_drainer)
+                self._gso = s.GsoBatcher(self.udp4500, room=len(self.buf) + 64)
                 self.dp.send_udp = self._gso.add  # one call less per packet than _send_udp
                 s.enable_gro(self.udp4500)
                 s.enable_recvtos(self.udp4500)
@@ -1286,33 +1287,39 @@ class Worker:
     def _tun_drainer(self, net: AccountNet) -> Callable[[], None]:
         """The TUN queue's reader: up to :attr:`BATCH` packets per call.
 
-        Each packet is read straight into the outbound buffer (``dp.out``)
-        where an AES-GCM ESP payload starts (after SPI, sequence number and
-        IV), so the ESP packet is built around it without a copy
-        (``OutboundSa.encapsulate_in_place``). The fast path covers IPv4
-        packets whose address pair has a :meth:`Dataplane.flow_entry`
-        (remembered per account; what ``Dataplane.outbound`` would decide
-        for them, minus what is per packet): it checks the header, a TCP SYN
-        (MSS clamp), the MTU and the codec, then encrypts and sends. Every
-        other packet (IPv6, SYNs, too big, unknown or ECMP flows, AES-CBC,
-        GRE, SAs another worker owns, drops) is copied out and goes through
+        Each packet is read straight to where an AES-GCM ESP payload starts
+        (after SPI, sequence number and IV) in the buffer its ESP packet will
+        be sent from, so the packet is built around it without a copy
+        (``OutboundSa.encapsulate_in_place``): with UDP GSO that is the end
+        of the port-4500 batch (:meth:`GsoBatcher.slot`; the datagram then
+        joins the batch as it lies, :meth:`GsoBatcher.commit`), otherwise the
+        outbound buffer ``dp.out``. The fast path covers IPv4 packets whose
+        address pair has a :meth:`Dataplane.flow_entry` (remembered per
+        account; what ``Dataplane.outbound`` would decide for them, minus what
+        is per packet): it checks the header, a TCP SYN (MSS clamp), the MTU
+        and the codec, then encrypts and sends. Every other packet (IPv6,
+        SYNs, too big, unknown or ECMP flows, AES-CBC, GRE, SAs another
+        worker owns, drops) is copied out and goes through
         ``Dataplane.outbound``, which decides everything itself.
         """
         fd = net.fd
         dp = self.dp
         buf = self.buf
         view = self.view
-        out = dp.out
-        outv = dp.out_view
         readv = os.readv
         outbound = dp.outbound
         batch = self.BATCH
+        gso = self._gso if self._gso is not None and self._gso.enabled else None
+        # the buffer packets are read into and ESP packets built in
+        out = dp.out if gso is None else gso.buf
+        outv = memoryview(out)
         # with IFF_VNET_HDR a virtio_net_hdr comes first (no offloads were
         # enabled for reads, so it says "plain packet, checksums done"); it
         # lands in the ESP header's place, which is written afterwards
         skip = 10 if fd in self._tun_gso else 0
         pay = self._esp.ESP_HEADER_LEN + 8  # AES-GCM's 8-octet IV
-        bufs = [outv[pay - skip : pay - skip + len(buf)]]
+        size = len(buf)  # the most one read returns
+        reads: dict[int, list[memoryview]] = {}  # ESP packet offset -> [read view]
         gcm = self._esp._GcmOut
         cache = dp.flow_cache(net.account_id)
         flow_entry = dp.flow_entry
@@ -1321,12 +1328,26 @@ class Worker:
         addr_pair = _ADDR_PAIR
         drop = dp._drop
         v4, tcp, syn = 0x45, _TCP, _SYN
-        pkt_tos, pkt_proto, pkt_flags = pay + 1, pay + 9, pay + 33
+        if gso is not None and gso.room < pay + size + 32:
+            gso = None  # no room for a whole read plus the ESP trailer and ICV
+        max_segments = 0 if gso is None else gso.max_segments
+        last_slot = 0 if gso is None else len(gso.buf) - gso.room
 
         def drain() -> None:
             send_udp = dp.send_udp
             send_esp = dp.send_esp
+            at = 0
             for _ in range(batch):
+                if gso is not None:
+                    at = gso.used
+                    if gso.count >= max_segments or at > last_slot:
+                        at = gso.slot()  # sends the full batch
+                p = at + pay  # the inner packet's first octet
+                bufs = reads.get(at)
+                if bufs is None:
+                    if len(reads) >= 256:
+                        reads.clear()
+                    bufs = reads[at] = [outv[p - skip : p - skip + size]]
                 try:
                     n = readv(fd, bufs) - skip
                 except OSError:  # BlockingIOError: drained
@@ -1334,39 +1355,39 @@ class Worker:
                 if n <= 0:
                     continue
                 hit: Any = None
-                if out[pay] == v4 and n >= 24:
-                    key = addr_pair(out, pay + 12)[0]
+                if out[p] == v4 and n >= 24:
+                    key = addr_pair(out, p + 12)[0]
                     hit = cache.get(key, False)  # None: remembered "not cacheable"
                     if hit is False:
-                        hit = flow_entry(net, outv[pay : pay + n])
+                        hit = flow_entry(net, outv[p : p + n])
                 if hit is not None:
                     sa, t, mtu = hit
                     codec = sa.codec
-                    total = out[pay + 2] << 8 | out[pay + 3]
+                    total = out[p + 2] << 8 | out[p + 3]
                     if (
                         n <= mtu
                         and 24 <= total <= n
                         and codec.__class__ is gcm
-                        and not (
-                            out[pkt_proto] == tcp and clamp and n > 33 and out[pkt_flags] & syn
-                        )
+                        and not (out[p + 9] == tcp and clamp and n > 33 and out[p + 33] & syn)
                     ):
-                        anc = tos_anc[out[pkt_tos]]  # before the encryption overwrites it
+                        anc = tos_anc[out[p + 1]]  # before the encryption overwrites it
                         try:
-                            m = codec.encapsulate_in_place(out, 0, n, 4)
+                            m = codec.encapsulate_in_place(out, at, n, 4)
                         except Drop as exc:
                             drop(exc)
                             continue
-                        if sa.udp_encap:
-                            send_udp(outv[:m], sa.dest, anc)
+                        if not sa.udp_encap:
+                            send_esp(outv[at : at + m], sa.dest, anc)
+                        elif gso is not None:
+                            gso.commit(m, sa.dest, anc)
                         else:
-                            send_esp(outv[:m], sa.dest, anc)
+                            send_udp(outv[:m], sa.dest, anc)
                         sa.packets += 1
                         sa.bytes += n
                         t.packets_out += 1
                         t.bytes_out += n
                         continue
-                buf[:n] = outv[pay : pay + n]
+                buf[:n] = outv[p : p + n]
                 outbound(net, view[:n])
 
         return drain

@@ -159,6 +159,52 @@ def test_gso_batcher_sends_segments(netns_topology) -> None:
         rx.close()
 
 
+def test_gso_batcher_zero_copy_slots_and_copies_mix(netns_topology) -> None:
+    """Datagrams built in place at ``slot()`` and committed, mixed with
+    copies (``add``), two destinations and a short one: each receiver gets
+    exactly its datagrams, in order."""
+    topo = netns_topology(PREFIX)
+    node = topo.namespace("node")
+    with tun.in_netns(node.name):
+        tx = sockets.open_udp("127.0.0.1", 4500)
+        rx_a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx_a.bind(("127.0.0.1", 4601))
+        rx_b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx_b.bind(("127.0.0.1", 4602))
+    a, b = ("127.0.0.1", 4601), ("127.0.0.1", 4602)
+    try:
+        g = sockets.GsoBatcher(tx, max_segments=4, room=2048)
+        want: dict[tuple[str, int], list[bytes]] = {a: [], b: []}
+
+        def in_place(data: bytes, dest: tuple[str, int]) -> None:
+            at = g.slot()
+            g.buf[at : at + len(data)] = data  # what a read + in-place encrypt leaves
+            g.commit(len(data), dest)
+            want[dest].append(data)
+
+        def copy(data: bytes, dest: tuple[str, int]) -> None:
+            g.add(data, dest)
+            want[dest].append(data)
+
+        for i in range(6):  # more than max_segments: the full batch goes first
+            in_place(bytes([i]) * 200, a)
+        in_place(b"B" * 200, b)  # another destination: starts the next batch in place
+        copy(b"C" * 200, b)
+        in_place(b"D" * 200, b)
+        in_place(b"short", b)
+        copy(b"E" * 200, a)  # after a short one: a new batch
+        g.flush()
+        for rx in (rx_a, rx_b):
+            rx.settimeout(1)
+        got_a = [rx_a.recv(2048) for _ in want[a]]
+        got_b = [rx_b.recv(2048) for _ in want[b]]
+        assert got_a == want[a] and got_b == want[b]
+        assert g.sent == 11 and g.errors == 0
+    finally:
+        for s in (tx, rx_a, rx_b):
+            s.close()
+
+
 def test_gso_batch_arrives_as_gro_segments_across_veth(netns_topology) -> None:
     """A GSO batch sent over veth reaches a UDP_GRO socket as one read with
     the segment size; the segments split back to exactly what was sent."""
