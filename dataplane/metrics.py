@@ -53,6 +53,12 @@ class WorkerMetrics:
         self.accounts = Gauge(
             "anywan_worker_accounts", "Accounts with an inner network on this worker", registry=r
         )
+        self.peer_queues = Gauge(
+            "anywan_worker_peer_tun_queues",
+            "TUN queues of the node's other workers held here (to write a replay-protected "
+            "tunnel's inbound packets into its owner's queue)",
+            registry=r,
+        )
         self.live_workers = Gauge(
             "anywan_worker_node_live_workers", "Workers alive on this node", registry=r
         )

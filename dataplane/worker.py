@@ -362,6 +362,11 @@ class Dataplane:
         """Account → IPv4 (src << 32 | dst) → :meth:`flow_entry`'s answer.
         Emptied whenever a record changes (:meth:`apply`, :meth:`remove`);
         the worker's TUN drainer keeps the per-account dicts, never replaced."""
+        self.peer_writers: dict[tuple[str, int], WriteFn] = {}
+        """(account, election id of another worker on this node) → a writer
+        into *that* worker's queue of the account's TUN (its fd, passed to us):
+        see :meth:`inbound_writer`."""
+        self._steer: dict[str, WriteFn | None] = {}
 
     @property
     def me(self) -> int:
@@ -517,7 +522,10 @@ class Dataplane:
                     off = (inner[0] & 0x0F) * 4 + 13
                     if off < len(inner) and inner[off] & _SYN:
                         inner = self._clamp(entry.tunnel_id, inner, version)
-            net.write(inner)
+            if self.peer_writers:
+                self.inbound_writer(entry.tunnel_id, net)(inner)
+            else:
+                net.write(inner)
             n = len(inner)
             entry.packets += 1
             entry.bytes += n
@@ -676,6 +684,34 @@ class Dataplane:
     def forget_flows(self) -> None:
         for cache in self.flows.values():
             cache.clear()
+        self._steer.clear()
+
+    def inbound_writer(self, tunnel_id: str, net: AccountNet) -> WriteFn:
+        """Where a packet that arrived on ``tunnel_id`` is written to the TUN.
+
+        On a ``replay_protection`` tunnel with several live workers only the
+        owner of the tunnel's outbound SA may send its ESP (DESIGN §5), and
+        the TUN hands each outbound packet to the queue of the worker that
+        last *wrote* a packet of the same flow (the kernel's automatic queue
+        selection, ``tun_automq_select_queue``, by a symmetric flow hash). So
+        we write the tunnel's inbound packets into the owner's queue (its
+        fd, which it passed us): the replies then reach the owner itself
+        instead of being read here and handed over one by one. Our own queue
+        when we own it, on other tunnels, or when we lack the owner's fd
+        (then the hand-off still delivers). Remembered per tunnel until
+        :meth:`forget_flows`."""
+        w = self._steer.get(tunnel_id, False)
+        if w is False:
+            w = None
+            t = self.sad.tunnels.get(tunnel_id)
+            outs = self.sad.outbound.get(tunnel_id)
+            live = self._live
+            if t is not None and t.record.replay_protection and outs and len(live) > 1:
+                owner = rendezvous_owner(outs[0].spi, live)  # the newest
+                if owner != self._me:
+                    w = self.peer_writers.get((net.account_id, owner))
+            self._steer[tunnel_id] = w
+        return net.write if w is None else w
 
     def flow_cache(self, account_id: str) -> dict[int, FlowEntry | None]:
         cache = self.flows.get(account_id)
@@ -860,6 +896,17 @@ class NodePeers:
             raise StartupError(
                 f"worker index {index} is already running on this node ({run_dir})"
             ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def pid_of(self, index: int) -> int | None:
+        """The process id worker ``index`` wrote into its lock file (None if
+        unreadable; alive or not is :meth:`live`'s question)."""
+        try:
+            raw = (self.run_dir / f"worker-{index}.lock").read_bytes()
+        except OSError:
+            return None
+        return int(raw) if raw.isdigit() else None
 
     def live(self) -> list[int]:
         alive = []
@@ -896,6 +943,16 @@ class Worker:
     TUN_GSO = True
     """Open the TUN queues with IFF_VNET_HDR and merge the in-order TCP
     segments of a loop turn into one GSO write (``tun.GsoTunWriter``)."""
+
+    TUN_STEER = True
+    """Pass each account's TUN queue fd to the node's other workers
+    (SCM_RIGHTS over AF_UNIX), so that they write a replay-protected
+    tunnel's inbound packets into its owner's queue and the replies reach
+    the owner without a hand-off (:meth:`Dataplane.inbound_writer`)."""
+
+    QUEUE_RESEND = 5.0
+    """Seconds after which our queue fds are passed to a peer again (it may
+    not have had the account yet; it replaces the old copy)."""
 
     def __init__(self, config: WorkerConfig, *, registry: Any = None) -> None:
         from . import esp, sockets
@@ -980,6 +1037,16 @@ class Worker:
         self._rwin: dict[int, int] = {}
         """Inbound SPI → replicated replay-window top (``rwin/`` records)."""
         self._om = _OwnerMetrics(self.metrics.registry)
+        # TUN queue fds shared between the node's workers (TUN_STEER)
+        self.tunq_sock: socket.socket | None = None
+        self._tunq_sent: dict[tuple[int, int, str, int], float] = {}
+        """(peer index, peer pid, account, our fd) → when we passed it."""
+        self._peer_q: dict[tuple[str, int], tuple[int, WriteFn]] = {}
+        """(account, peer index) → (our copy of its queue fd, writer)."""
+        self._peer_watch: dict[int, tuple[int, int]] = {}
+        """Peer index → (pid, pidfd): its fds are closed the moment it exits,
+        so no queue outlives its reader (the kernel would keep sending
+        packets to it)."""
 
     # ---- senders -----------------------------------------------------------
     # Raw sockets take IP_TTL / IP_TOS as sendmsg control messages (Linux
@@ -1047,6 +1114,8 @@ class Worker:
         except s.SocketError as exc:
             raise StartupError(str(exc)) from None
         self._open_handoff()
+        if self.TUN_STEER:
+            self._open_tunq()
         self._update_share()
         self._register(self._wake_r, self._drain_events)
         if cfg.state_file is not None:
@@ -1228,6 +1297,9 @@ class Worker:
         netns_name, tun_name = self._account_names(account)
         if not wanted:
             self._tun_routes.pop(account, None)
+            for key in [k for k in self._peer_q if k[0] == account]:
+                self._close_peer_queue(key)
+            self._tunq_sent = {k: t for k, t in self._tunq_sent.items() if k[2] != account}
             if net is not None:
                 del dp.accounts[account]
                 self._unregister(net.fd)
@@ -1768,6 +1840,137 @@ class Worker:
         self._dest = dest
         self.dp.me = me
         self.dp.live = live
+        self._set_peer_writers()
+
+    # ---- TUN queues shared on the node (TUN_STEER) -----------------------------
+    def _tunq_addr(self, index: int) -> str:
+        return f"\0anywan-tunq-{zlib.crc32(str(self.cfg.run_dir).encode()):08x}-{index}"
+
+    def _open_tunq(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(self._tunq_addr(self.cfg.index))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"TUN queue socket for index {self.cfg.index}: {exc}") from None
+        sock.setblocking(False)
+        self.tunq_sock = sock
+        self._register(sock.fileno(), self._drain_tunq)
+
+    def _share_queues(self) -> None:
+        """Pass each account's queue fd to every live peer on the node (once
+        per peer process, again after :attr:`QUEUE_RESEND` seconds)."""
+        sock, peers = self.tunq_sock, self.peers
+        if sock is None or peers is None:
+            return
+        now = time.monotonic()
+        sent = self._tunq_sent
+        live = set(self._live)
+        for key in [k for k in sent if k[0] not in live or now - sent[k] > self.QUEUE_RESEND]:
+            del sent[key]
+        me, pid = self.cfg.index, os.getpid()
+        for j in self._live:
+            if j == me:
+                continue
+            peer_pid = peers.pid_of(j)
+            if peer_pid is None:
+                continue
+            for net in self.dp.accounts.values():
+                key = (j, peer_pid, net.account_id, net.fd)
+                if key in sent or net.fd < 0:
+                    continue
+                msg = f"{me} {pid} {net.account_id}".encode()
+                fds = struct.pack("i", net.fd)
+                try:
+                    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0,
+                                 self._tunq_addr(j))  # fmt: skip
+                except OSError:
+                    continue  # not up yet, or queue full: next housekeeping
+                sent[key] = now
+
+    def _drain_tunq(self) -> None:
+        """A peer's queue fd: kept while the peer lives and we have the account."""
+        sock = self.tunq_sock
+        assert sock is not None
+        for _ in range(self.BATCH):
+            try:
+                msg, anc, _flags, _addr = sock.recvmsg(256, socket.CMSG_SPACE(4 * 4))
+            except BlockingIOError:
+                return
+            fds: list[int] = []
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(data) - len(data) % 4
+                    fds += struct.unpack(f"{usable // 4}i", data[:usable])
+            parts = msg.decode(errors="replace").split(" ", 2)
+            ok = len(fds) == 1 and len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit()
+            index = int(parts[0]) if ok else -1
+            account = parts[2] if ok else ""
+            if (
+                not ok
+                or index == self.cfg.index
+                or not 0 <= index < self.cfg.workers
+                or account not in self.dp.accounts
+                or not self._watch_peer(index, int(parts[1]))
+            ):
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                continue
+            key = (account, index)
+            if key in self._peer_q:
+                self._close_peer_queue(key)
+            fd = fds[0]
+            writer = self._tun_writer(fd)  # a GsoTunWriter is flushed with ours
+            self._peer_q[key] = (fd, writer)
+            self._set_peer_writers()
+
+    def _watch_peer(self, index: int, pid: int) -> bool:
+        """Watch process ``pid`` (peer ``index``) with a pidfd; False if it is gone."""
+        watch = self._peer_watch.get(index)
+        if watch is not None and watch[0] == pid:
+            return True
+        if watch is not None:
+            self._forget_peer(index)  # a new process took the index
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        self._peer_watch[index] = (pid, pidfd)
+        self._register(pidfd, lambda: self._forget_peer(index))
+        return True
+
+    def _forget_peer(self, index: int) -> None:
+        """Peer ``index`` exited: close our copies of its queues at once."""
+        watch = self._peer_watch.pop(index, None)
+        if watch is not None:
+            self._unregister(watch[1])
+            with contextlib.suppress(OSError):
+                os.close(watch[1])
+        for key in [k for k in self._peer_q if k[1] == index]:
+            self._close_peer_queue(key)
+        self._set_peer_writers()
+
+    def _close_peer_queue(self, key: tuple[str, int]) -> None:
+        fd, _writer = self._peer_q.pop(key)
+        gso = self._tun_gso.pop(fd, None)
+        if gso is not None:
+            gso.flush()
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        self._set_peer_writers()
+
+    def _set_peer_writers(self) -> None:
+        """``dp.peer_writers`` by election id, from the queues we hold."""
+        node_ids = self.election == "cluster"
+        writers = {
+            (account, cluster_id(self.cfg.node, index) if node_ids else index): writer
+            for (account, index), (_fd, writer) in self._peer_q.items()
+        }
+        if writers != self.dp.peer_writers:
+            self.dp.peer_writers = writers
+            self.dp.forget_flows()
+        self.metrics.peer_queues.set(len(self._peer_q))
 
     # ---- inbound replay windows: checkpointed (DESIGN §5) ---------------------------
     def _apply_rwin(self, key: str, rec: Record | None) -> None:
@@ -2018,6 +2221,8 @@ class Worker:
     def _housekeeping(self) -> None:
         self._update_share()
         self.update_election()
+        if self.tunq_sock is not None:
+            self._share_queues()
         self.raise_replay_windows()
         self.manage_owned_sas()
         now = time.monotonic()
@@ -2046,6 +2251,10 @@ class Worker:
                 )
                 if server is not None:
                     server.shutdown()
+        for index in list(self._peer_watch):
+            self._forget_peer(index)
+        for key in list(self._peer_q):
+            self._close_peer_queue(key)
         for net in list(self.dp.accounts.values()):
             with contextlib.suppress(OSError):
                 os.close(net.fd)
@@ -2057,6 +2266,7 @@ class Worker:
             self.udp500,
             self.handoff_sock,
             self.handoff_udp,
+            self.tunq_sock,
         ):
             if sock is not None:
                 sock.close()

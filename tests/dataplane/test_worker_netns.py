@@ -955,6 +955,62 @@ def test_replay_protected_tunnel_has_one_sender_and_survives_owner_sigkill(lab: 
         lab.publisher.set(t1)
 
 
+def test_replies_on_a_replay_protected_tunnel_reach_the_owner_without_hand_off(
+    lab: Lab,
+) -> None:
+    """Two workers; tunnel 1 replay-protected. The site's ESP (SPI 0x1001)
+    reaches worker 1 (raw-socket share filter: SPI % 2), the outbound SA's
+    owner is worker 0. Worker 1 writes the inbound packets into worker 0's
+    TUN queue (the fd worker 0 passed it), so the kernel queues the host's
+    replies to worker 0, which sends them itself: a TCP exchange started by
+    the site needs (almost) no hand-off, where writing into its own queue
+    would hand every reply over."""
+    from dataclasses import replace
+
+    from dataplane.worker import rendezvous_owner
+
+    for i in (0, 1):
+        if i not in lab.workers or lab.workers[i].poll() is not None:
+            lab.start_worker(i)
+    _wait(lambda: all(_metrics_ok(lab, i) for i in (0, 1)), 15, "two workers")
+
+    def holds_the_others_queues(i: int) -> bool:
+        m = lab.metrics(i)  # one queue per account
+        return m.get("anywan_worker_peer_tun_queues") == m.get("anywan_worker_accounts") == 2
+
+    _wait(lambda: all(holds_the_others_queues(i) for i in (0, 1)), 10, "the other's queues")
+    assert rendezvous_owner(0x2001, (0, 1)) == 0 and 0x1001 % 2 == 1  # the premise
+    t1 = next(r for r in records() if r.key == tunnel(1).key)
+    lab.publisher.set(replace(t1, replay_protection=True))
+    try:
+        time.sleep(0.6)
+        handoffs = "anywan_worker_replay_handoff_packets_total"
+        before = {i: lab.metrics(i) for i in (0, 1)}
+        assert _exchange(lab, "host", "site-esp", "10.1.0.2", "tcp", 50_000) == "ECHO50003"
+        time.sleep(0.7)  # a counter flush
+        after = {i: lab.metrics(i) for i in (0, 1)}
+
+        def delta(i: int, name: str) -> float:
+            return after[i].get(name, 0) - before[i].get(name, 0)
+
+        tid1 = tunnel(1).tunnel_id
+        received = tunnel_packets(after[1], tid1, "in") - tunnel_packets(before[1], tid1, "in")
+        sent = tunnel_packets(after[0], tid1, "out") - tunnel_packets(before[0], tid1, "out")
+        assert received >= 20, received  # the site's packets came in through worker 1
+        assert sent >= 20, sent  # the replies left through the owner
+        assert delta(1, handoffs) <= 2, delta(1, handoffs)
+        # The owner dies: worker 1 closes its copies of the dead worker's
+        # queues at once (pidfd), so no queue is left that nobody reads, and
+        # the exchange goes on through worker 1 alone.
+        lab.workers[0].send_signal(signal.SIGKILL)
+        lab.workers[0].wait(5)
+        _wait(lambda: lab.metrics(1).get("anywan_worker_peer_tun_queues") == 0, 2, "copies closed")
+        _wait(lambda: lab.metrics(1).get("anywan_worker_node_live_workers") == 1, 3, "1 left")
+        assert _exchange(lab, "host", "site-esp", "10.1.0.2", "tcp", 50_000) == "ECHO50003"
+    finally:
+        lab.publisher.set(t1)
+
+
 def test_gcm_ivs_never_repeat_across_worker_restarts(lab: Lab) -> None:
     """RFC 4106 §3.1: every ESP packet the site received in this whole run,
     from several workers and across SIGKILL + restart of one index, carried a
