@@ -304,7 +304,8 @@ class _Sender:
 
     segs = 1
 
-    def send(self, k: int) -> None:
+    def send(self, k: int) -> int:
+        """Hand the kernel one batch of flow ``k``; returns the packets taken."""
         raise NotImplementedError
 
 
@@ -315,11 +316,13 @@ class _UdpGso(_Sender):
         self.anc = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg))]
         self.errors = 0
 
-    def send(self, k: int) -> None:
+    def send(self, k: int) -> int:
         try:
             self.socks[k].sendmsg([self.bufs[k]], self.anc, 0, self.dests[k])
         except OSError:
             self.errors += 1
+            return 0
+        return self.segs
 
 
 def _esp_sender(spec: dict[str, Any]) -> _UdpGso:
@@ -414,19 +417,35 @@ class _GreRing(_Sender):
         self.step = self.FRAME // 4
         self.pos = 0
         self.errors = 0
+        self.busy = 0
 
-    def send(self, k: int) -> None:
+    def send(self, k: int) -> int:
+        # A frame's pages travel with its skb (zero copy): the kernel gives
+        # the frame back (status AVAILABLE) only when every copy of the
+        # packet is freed — e.g. read by a worker from its raw socket. A
+        # frame still in flight is not reused: the ring is full, which is
+        # back-pressure from the workers.
         st, step, pos, n = self.status, self.step, self.pos, self.nframes
+        taken = 0
         for _ in range(self.segs):
+            status = st[pos * step]
+            if status not in (0, 4):  # AVAILABLE, WRONG_FORMAT
+                self.busy += 1
+                break
+            if status:
+                self.errors += 1
             st[pos * step] = 1  # TP_STATUS_SEND_REQUEST
+            taken += 1
             pos += 1
             if pos == n:
                 pos = 0
         self.pos = pos
-        try:
-            self.sock.send(b"")
-        except OSError:
-            self.errors += 1
+        if taken:
+            try:
+                self.sock.send(b"")
+            except OSError:
+                self.errors += 1
+        return taken
 
 
 def gen_main(spec_path: str) -> int:
@@ -474,14 +493,14 @@ def gen_main(spec_path: str) -> int:
         if state["report"]:
             state["report"] = False
             d = read_probe(drops_src)[1] - drops0
-            print(json.dumps({"t": time.monotonic(), "sent": sent, "drops": d, "rate": rate}),
-                  flush=True)  # fmt: skip
+            print(json.dumps({"t": time.monotonic(), "sent": sent, "drops": d, "rate": rate,
+                              "errors": getattr(sender, "errors", 0),
+                              "ring_busy": getattr(sender, "busy", 0)}), flush=True)  # fmt: skip
         now = time.monotonic()
         if not adaptive:
             for _ in range(8):
-                sender.send(k)
+                sent += sender.send(k)
                 k = k + 1 if k + 1 < flows else 0
-            sent += 8 * segs
             continue
         if now >= next_ctl:
             q, d = read_probe(drops_src)
@@ -500,14 +519,17 @@ def gen_main(spec_path: str) -> int:
             time.sleep(0.0002)
             continue
         while credit >= segs:
-            sender.send(k)
+            n = sender.send(k)
             k = k + 1 if k + 1 < flows else 0
-            sent += segs
+            sent += n
             credit -= segs
+            if n < segs:  # the ring is full of frames in flight
+                time.sleep(0.0002)
+                break
     d = read_probe(drops_src)[1] - drops0
-    errors = getattr(sender, "errors", 0)
+    errors, busy = getattr(sender, "errors", 0), getattr(sender, "busy", 0)
     print(json.dumps({"t": time.monotonic(), "sent": sent, "drops": d, "rate": rate,
-                      "errors": errors, "final": True}), flush=True)  # fmt: skip
+                      "errors": errors, "ring_busy": busy, "final": True}), flush=True)  # fmt: skip
     return 0
 
 
@@ -841,6 +863,8 @@ class Bench:
                 "sent_kpps": round((g1["sent"] - g0["sent"]) / gdt / 1e3, 1),
                 "dropped_kpps": round((g1["drops"] - g0["drops"]) / gdt / 1e3, 1),
                 "final_rate_kpps": round(g1["rate"] / 1e3, 1),
+                "send_errors": g1.get("errors", 0) - g0.get("errors", 0),
+                "ring_full": g1.get("ring_busy", 0) - g0.get("ring_busy", 0),
             },
             "sink": {
                 "packets": sink1[0] - sink0[0],

@@ -467,6 +467,53 @@ def replication_figure(results: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def pktrate_figure(results: dict[str, Any], path: Path) -> bool:
+    """``bench.pktrate``: kpps the worker processes carried, 1 and 2 workers,
+    per tunnel / size / direction, with the 150 kpps goal and the 2w ÷ 1w
+    ratio over each pair (one run per cell: no error bars)."""
+    step = results.get("suites", {}).get("pktrate", {}).get("pktrate") or {}
+    rows = [r for r in (step.get("data") or {}).get("rows", []) if "kpps" in r]
+    if not rows:
+        return False
+    idx = {(r["kind"], r["size"], r["op"], r["workers"]): r for r in rows}
+    keys = sorted(
+        {(r["kind"], r["size"], r["op"]) for r in rows},
+        key=lambda k: (list(CIPHER_LABEL).index(k[0]) if k[0] in CIPHER_LABEL else 9, k[1], k[2]),
+    )
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys)), 4.5))
+    width = 0.38
+    short = {"aes256gcm": "GCM-256", "aes256cbc-sha256": "CBC-256\n+SHA256", "gre": "GRE"}
+    for i, (w, label, color) in enumerate(
+        ((1, "anywan, 1 worker", "#1f77b4"), (2, "anywan, 2 workers", "#ff7f0e"))
+    ):
+        xs = [j + (i - 0.5) * width for j, k in enumerate(keys) if (*k, w) in idx]
+        ys = [idx[(*k, w)]["kpps"] for k in keys if (*k, w) in idx]
+        if xs:
+            ax.bar(xs, ys, width, label=label, color=color)
+    for j, k in enumerate(keys):
+        two = idx.get((*k, 2))
+        if two and two.get("ratio_2w_1w") is not None:
+            ax.text(j, two["kpps"], f"{two['ratio_2w_1w']:.2f}×", ha="center", va="bottom",
+                    fontsize=7)  # fmt: skip
+    ax.axhline(150, color="red", linewidth=0.8, linestyle="--", label="goal at 64 B: 150 kpps")
+    ax.set_xticks(
+        range(len(keys)),
+        [f"{short.get(c, c)}\n{s} B {op}" for c, s, op in keys],
+        fontsize=7,
+    )
+    ax.set_ylabel("packets/s carried by the workers (kpps)")
+    ax.set_title(
+        "worker processes fed by a cheap generator (bench.pktrate); label: 2w ÷ 1w\n"
+        + _subtitle(results),
+        fontsize=8,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save(plt, fig, path)
+    return True
+
+
 def make_all(results: dict[str, Any], out_dir: Path) -> list[str]:
     """Write every plot that has data; returns the file names."""
     made = []
@@ -478,6 +525,7 @@ def make_all(results: dict[str, Any], out_dir: Path) -> list[str]:
             made.append(name)
     for name, fn in (
         ("ratios.png", ratio_figure),
+        ("pktrate.png", pktrate_figure),
         ("failover.png", failover_figure),
         ("ike.png", ike_figure),
         ("replication.png", replication_figure),

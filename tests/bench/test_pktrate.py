@@ -60,7 +60,7 @@ def test_segments_fit_one_udp_datagram() -> None:
     assert pktrate.segments(1400, 1436) == 65507 // 1436
 
 
-def test_ratios_and_report_table() -> None:
+def test_ratios_report_table_and_plot(tmp_path: Path) -> None:
     rows = [
         {"kind": "aes256gcm", "size": 64, "op": "encap", "workers": w, "kpps": k,
          "gbit_s": k * 64 * 8 / 1e6, "per_worker_kpps": [k / w] * w,
@@ -84,6 +84,13 @@ def test_ratios_and_report_table() -> None:
     assert "| AES-256-GCM | 64 | encap | 140 ✗ |" in md
     assert "**1.71×**" in md and "not run: x" in md
     assert "## Packet rate" in report.markdown({**results, "machine": {}})
+    pytest.importorskip("matplotlib")
+    from bench import plot
+
+    png = tmp_path / "pktrate.png"
+    assert plot.pktrate_figure(results, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pktrate.png" in plot.make_all(results, tmp_path)
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns)")
