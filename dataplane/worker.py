@@ -700,7 +700,7 @@ class Dataplane:
         when we own it, on other tunnels, or when we lack the owner's fd
         (then the hand-off still delivers). Remembered per tunnel until
         :meth:`forget_flows`."""
-        w = self._steer.get(tunnel_id, False)
+        w: Any = self._steer.get(tunnel_id, False)
         if w is False:
             w = None
             t = self.sad.tunnels.get(tunnel_id)
