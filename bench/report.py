@@ -499,7 +499,8 @@ def pktrate_md(results: dict[str, Any]) -> str:
             return [
                 num(r["kpps"]) + goal,
                 num(r["gbit_s"]),
-                f"{split} (workers {_cpu_of(r, 'anywan-worker')} %, gen "
+                f"{split}; {num(r.get('kpps_per_worker_core'))} per worker core "
+                f"(workers {_cpu_of(r, 'anywan-worker')} %, gen "
                 f"{_cpu_of(r, 'generator')} %, machine "
                 f"{num((r.get('cpu') or {}).get('machine_busy_pct'))} %)",
             ]
@@ -526,7 +527,9 @@ def pktrate_md(results: dict[str, Any]) -> str:
     )  # fmt: skip
     out.append(
         "✓ / ✗: the ≥ 150 kpps goal at 64 B. CPU: % of one core over the window "
-        "(`/proc/<pid>/stat`); the machine share is of all cores. encap = core→site "
+        "(`/proc/<pid>/stat`); the machine share is of all cores; per worker core: kpps ÷ "
+        "the workers' summed CPU share (their efficiency, whatever CPU they got). "
+        "encap = core→site "
         "(TUN read, encrypt / GRE, UDP or raw send); decap = site→core.\n"
     )
     notes = []

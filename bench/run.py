@@ -11,13 +11,13 @@ codec      ESP/GRE codec ns/packet (``bench.codec``)             bare AESGCM.enc
 worker     the worker's packet path from memory, 1 and 2         bare codec call; one
            processes (``bench.worker``); full run: two real      process
            workers back to back through the kernel (--network)
+profile    per-stage CPU profile (TUN, crypto, socket, Python)   share of the loop
+           of one worker carrying iperf3 from strongSwan sites   thread's samples; ns
+           (``bench.profile``; root, Linux ``perf``)             per packet carried
 pktrate    end-to-end kpps / Gbit/s of real worker processes     1 worker (2w ÷ 1w);
            fed by a cheap GSO / TPACKET generator, encap and     the 150 kpps goal
            decap, 64 / 1400 B, GCM, CBC+SHA256, GRE, 1 and 2
            workers (``bench.pktrate``; root)
-profile    per-stage CPU profile (TUN, crypto, socket, Python)   share of the loop
-           of one worker carrying iperf3 from strongSwan sites   thread's samples; ns
-           (``bench.profile``; root, Linux ``perf``)             per packet carried
 ike        handshakes/s, p50/p99, memory per IKE SA at 1k/10k    strongSwan responder,
            (``bench.ike``; and ``--strongswan``: one initiator    same initiator
            against strongSwan's responder and ours over UDP)
@@ -74,7 +74,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-ORDER = ("codec", "worker", "pktrate", "profile", "ike", "replication", "throughput", "failover")
+ORDER = ("codec", "worker", "profile", "pktrate", "ike", "replication", "throughput", "failover")
 
 
 @dataclass
