@@ -80,8 +80,9 @@ process per core with one thread on the packet path (DESIGN §7).
 from __future__ import annotations
 
 import hmac
+import operator
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -134,8 +135,8 @@ _SCRATCH = 9216
 _VIEW_CACHE = 16
 """Most inner-packet lengths an AES-GCM SA keeps cut views for (per output
 buffer and offset); traffic is dominated by a few sizes (full MSS segments,
-bare ACKs). When full the cache is emptied, never grown: about 10 KiB per SA
-and offset in use."""
+bare ACKs). When full the cache is emptied, never grown: about 1 KiB per
+length, so about 16 KiB per SA and offset in use."""
 _BINDINGS = 64
 """Most offsets of one output buffer an AES-GCM SA keeps views for: at least
 the worker's UDP GSO batch (32 datagrams), so a steady stream of one size
@@ -158,12 +159,24 @@ _CBC = frozenset({Cipher.AES128CBC, Cipher.AES256CBC})
 
 Buffer = bytes | bytearray | memoryview
 _GcmViews = tuple[
-    memoryview, memoryview, memoryview, Callable[..., None], int, dict[int, bytes], int
+    memoryview,
+    memoryview,
+    memoryview,
+    Callable[..., None],
+    int,
+    int,
+    bytes,
+    dict[int, bytes],
+    int,
+    memoryview,
+    int,
+    int,
 ]
 """(plaintext, ciphertext ‖ tag, nonce) views into ``out``, the trailer ‖
-nonce writer for the pad length, where it writes, the SA's trailer ‖ salt ‖
-worker id by next header for the pad length (filled on first use), and the
-ESP packet length."""
+nonce writer for the pad length, where it writes, the next header seen
+last for this entry and its trailer ‖ salt ‖ worker id, the same by next
+header for the pad length (filled on first use), the ESP packet length, the
+AAD view (SPI ‖ seq in the header), the SPI and the worker id."""
 
 
 def iv_worker_id(index: int, incarnation: int) -> int:
@@ -430,26 +443,29 @@ class _GcmOut(OutboundSa):
     fail, the slot is zeroed). The oracle test below proves the final bytes.
 
     Per packet: one ``pack_into`` for SPI ‖ seq ‖ IV, one for trailer ‖ nonce,
-    one slice copy (the inner packet) and the encrypt call. The AAD view and,
-    per inner length, the plaintext, output and nonce views are cut once per
-    output buffer and reused (at most ``_VIEW_CACHE`` lengths; traffic is
-    dominated by a few sizes). Only lengths that fit are cached, so a cache
-    hit skips the length checks; the trailer comes from a per-SA dict that
-    only ever holds valid next headers (a miss, including an out-of-range
-    value, takes the checked slow path), and the sequence number is checked
-    on every packet.
+    one slice copy (the inner packet; none in :meth:`encapsulate_in_place`)
+    and the encrypt call. Everything else comes from one cached tuple per
+    (offset, inner length) of the bound output buffer, found with two dict
+    lookups: the plaintext, output, nonce and AAD views, the writer and place
+    of the trailer ‖ nonce, the trailer for the next header seen last (an
+    identity test; another next header costs one more dict lookup), SPI and
+    worker id. Only offsets and lengths that fit and valid next headers are
+    ever cached, so a hit needs no length or range check; anything else
+    takes the checked slow path (:meth:`_slow`). A new output buffer drops
+    every cached view (the identity test on ``out``), so no view of an old
+    buffer is ever written through.
+
+    The sequence number is checked on every packet without a comparison:
+    the counter is a ``range`` iterator over the numbers still allowed, so
+    ``next()`` is the increment and the bound check in one C call and
+    raises ``StopIteration`` (→ ``Drop(SEQ_EXHAUSTED)``) after 2**32-1;
+    it is taken after every other check and before the first write, so a
+    refused packet writes nothing and consumes nothing. ``seq`` is a
+    property over it.
     """
 
-    __slots__ = (
-        "_aad",
-        "_bindings",
-        "_bound",
-        "_cache",
-        "_encrypt_into",
-        "_offset",
-        "_salt_wid",
-        "_trailers",
-    )
+    __slots__ = ("_bound", "_encrypt_into", "_salt_wid", "_seqs", "_trailers", "_views")
+    _seqs: Iterator[int]
 
     def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
         super().__init__(rec, worker_id=worker_id, first_seq=first_seq)
@@ -459,47 +475,41 @@ class _GcmOut(OutboundSa):
         self._trailers: tuple[dict[int, bytes], ...] = ({}, {}, {}, {})
         """By pad length: next header → trailer ‖ salt ‖ worker id, on first use."""
         self._bound: object = None
-        self._offset = -1
-        self._aad = _EMPTY
-        self._cache: dict[int, _GcmViews] = {}
-        """Views into the bound ``out`` at the bound offset by inner length;
-        see :meth:`_slow`."""
-        self._bindings: dict[int, tuple[memoryview, dict[int, _GcmViews]]] = {}
-        """The AAD view and view cache of each offset used in the bound
-        ``out``, so a caller that builds packets at a few offsets of one
-        buffer (the worker's UDP GSO batch: datagram k at ``k * size``)
-        switches between them with a dict lookup instead of cutting views
-        again."""
+        self._views: dict[int, dict[int, _GcmViews]] = {}
+        """For the bound ``out``: offset → inner length → views (see
+        :meth:`_slow`), so a caller that builds packets at a few offsets of
+        one buffer (the worker's UDP GSO batch: datagram k at ``k * size``)
+        finds them with two dict lookups."""
 
-    def _bind(self, out: bytearray, offset: int) -> None:
-        """Switch to (buffer, offset): a new buffer drops every view cut for
-        the old one; another offset of the same buffer takes its own views
-        (at most ``_BINDINGS`` offsets are remembered)."""
-        if out is not self._bound:
-            self._out_view = memoryview(out)
-            self._bound = out
-            self._bindings = {}
-        binding = self._bindings.get(offset)
-        if binding is None:
-            if len(self._bindings) >= _BINDINGS:
-                self._bindings.clear()
-            aad = self._out_view[offset : offset + ESP_HEADER_LEN] if offset >= 0 else _EMPTY
-            binding = self._bindings[offset] = (aad, {})
-        self._offset = offset
-        self._aad, self._cache = binding
+    @property
+    def seq(self) -> int:
+        """Last sequence number sent by this worker (0 before the first)."""
+        return MAX_SEQ - operator.length_hint(self._seqs)
+
+    @seq.setter
+    def seq(self, last: int) -> None:
+        # The counter is an iterator over the sequence numbers still allowed:
+        # taking one is the increment and the bound check in one C call
+        # (StopIteration after 2**32-1), and nothing else can move it.
+        self._seqs = iter(range(last + 1, MAX_SEQ + 1))
+
+    def _bind(self, out: bytearray) -> None:
+        """A new output buffer: drop every view cut for the old one."""
+        self._out_view = memoryview(out)
+        self._bound = out
+        self._views = {}
 
     def _unbind(self) -> None:
-        self._out_view = self._aad = _EMPTY
+        self._out_view = _EMPTY
         self._bound = None
-        self._offset = -1
-        self._cache = {}
-        self._bindings = {}
+        self._views = {}
 
     def _slow(self, out: bytearray, offset: int, n: int, next_header: int) -> _GcmViews:
         """Refuse the packet (``_refuse`` raises), or cut and cache the views
-        for an ``n``-octet inner packet at the bound offset and the trailer
-        for ``next_header``. Only lengths that fit and valid next headers are
-        cached, so a cache hit needs no length or range check."""
+        for an ``n``-octet inner packet at ``offset`` of the bound buffer,
+        with the trailer for ``next_header`` as the entry's first choice.
+        Only offsets and lengths that fit and valid next headers are cached,
+        so a cache hit needs no length or range check."""
         pad = -(n + 2) & 3
         ptlen = n + pad + 2
         total = ptlen + _GCM_FIXED
@@ -512,66 +522,95 @@ class _GcmOut(OutboundSa):
         ):
             self._refuse(out, offset, n, next_header, total)
         trailers = self._trailers[pad]
-        if next_header not in trailers:
-            trailers[next_header] = _TRAILERS[pad][next_header] + self._salt_wid
-        entry = self._cache.get(n)
+        trailer = trailers.get(next_header)
+        if trailer is None:
+            trailer = trailers[next_header] = _TRAILERS[pad][next_header] + self._salt_wid
+        by_len = self._views.get(offset)
+        if by_len is None:
+            if len(self._views) >= _BINDINGS:
+                self._views.clear()
+            by_len = self._views[offset] = {}
+        entry = by_len.get(n)
         if entry is None:
-            cache = self._cache
-            if len(cache) >= _VIEW_CACHE:
-                cache.clear()
+            if len(by_len) >= _VIEW_CACHE:
+                by_len.clear()
             p = offset + ESP_HEADER_LEN + _GCM_IV
             ct = self._out_view[p : p + ptlen + _GCM_ICV]
             nonce = ct[ptlen : ptlen + 12]  # in the tag's place: class doc
-            entry = (ct[:ptlen], ct, nonce, _TRAILER_NONCE_PACK[pad], p + n, trailers, total)
-            cache[n] = entry
+            aad = self._out_view[offset : offset + ESP_HEADER_LEN]
+            pack = _TRAILER_NONCE_PACK[pad]
+            hdr = (aad, self.spi, self.worker_id)
+            entry = (
+                ct[:ptlen],
+                ct,
+                nonce,
+                pack,
+                p + n,
+                next_header,
+                trailer,
+                trailers,
+                total,
+                *hdr,
+            )
+        else:
+            entry = (*entry[:5], next_header, trailer, *entry[7:])
+        by_len[n] = entry
         return entry
 
+    def _failed(self, seq: int, nonce: memoryview) -> None:
+        """The encrypt call raised: give the sequence number back (nothing
+        was sent) and never leave the salt behind in ``out``."""
+        self.seq = seq - 1
+        nonce[:] = bytes(12)
+
     def encapsulate_into(self, out: bytearray, offset: int, inner: Buffer, next_header: int) -> int:
-        seq = self.seq + 1
-        if out is not self._bound or offset != self._offset:
-            self._bind(out, offset)
+        if out is not self._bound:
+            self._bind(out)
         n = len(inner)
         try:
-            pt, ct, nonce, trailer_nonce, at, trailers, total = self._cache[n]
-            trailer = trailers[next_header]  # KeyError: not seen yet, or not 0..255
+            views = self._views[offset][n]
+            pt, ct, nonce, pack, at, nh, trailer, trailers, total, aad, spi, wid = views
+            if next_header is not nh:
+                trailer = trailers[next_header]  # KeyError: not seen yet, or not 0..255
+            seq = next(self._seqs)
         except KeyError:
             views = self._slow(out, offset, n, next_header)
-            pt, ct, nonce, trailer_nonce, at, trailers, total = views
-            trailer = trailers[next_header]
-        if seq > MAX_SEQ:
-            self._refuse(out, offset, n, next_header, total)
-        _HDR_IV_PACK(out, offset, self.spi, seq, self.worker_id, seq)
-        trailer_nonce(out, at, trailer, seq)
+            pt, ct, nonce, pack, at, nh, trailer, trailers, total, aad, spi, wid = views
+            seq = next(self._seqs)  # _slow refused an exhausted counter
+        except StopIteration:
+            raise Drop(DropReason.SEQ_EXHAUSTED) from None
+        _HDR_IV_PACK(out, offset, spi, seq, wid, seq)
+        pack(out, at, trailer, seq)
         pt[:n] = inner
         try:
-            self._encrypt_into(nonce, pt, self._aad, ct)  # exact in place: class doc
+            self._encrypt_into(nonce, pt, aad, ct)  # exact in place: class doc
         except BaseException:
-            nonce[:] = bytes(12)  # never leave the salt behind in out
+            self._failed(seq, nonce)
             raise
-        self.seq = seq
         return total
 
     def encapsulate_in_place(self, out: bytearray, offset: int, n: int, next_header: int) -> int:
-        seq = self.seq + 1
-        if out is not self._bound or offset != self._offset:
-            self._bind(out, offset)
+        if out is not self._bound:
+            self._bind(out)
         try:
-            pt, ct, nonce, trailer_nonce, at, trailers, total = self._cache[n]
-            trailer = trailers[next_header]
+            views = self._views[offset][n]
+            pt, ct, nonce, pack, at, nh, trailer, trailers, total, aad, spi, wid = views
+            if next_header is not nh:
+                trailer = trailers[next_header]
+            seq = next(self._seqs)
         except KeyError:
             views = self._slow(out, offset, n, next_header)
-            pt, ct, nonce, trailer_nonce, at, trailers, total = views
-            trailer = trailers[next_header]
-        if seq > MAX_SEQ:
-            self._refuse(out, offset, n, next_header, total)
-        _HDR_IV_PACK(out, offset, self.spi, seq, self.worker_id, seq)
-        trailer_nonce(out, at, trailer, seq)
+            pt, ct, nonce, pack, at, nh, trailer, trailers, total, aad, spi, wid = views
+            seq = next(self._seqs)
+        except StopIteration:
+            raise Drop(DropReason.SEQ_EXHAUSTED) from None
+        _HDR_IV_PACK(out, offset, spi, seq, wid, seq)
+        pack(out, at, trailer, seq)
         try:
-            self._encrypt_into(nonce, pt, self._aad, ct)
+            self._encrypt_into(nonce, pt, aad, ct)
         except BaseException:
-            nonce[:] = bytes(12)
+            self._failed(seq, nonce)
             raise
-        self.seq = seq
         return total
 
 

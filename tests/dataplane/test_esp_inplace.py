@@ -272,6 +272,103 @@ def test_gcm_refusals_after_caching_still_consume_nothing(cipher: Cipher, integ:
     assert buf == snapshot and sa.seq == MAX_SEQ
 
 
+@pytest.mark.parametrize(("cipher", "integ"), GCM, ids=GCM_IDS)
+def test_gcm_exhausted_counter_on_the_cached_in_place_path_writes_nothing(
+    cipher: Cipher, integ: Integ
+) -> None:
+    """The last sequence numbers go out through the cached zero-copy path
+    (views, trailer and counter all from the fast path); the packet after
+    2**32-1 is the typed drop, with the buffer untouched, for a cached
+    length and next header, the other cached next header, and a new length."""
+    rec = make_record(cipher, integ)
+    sa = OutboundSa.from_record(rec, worker_id=7, first_seq=MAX_SEQ - 2)
+    buf = bytearray(b"\xee" * 600)
+    inner = ipv4_packet(b"x" * 80)
+    hl = sa.payload_offset
+    for nh in (NEXT_HEADER_IPV4, NEXT_HEADER_IPV6, NEXT_HEADER_IPV4):  # last: all cached
+        buf[10 + hl : 10 + hl + len(inner)] = inner
+        seq = sa.seq + 1
+        n = sa.encapsulate_in_place(buf, 10, len(inner), nh)
+        assert bytes(buf[10 : 10 + n]) == expected_gcm_packet(
+            rec.enc_key, rec.salt, rec.spi, seq, 7, inner, nh
+        )
+    assert sa.seq == MAX_SEQ and sa.remaining == 0
+    snapshot = bytes(buf)
+    for n_inner, nh in ((len(inner), NEXT_HEADER_IPV4), (len(inner), NEXT_HEADER_IPV6), (33, 4)):
+        for _ in range(2):
+            with pytest.raises(Drop) as exc:
+                sa.encapsulate_in_place(buf, 10, n_inner, nh)
+            assert exc.value.reason is DropReason.SEQ_EXHAUSTED
+            with pytest.raises(Drop):
+                sa.encapsulate_into(buf, 10, inner[:n_inner], nh)
+    assert buf == snapshot and sa.seq == MAX_SEQ and sa.remaining == 0
+    assert "seq=4294967295" in repr(sa)
+
+
+@pytest.mark.parametrize(("cipher", "integ"), GCM, ids=GCM_IDS)
+def test_gcm_first_seq_past_the_last_refuses_the_first_packet(cipher: Cipher, integ: Integ) -> None:
+    """A new owner taking over at 2**32 (first_seq = MAX_SEQ + 1) must not send."""
+    sa = OutboundSa.from_record(make_record(cipher, integ), first_seq=MAX_SEQ + 1)
+    assert sa.seq == MAX_SEQ and sa.remaining == 0
+    buf = bytearray(256)
+    with pytest.raises(Drop) as exc:
+        sa.encapsulate_in_place(buf, 0, 40, NEXT_HEADER_IPV4)
+    assert exc.value.reason is DropReason.SEQ_EXHAUSTED
+    assert buf == bytes(256)
+
+
+@pytest.mark.parametrize(("cipher", "integ"), GCM, ids=GCM_IDS)
+def test_gcm_failed_encrypt_gives_its_sequence_number_back(cipher: Cipher, integ: Integ) -> None:
+    """A packet whose encrypt call raised was never sent: the next one takes
+    its sequence number (and nonce), and the counter goes on from there."""
+    rec = make_record(cipher, integ)
+    sa = OutboundSa.from_record(rec, worker_id=2)
+    buf = bytearray(512)
+    inner = ipv4_packet(b"y" * 60)
+    hl = sa.payload_offset
+    buf[hl : hl + len(inner)] = inner
+    assert sa.encapsulate_in_place(buf, 0, len(inner), NEXT_HEADER_IPV4)  # seq 1, cached
+    real = sa._encrypt_into  # type: ignore[attr-defined]
+
+    def broken(nonce: memoryview, data: memoryview, aad: memoryview, out: memoryview) -> int:
+        raise RuntimeError("simulated library failure")
+
+    sa._encrypt_into = broken  # type: ignore[attr-defined]
+    buf[hl : hl + len(inner)] = inner
+    with pytest.raises(RuntimeError):
+        sa.encapsulate_in_place(buf, 0, len(inner), NEXT_HEADER_IPV4)
+    assert sa.seq == 1 and rec.salt not in buf
+    sa._encrypt_into = real  # type: ignore[attr-defined]
+    for seq in (2, 3):
+        buf[hl : hl + len(inner)] = inner
+        n = sa.encapsulate_in_place(buf, 0, len(inner), NEXT_HEADER_IPV4)
+        assert bytes(buf[:n]) == expected_gcm_packet(
+            rec.enc_key, rec.salt, rec.spi, seq, 2, inner, NEXT_HEADER_IPV4
+        )
+
+
+@pytest.mark.parametrize(("cipher", "integ"), GCM, ids=GCM_IDS)
+def test_gcm_new_buffer_never_writes_through_the_old_buffers_views(
+    cipher: Cipher, integ: Integ
+) -> None:
+    """Same offset and length in two buffers in turn: each packet lands in the
+    buffer passed, the other buffer keeps every byte."""
+    rec = make_record(cipher, integ)
+    sa = OutboundSa.from_record(rec, worker_id=4)
+    a, b = bytearray(b"\xaa" * 300), bytearray(b"\xbb" * 300)
+    inner = ipv4_packet(b"z" * 100)
+    hl = sa.payload_offset
+    for buf, other in ((a, b), (b, a), (a, b), (a, b), (b, a)):
+        buf[20 + hl : 20 + hl + len(inner)] = inner
+        before = bytes(other)
+        seq = sa.seq + 1
+        n = sa.encapsulate_in_place(buf, 20, len(inner), NEXT_HEADER_IPV4)
+        assert other == before
+        assert bytes(buf[20 : 20 + n]) == expected_gcm_packet(
+            rec.enc_key, rec.salt, rec.spi, seq, 4, inner, NEXT_HEADER_IPV4
+        )
+
+
 # ------------------------------------------------------- in-place decap
 
 
