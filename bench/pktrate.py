@@ -50,16 +50,19 @@ cell so machine drift hits 1w and 2w alike.
   what arrives — decapsulated inner packets in the account namespace,
   encapsulated outer packets in ``gen`` — so no stack above processes them.
 
-Rate: the generator is paced adaptively (``--pace adaptive``, the default):
-every 25 ms it reads the drop counter where its excess goes (the workers'
-UDP socket receive-buffer drops, their raw sockets' drops, or the TUN's TX
-drops) and raises its rate 4 % while fewer than ``DROP_TARGET`` (10 %) of
-the packets it sent were dropped, else lowers it 5 %. So it sits a little
-above what the workers carry — 10 % headroom also keeps both workers busy
-when the flow hash gives one of them up to 55 % of the flows — without
-burning the CPU a second worker needs (a TUN has no back-pressure: an
-unpaced sender just feeds its drop counter). ``--pace max`` sends as fast
-as the generator can. What is measured is what the **workers** carried:
+Rate: the generator is paced adaptively (``--pace adaptive``, the default).
+Every 10 ms it looks where its excess goes. Decap: the workers' socket
+receive queues and drops (``/proc/<pid>/net/udp`` or ``raw`` of the node
+namespace): it speeds up 4 % while any worker's queue holds less than
+``QUEUE_HIGH`` (2 MiB of 8) and slows 5 % once all hold more, or once
+``MAX_DROP_SHARE`` (30 %) of what it sent was dropped — so every worker
+always has work queued, even when the flow hash gives one of them more flows.
+Encap: a TUN's queue cannot be seen, only its TX drops, so it keeps about
+``DROP_TARGET`` (10 %) of its packets dropped there. An unpaced sender (a
+TUN has no back-pressure; ``--pace max``) would burn the CPU the second
+worker needs. The GRE ring also back-pressures by itself: a frame is reused
+only when the kernel gave it back (zero copy: its pages stay with the
+packet until a worker read it). What is measured is what the **workers** carried:
 their ``anywan_worker_tunnel_packets_total`` counters (``/metrics``,
 flushed every 0.5 s) between two flushes seen by polling, ``WINDOW`` s apart
 (5 s; 1 s with ``--quick``), after a warm-up. Each row also records the
