@@ -64,7 +64,7 @@ worker needs. The GRE ring also back-pressures by itself: a frame is reused
 only when the kernel gave it back (zero copy: its pages stay with the
 packet until a worker read it). What is measured is what the **workers** carried:
 their ``anywan_worker_tunnel_packets_total`` counters (``/metrics``,
-flushed every 0.5 s) between two flushes seen by polling, ``WINDOW`` s apart
+flushed every 0.5 s) between two flushes seen by polling, ``--window`` s apart
 (5 s; 1 s with ``--quick``), after a warm-up. Each row also records the
 generator's sent rate, the drops (socket / TUN / worker drop reasons /
 ``softnet_stat``), the sink's counter, the CPU share of every worker and of
