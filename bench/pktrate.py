@@ -481,10 +481,11 @@ def gen_main(spec_path: str) -> int:
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGUSR1, on_usr1)
     sent = 0
-    rate = float(spec.get("start_rate", 50_000.0))
+    rate = float(spec.get("fixed_rate") or spec.get("start_rate", 50_000.0))
     drops0 = read_probe(drops_src)[1]
     last_drops, last_sent = drops0, 0
     qhigh = int(spec.get("queue_high", QUEUE_HIGH))
+    fixed = bool(spec.get("fixed_rate"))
     now = time.monotonic()
     next_ctl = now + CONTROL_INTERVAL
     last = now
@@ -505,7 +506,7 @@ def gen_main(spec_path: str) -> int:
                 sent += sender.send(k)
                 k = k + 1 if k + 1 < flows else 0
             continue
-        if now >= next_ctl:
+        if now >= next_ctl and not fixed:
             q, d = read_probe(drops_src)
             ds, dd = sent - last_sent, d - last_drops
             if ds > 0:
@@ -617,6 +618,9 @@ class Bench:
         from deploy.netns import Topology
 
         self.prefix = prefix
+        self.gen_rate = 0.0
+        self.pace = "adaptive"
+        """Packets/s for a generator at a fixed rate (no pacing); 0: paced."""
         self.run_dir = run_dir
         self.log = log
         self.topo = Topology(prefix)
@@ -735,7 +739,7 @@ class Bench:
         assert w0 is not None
         spec: dict[str, Any] = {
             "kind": kind, "size": size, "flows": FLOWS, "pace": pace, "state": str(self.state),
-            "drop_target": DROP_TARGET,
+            "drop_target": DROP_TARGET, "fixed_rate": self.gen_rate,
         }  # fmt: skip
         if op == "encap":
             spec["mode"] = "inner"
@@ -765,6 +769,7 @@ class Bench:
     ) -> dict[str, Any]:  # fmt: skip
         from bench.throughput import CpuWatch, limiter
 
+        self.pace = pace
         ns, spec = self.gen_spec(kind, size, op, pace)
         spec_path = self.run_dir / "gen.json"
         spec_path.write_text(json.dumps(spec))
@@ -841,7 +846,9 @@ class Bench:
         cpu = watch.stop()
         soft1, net1 = _softirq_ticks(), _softnet_dropped()
         sink1 = _nft_counter(sink_ns)
-        per_pk, per_rate, reasons = [], [], {}
+        per_pk: list[int] = []
+        per_rate: list[float] = []
+        reasons: dict[str, float] = {}
         gbits = 0.0
         for i in idx:
             t0, p0, by0, d0 = b0[i]
@@ -872,6 +879,7 @@ class Bench:
             "kpps_per_worker_core": round(total / 1e3 / worker_cores, 1) if worker_cores else None,
             "per_worker_packets": per_pk,
             "window_s": round(window, 2),
+            "pace": f"fixed {self.gen_rate / 1e3:g} kpps" if self.gen_rate else self.pace,
             "generator": {
                 "sent_kpps": round((g1["sent"] - g0["sent"]) / gdt / 1e3, 1),
                 "dropped_kpps": round((g1["drops"] - g0["drops"]) / gdt / 1e3, 1),
@@ -902,8 +910,8 @@ def cells(quick: bool) -> list[tuple[str, int, str]]:
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     index = {(r["kind"], r["size"], r["op"], r["workers"]): r for r in rows if "kpps" in r}
     for r in rows:
-        if "kpps" not in r:
-            continue
+        if "kpps" not in r or str(r.get("pace", "")).startswith("fixed"):
+            continue  # a fixed-rate generator sets the figure: no goals
         if r["size"] == 64:
             r["goal_150kpps"] = r["kpps"] >= 150
         if r["workers"] == 2:
@@ -916,7 +924,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def run(
     *, quick: bool = False, log: Callable[[str], None] = log_default,
     window: float | None = None, pace: str = "adaptive",
-    only: list[tuple[str, int, str]] | None = None,
+    only: list[tuple[str, int, str]] | None = None, rate_kpps: float = 0.0,
 ) -> dict[str, Any]:  # fmt: skip
     if os.geteuid() != 0:
         return {"skipped": "needs root (network namespaces)", "rows": []}
@@ -930,6 +938,7 @@ def run(
     run_dir = Path(tempfile.mkdtemp(prefix="anywan-bench-pk-"))
     os.chmod(run_dir, 0o700)
     bench = Bench(prefix, run_dir, log)
+    bench.gen_rate = rate_kpps * 1e3
     rows: list[dict[str, Any]] = []
     todo = only or cells(quick)
     try:
@@ -973,7 +982,7 @@ def run(
             "warmup_s": warmup,
             "flows": FLOWS,
             "max_segments": MAX_SEGMENTS,
-            "pace": pace,
+            "pace": f"fixed {rate_kpps:g} kpps" if rate_kpps else pace,
             "drop_target": DROP_TARGET,
             "cores": os.cpu_count(),
         },
@@ -989,6 +998,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the result here (default: stdout)")
     ap.add_argument("--window", type=float, help="seconds per measurement window")
     ap.add_argument("--pace", choices=("adaptive", "max"), default="adaptive")
+    ap.add_argument(
+        "--rate", type=float, default=0.0, metavar="KPPS",
+        help="send at this fixed rate instead of pacing (what the workers carry below capacity)",
+    )  # fmt: skip
     ap.add_argument("--kind", action="append", choices=KINDS)
     ap.add_argument("--size", action="append", type=int, choices=SIZES)
     ap.add_argument("--op", action="append", choices=OPS)
@@ -1002,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
             and (not args.size or c[1] in args.size)
             and (not args.op or c[2] in args.op)
         ]
-    res = run(quick=args.quick, window=args.window, pace=args.pace, only=only)
+    res = run(quick=args.quick, window=args.window, pace=args.pace, only=only, rate_kpps=args.rate)
     text = json.dumps(res, indent=1)
     if args.json:
         args.json.write_text(text)
