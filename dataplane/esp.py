@@ -113,8 +113,10 @@ _HDR = struct.Struct("!II")
 """SPI, sequence number (RFC 4303 §2.1, §2.2)."""
 _CTR = struct.Struct("!IIQ")
 """CBC counter block: worker id, sequence number, zero."""
-_HDR_IV = struct.Struct("!IIII")
-"""SPI, sequence number and the GCM explicit IV in one write."""
+_HDR_IV = struct.Struct("!4sI4sI")
+"""SPI, sequence number and the GCM explicit IV (worker id, sequence number)
+in one write; SPI and worker id as the SA's constant 4-octet strings (a
+copy, cheaper per packet than converting the two integers)."""
 _HDR_IV_PACK = _HDR_IV.pack_into
 _HDR_UNPACK = _HDR.unpack_from
 _PAD = bytes(range(1, 256))
@@ -169,14 +171,14 @@ _GcmViews = tuple[
     dict[int, bytes],
     int,
     memoryview,
-    int,
-    int,
+    bytes,
+    bytes,
 ]
 """(plaintext, ciphertext ‖ tag, nonce) views into ``out``, the trailer ‖
 nonce writer for the pad length, where it writes, the next header seen
 last for this entry and its trailer ‖ salt ‖ worker id, the same by next
 header for the pad length (filled on first use), the ESP packet length, the
-AAD view (SPI ‖ seq in the header), the SPI and the worker id."""
+AAD view (SPI ‖ seq in the header), and the SPI and worker id as 4 octets."""
 
 
 def iv_worker_id(index: int, incarnation: int) -> int:
@@ -539,7 +541,7 @@ class _GcmOut(OutboundSa):
             nonce = ct[ptlen : ptlen + 12]  # in the tag's place: class doc
             aad = self._out_view[offset : offset + ESP_HEADER_LEN]
             pack = _TRAILER_NONCE_PACK[pad]
-            hdr = (aad, self.spi, self.worker_id)
+            hdr = (aad, self.spi.to_bytes(4, "big"), self._salt_wid[4:])
             entry = (
                 ct[:ptlen],
                 ct,
