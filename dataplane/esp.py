@@ -143,6 +143,10 @@ _BINDINGS = 64
 """Most offsets of one output buffer an AES-GCM SA keeps views for: at least
 the worker's UDP GSO batch (32 datagrams), so a steady stream of one size
 reuses them (a few views per offset and length in use)."""
+_VIEWS_MAX = 256
+"""Most (offset, length) entries an AES-GCM SA keeps in all (about 1 KiB
+each): the bound on its memory, whatever mix of sizes and offsets it sees.
+When reached, every entry is dropped and cut again on use."""
 _EMPTY = memoryview(b"")
 _GCM_IV = 8
 _GCM_ICV = 16
@@ -466,7 +470,15 @@ class _GcmOut(OutboundSa):
     property over it.
     """
 
-    __slots__ = ("_bound", "_encrypt_into", "_salt_wid", "_seqs", "_trailers", "_views")
+    __slots__ = (
+        "_bound",
+        "_encrypt_into",
+        "_nviews",
+        "_salt_wid",
+        "_seqs",
+        "_trailers",
+        "_views",
+    )
     _seqs: Iterator[int]
 
     def __init__(self, rec: SaRecord, *, worker_id: int = 0, first_seq: int = 1) -> None:
@@ -482,6 +494,8 @@ class _GcmOut(OutboundSa):
         :meth:`_slow`), so a caller that builds packets at a few offsets of
         one buffer (the worker's UDP GSO batch: datagram k at ``k * size``)
         finds them with two dict lookups."""
+        self._nviews = 0
+        """Entries in :attr:`_views` (at most ``_VIEWS_MAX``)."""
 
     @property
     def seq(self) -> int:
@@ -500,11 +514,13 @@ class _GcmOut(OutboundSa):
         self._out_view = memoryview(out)
         self._bound = out
         self._views = {}
+        self._nviews = 0
 
     def _unbind(self) -> None:
         self._out_view = _EMPTY
         self._bound = None
         self._views = {}
+        self._nviews = 0
 
     def _slow(self, out: bytearray, offset: int, n: int, next_header: int) -> _GcmViews:
         """Refuse the packet (``_refuse`` raises), or cut and cache the views
@@ -528,14 +544,17 @@ class _GcmOut(OutboundSa):
         if trailer is None:
             trailer = trailers[next_header] = _TRAILERS[pad][next_header] + self._salt_wid
         by_len = self._views.get(offset)
-        if by_len is None:
-            if len(self._views) >= _BINDINGS:
+        if by_len is None or (n not in by_len and self._nviews >= _VIEWS_MAX):
+            if len(self._views) >= _BINDINGS or self._nviews >= _VIEWS_MAX:
                 self._views.clear()
+                self._nviews = 0
             by_len = self._views[offset] = {}
         entry = by_len.get(n)
         if entry is None:
             if len(by_len) >= _VIEW_CACHE:
+                self._nviews -= len(by_len)
                 by_len.clear()
+            self._nviews += 1
             p = offset + ESP_HEADER_LEN + _GCM_IV
             ct = self._out_view[p : p + ptlen + _GCM_ICV]
             nonce = ct[ptlen : ptlen + 12]  # in the tag's place: class doc

@@ -206,6 +206,32 @@ def test_gcm_in_place_back_to_back_in_one_buffer_like_a_gso_batch(
             assert bytes(buf[k * total : (k + 1) * total]) == want, (batch, k)
 
 
+def test_gcm_view_cache_stays_bounded_under_many_offsets_and_sizes() -> None:
+    """Memory: whatever mix of offsets and lengths an SA sees, it keeps at
+    most ``_VIEWS_MAX`` cut views, and every packet is still right."""
+    from dataplane import esp
+
+    rec = make_record(Cipher.AES256GCM16, Integ.NONE)
+    sa = OutboundSa.from_record(rec, worker_id=2)
+    hl = sa.payload_offset
+    buf = bytearray(40_000)
+    rng = random.Random(3)
+    peak = 0
+    for i in range(3000):
+        size = rng.randrange(20, 200)
+        at = rng.randrange(0, 40) * 300  # 40 offsets x up to 16 lengths > the bound
+        inner = rng.randbytes(size)
+        buf[at + hl : at + hl + size] = inner
+        n = sa.encapsulate_in_place(buf, at, size, NEXT_HEADER_IPV4)
+        if i % 97 == 0:
+            want = expected_gcm_packet(rec.enc_key, rec.salt, rec.spi, sa.seq, 2, inner, 4)
+            assert bytes(buf[at : at + n]) == want
+        entries = sum(len(by_len) for by_len in sa._views.values())  # type: ignore[attr-defined]
+        assert entries == sa._nviews <= esp._VIEWS_MAX  # type: ignore[attr-defined]
+        peak = max(peak, entries)
+    assert peak == esp._VIEWS_MAX  # the bound was reached, and held
+
+
 @pytest.mark.parametrize(("cipher", "integ"), TRANSFORMS, ids=TRANSFORM_IDS)
 def test_encapsulate_in_place_equals_encapsulate_into(cipher: Cipher, integ: Integ) -> None:
     """Two SAs from one record (same worker id): the zero-copy call, with the
