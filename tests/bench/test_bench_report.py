@@ -43,6 +43,35 @@ def test_probe_over_loopback_counts_echoes() -> None:
     assert s["received"] >= 240  # loopback: nothing should be lost
 
 
+def test_socket_drops_say_where_datagrams_were_lost() -> None:
+    """The initiators' receive-buffer drops (/proc/net/snmp RcvbufErrors) per
+    test: the share lost, and the limit note names every namespace >= 0.5 %."""
+
+    class Ns:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def run(self, argv: list[str], **_kw: object) -> object:
+            assert argv == ["cat", "/proc/net/snmp"]
+            return type("R", (), {"stdout": self.text})()
+
+    snmp = (
+        "Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+        "Udp: {d} 0 {e} 5 {e} 0\n"
+    )
+    assert throughput.udp_counters(Ns(snmp.format(d=1000, e=7))) == (1000, 7)
+    assert throughput.udp_counters(Ns("Ip: x\n")) == (0, 0)
+    before = {"s1": (1000, 7), "s2": (50, 0), "node": (10, 0)}
+    after = {"s1": (10700, 307), "s2": (1050, 2), "node": (10, 0)}
+    drops = throughput.socket_drops(before, after)
+    assert drops == {
+        "s1": {"datagrams": 9700, "rcvbuf_drops": 300, "drop_pct": 3.0},
+        "s2": {"datagrams": 1000, "rcvbuf_drops": 2, "drop_pct": 0.2},
+    }
+    assert throughput.drops_note(drops) == "; s1 socket dropped 3.0 %"
+
+
 def test_parse_iperf_tcp_and_udp() -> None:
     tcp = {"end": {"sum_received": {"bits_per_second": 5e8}, "sum_sent": {"retransmits": 3}}}
     assert throughput.parse_iperf(tcp, False) == {"received_bps": 5e8, "retransmits": 3.0}
