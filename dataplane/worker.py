@@ -1040,9 +1040,14 @@ class Worker:
         # TUN queue fds shared between the node's workers (TUN_STEER)
         self.tunq_sock: socket.socket | None = None
         self._tunq_sent: dict[tuple[int, int, str, int], float] = {}
-        """(peer index, peer pid, account, our fd) → when we passed it."""
-        self._peer_q: dict[tuple[str, int], tuple[int, WriteFn]] = {}
-        """(account, peer index) → (our copy of its queue fd, writer)."""
+        """(peer index, peer pid, account, queue generation) → when we passed it."""
+        self._tunq_gen: dict[str, int] = {}
+        """Account → which opening of its TUN queue this is (1, 2, ... per
+        process): a peer keeps one copy per generation, so a resend of the
+        same queue costs it nothing and a reopened queue replaces the old."""
+        self._peer_q: dict[tuple[str, int], tuple[int, WriteFn, int, int]] = {}
+        """(account, peer index) → (our copy of its queue fd, writer, its pid,
+        its queue generation)."""
         self._peer_watch: dict[int, tuple[int, int]] = {}
         """Peer index → (pid, pidfd): its fds are closed the moment it exits,
         so no queue outlives its reader (the kernel would keep sending
@@ -1321,6 +1326,7 @@ class Worker:
                 self._created_netns.add(netns_name)
             fd = tun.open_queue(tun_name, netns_name=netns_name, vnet_hdr=self.TUN_GSO)
             net = AccountNet(account, self._tun_writer(fd), fd=fd, netns=netns_name)
+            self._tunq_gen[account] = self._tunq_gen.get(account, 0) + 1
             dp.attach_account(net)
             self._register(fd, self._tun_drainer(net))
         addrs, prefixes = dp.account_config(account)
@@ -1876,10 +1882,11 @@ class Worker:
             if peer_pid is None:
                 continue
             for net in self.dp.accounts.values():
-                key = (j, peer_pid, net.account_id, net.fd)
+                gen = self._tunq_gen.get(net.account_id, 0)
+                key = (j, peer_pid, net.account_id, gen)
                 if key in sent or net.fd < 0:
                     continue
-                msg = f"{me} {pid} {net.account_id}".encode()
+                msg = f"{me} {pid} {gen} {net.account_id}".encode()
                 fds = struct.pack("i", net.fd)
                 try:
                     sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], 0,
@@ -1902,27 +1909,30 @@ class Worker:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(data) - len(data) % 4
                     fds += struct.unpack(f"{usable // 4}i", data[:usable])
-            parts = msg.decode(errors="replace").split(" ", 2)
-            ok = len(fds) == 1 and len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit()
+            parts = msg.decode(errors="replace").split(" ", 3)
+            ok = len(fds) == 1 and len(parts) == 4 and all(p.isdigit() for p in parts[:3])
             index = int(parts[0]) if ok else -1
-            account = parts[2] if ok else ""
+            pid, gen = (int(parts[1]), int(parts[2])) if ok else (0, 0)
+            account = parts[3] if ok else ""
+            held = self._peer_q.get((account, index))
             if (
                 not ok
+                or (held is not None and held[2:] == (pid, gen))  # a resend: keep ours
                 or index == self.cfg.index
                 or not 0 <= index < self.cfg.workers
                 or account not in self.dp.accounts
-                or not self._watch_peer(index, int(parts[1]))
+                or not self._watch_peer(index, pid)
             ):
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
                 continue
             key = (account, index)
-            if key in self._peer_q:
+            if held is not None:
                 self._close_peer_queue(key)
             fd = fds[0]
             writer = self._tun_writer(fd)  # a GsoTunWriter is flushed with ours
-            self._peer_q[key] = (fd, writer)
+            self._peer_q[key] = (fd, writer, pid, gen)
             self._set_peer_writers()
 
     def _watch_peer(self, index: int, pid: int) -> bool:
@@ -1952,7 +1962,7 @@ class Worker:
         self._set_peer_writers()
 
     def _close_peer_queue(self, key: tuple[str, int]) -> None:
-        fd, _writer = self._peer_q.pop(key)
+        fd = self._peer_q.pop(key)[0]
         gso = self._tun_gso.pop(fd, None)
         if gso is not None:
             gso.flush()
@@ -1965,7 +1975,7 @@ class Worker:
         node_ids = self.election == "cluster"
         writers = {
             (account, cluster_id(self.cfg.node, index) if node_ids else index): writer
-            for (account, index), (_fd, writer) in self._peer_q.items()
+            for (account, index), (_fd, writer, _pid, _gen) in self._peer_q.items()
         }
         if writers != self.dp.peer_writers:
             self.dp.peer_writers = writers
