@@ -1611,9 +1611,23 @@ class Worker:
             log.warning("IKE reply to %s not sent: %s", dgram.remote_addr, exc.strerror)
 
     # ---- replay-protected SAs: one owner per SA on the node (DESIGN §5) -------------
-    def _handoff_addr(self, index: int) -> str:
+    def _node_addr(self, kind: str, index: int) -> str:
         # Abstract AF_UNIX names live in the network namespace: node-local.
-        return f"\0anywan-handoff-{zlib.crc32(str(self.cfg.run_dir).encode()):08x}-{index}"
+        return f"\0anywan-{kind}-{zlib.crc32(str(self.cfg.run_dir).encode()):08x}-{index}"
+
+    def _handoff_addr(self, index: int) -> str:
+        return self._node_addr("handoff", index)
+
+    def _node_socket(self, addr: str, what: str) -> socket.socket:
+        """A non-blocking AF_UNIX datagram socket bound to our abstract ``addr``."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            sock.close()
+            raise StartupError(f"{what} socket for index {self.cfg.index}: {exc}") from None
+        sock.setblocking(False)
+        return sock
 
     HANDOFF_QLEN = 1024
 
@@ -1628,15 +1642,9 @@ class Worker:
             if current < self.HANDOFF_QLEN:
                 with open(path, "w") as fh:
                     fh.write(str(self.HANDOFF_QLEN))
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(self._handoff_addr(self.cfg.index))
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"handoff socket for index {self.cfg.index}: {exc}") from None
+        sock = self._node_socket(self._handoff_addr(self.cfg.index), "handoff")
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.setblocking(False)
         self.handoff_sock = sock
         self._register(sock.fileno(), self._drain_handoff)
         self.dp.handoff = self._handoff_send
@@ -1850,17 +1858,10 @@ class Worker:
 
     # ---- TUN queues shared on the node (TUN_STEER) -----------------------------
     def _tunq_addr(self, index: int) -> str:
-        return f"\0anywan-tunq-{zlib.crc32(str(self.cfg.run_dir).encode()):08x}-{index}"
+        return self._node_addr("tunq", index)
 
     def _open_tunq(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            sock.bind(self._tunq_addr(self.cfg.index))
-        except OSError as exc:
-            sock.close()
-            raise StartupError(f"TUN queue socket for index {self.cfg.index}: {exc}") from None
-        sock.setblocking(False)
-        self.tunq_sock = sock
+        self.tunq_sock = sock = self._node_socket(self._tunq_addr(self.cfg.index), "TUN queue")
         self._register(sock.fileno(), self._drain_tunq)
 
     def _share_queues(self) -> None:
