@@ -5,15 +5,16 @@ anywan workers on the node.
 
 * **Worker failover**: a probe sends UDP datagrams at ``RATE`` per second from a
   site's LAN address through its tunnel to an echo server in the core and
-  counts the echoes. About 2 s in, the worker that carried most of the
-  tunnel's packets in the last second (from the workers' ``/metrics``) is
-  SIGKILLed; the probe keeps going on the other worker. The outage is the
-  longest run of probes with no echo, times the probe interval (so the
-  resolution is ``1000 / RATE`` ms), and the largest gap between two echoes as
-  a cross-check. The killed worker is restarted before the next repetition.
+  counts the echoes. About 2 s in, the worker that sent most of the
+  tunnel's packets toward the site in the last second (from the workers'
+  ``/metrics``; with replay protection the SA's owner) is SIGKILLed; the
+  probe keeps going on the other worker. The outage is the longest run of
+  probes with no echo, times the probe interval (so the resolution is
+  ``1000 / RATE`` ms), and the largest gap between two echoes as a
+  cross-check. The killed worker is restarted before the next repetition.
   Run for an IPsec tunnel (strongSwan kernel-libipsec initiator, ESP in UDP,
-  AES-256-GCM, replay protection on — the owner worker of the outbound SA
-  may be the one killed, DESIGN §5) and for a GRE tunnel (deploy/gre_site.py).
+  AES-256-GCM, replay protection on, so the killed worker is the outbound
+  SA's owner, DESIGN §5) and for a GRE tunnel (deploy/gre_site.py).
 * **Rekey under load**: an iperf3 TCP stream and the probe share one tunnel;
   the site (strongSwan) rekeys its Child SA (``swanctl --rekey``,
   make-before-break on our side); lost probes around the rekey. Measured with
@@ -168,9 +169,13 @@ def failover_reps(
         t0 = time.monotonic()
         proc = start_probe(site, seconds)
         time.sleep(1.0)
-        p0 = bench.worker_packets(site.tunnel_id)
+        # The worker that *sends* the tunnel's packets (core -> site): with
+        # replay protection the SA's owner, which the replies are steered to;
+        # the other may still receive the site's half (SO_REUSEPORT), and
+        # killing that one alone costs next to nothing.
+        p0 = bench.worker_packets(site.tunnel_id, "out")
         time.sleep(1.2)
-        p1 = bench.worker_packets(site.tunnel_id)
+        p1 = bench.worker_packets(site.tunnel_id, "out")
         deltas = [b - a for a, b in zip(p0, p1, strict=True)]
         victim = max(range(n), key=lambda i: deltas[i])
         pid = bench.workers[victim].pid
@@ -185,7 +190,7 @@ def failover_reps(
         out.append(res)
         log(
             f"  failover {'gre' if site.gre else 'ipsec'} rep {r + 1}/{reps}: "
-            f"killed worker {victim} (its tunnel packets in the 1.2 s before: {deltas}) -> outage "
+            f"killed worker {victim} (packets it sent in the 1.2 s before: {deltas}) -> outage "
             f"{res['outage_ms']} ms, lost {res['lost']}/{res['sent']} "
             f"({time.monotonic() - t0:.1f}s)"
         )

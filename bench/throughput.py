@@ -666,10 +666,13 @@ class Bench:
         res = self.acct.run(["ip", "-4", "route", "show", "dev", "aw0"], check=False, timeout=5)
         return res.returncode == 0 and all(s.lan in res.stdout for s in self.sites)
 
-    def worker_packets(self, tunnel_id: str | None = None) -> list[float]:
-        """Per worker: inner packets carried (``anywan_worker_tunnel_packets``,
-        both directions; one tunnel or all), to show how the load was split.
-        The workers flush their counters about once a second."""
+    def worker_packets(
+        self, tunnel_id: str | None = None, direction: str | None = None
+    ) -> list[float]:
+        """Per worker: inner packets carried (``anywan_worker_tunnel_packets``;
+        one tunnel or all; ``direction`` "in" or "out", or both), to show how
+        the load was split. The workers flush their counters about once a
+        second."""
         lab = _lab()
         out = []
         for i in range(len(self.workers)):
@@ -679,6 +682,8 @@ class Bench:
                 if not line.startswith("anywan_worker_tunnel_packets_total{"):
                     continue
                 if tunnel_id is not None and f'tunnel="{tunnel_id}"' not in line:
+                    continue
+                if direction is not None and f'direction="{direction}"' not in line:
                     continue
                 with contextlib.suppress(ValueError):
                     total += float(line.rsplit(" ", 1)[1])
