@@ -39,6 +39,10 @@ SO_DETACH_FILTER = 27
 IP_MTU_DISCOVER = 10
 IP_PMTUDISC_DONT = 0
 SOCK_BUF = 4 << 20
+"""Receive and send buffer of every outer socket: room for bursts while the
+worker is not scheduled (about 1 600 full-size ESP packets)."""
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
 
 
 class SocketError(RuntimeError):
@@ -66,9 +70,15 @@ def _bind(sock: socket.socket, addr: str, port: int, what: str) -> None:
 
 
 def _tune(sock: socket.socket) -> None:
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+    # The *FORCE options (CAP_NET_ADMIN, which the worker has) are not capped
+    # by net.core.rmem_max / wmem_max, 208 KiB on a default Debian; without
+    # the capability the plain options get what the sysctl allows.
+    for force, opt in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, SOCK_BUF)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
     # Let the kernel fragment an outer packet rather than refuse it: inner
     # packets are already sized to the tunnel MTU (issue 5, path MTU).
     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)

@@ -135,6 +135,27 @@ def test_raw_esp_share_filter_and_reuseport(netns_topology) -> None:
             s.close()
 
 
+def test_outer_socket_buffers_are_not_capped_by_rmem_max(
+    netns_topology, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root asks for buffers beyond net.core.rmem_max / wmem_max and gets
+    them (the kernel reports twice the size asked for), so a default
+    sysctl does not silently shrink them to 208 KiB."""
+    topo = netns_topology(PREFIX)
+    node = topo.namespace("node")
+    with open("/proc/sys/net/core/rmem_max") as fh:
+        rmem_max = int(fh.read())
+    want = 2 * max(rmem_max, sockets.SOCK_BUF)  # above the cap whatever it is
+    monkeypatch.setattr(sockets, "SOCK_BUF", want)
+    with tun.in_netns(node.name):
+        sock = sockets.open_udp("127.0.0.1", 4500)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * want
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * want
+    finally:
+        sock.close()
+
+
 def test_gso_batcher_sends_segments(netns_topology) -> None:
     topo = netns_topology(PREFIX)
     node = topo.namespace("node")
