@@ -2181,6 +2181,11 @@ class Worker:
     def _update_share(self) -> None:
         assert self.peers is not None
         live = self.peers.live()
+        # A peer whose lock is free is gone: drop our copies of its TUN queues
+        # now even if its pidfd said nothing (a second, 0.25 s bound on a queue
+        # that nobody reads but the kernel may still send packets to).
+        for index in {k[1] for k in self._peer_q} - set(live):
+            self._forget_peer(index)
         if live == self._live and len(live) > 0 and self._share_set:
             return
         self._live = live
