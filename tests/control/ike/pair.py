@@ -164,10 +164,12 @@ def make_pair(
     *,
     config: IkeConfig | None = None,
     client_config: IkeConfig | None = None,
+    rng: Callable[[int], bytes] | None = None,
     **kw: object,
 ) -> Pair:
+    """``rng``: one seeded byte source for both engines (reproducible nonces)."""
     cfg = config or IkeConfig(strict=True)
     ccfg = client_config or IkeConfig(strict=True)
-    server = IkeEngine(cfg, make_lookup(server_tunnels or [server_tunnel()]))
-    client = IkeEngine(ccfg, lambda ident: None)
+    client = IkeEngine(ccfg, lambda ident: None, rng=rng)
+    server = IkeEngine(cfg, make_lookup(server_tunnels or [server_tunnel()]), rng=rng)
     return Pair(client, server, **kw)  # type: ignore[arg-type]

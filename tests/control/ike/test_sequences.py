@@ -4,6 +4,8 @@ checks that both ends always agree on the IKE SA and on every live Child SA."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +82,31 @@ def test_random_operation_sequences_keep_both_ends_in_agreement(batches: list[li
     assert not p.server.drops["internal_error"] and not p.client.drops["internal_error"]
 
 
+def run_lossy(
+    batches: list[list[str]], seed: int, rng: Callable[[int], bytes] | None = None
+) -> Pair:
+    """Connect, then play ``batches`` with 15 % of datagrams lost (``seed``),
+    then let the network heal and the server's timed rekeys run. ``rng``:
+    seeded engines (nonces decide §2.8 collisions)."""
+    import random
+
+    rnd = random.Random(seed)
+    cfg = IkeConfig(strict=True, dpd_interval=1e6, rekey_delete_delay=1.0, child_lifetime=500)
+    client_cfg = IkeConfig(strict=True, dpd_interval=1e6, child_lifetime=1e6)
+    p = make_pair(config=cfg, client_config=client_cfg, rng=rng)
+    p.connect()
+    p.drop = lambda d, to_s: rnd.random() < 0.15
+    for batch in batches:
+        for op in batch:
+            apply(p, op)
+        p.roundtrip()
+        p.step(2.0)
+    p.step(300.0)
+    p.drop = None
+    p.step(1000.0)
+    return p
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.lists(st.sampled_from(OPS), min_size=1, max_size=3), min_size=1, max_size=8),
@@ -114,23 +141,7 @@ def test_random_sequences_over_a_lossy_network_converge(
     """15 % loss: retransmissions, cached answers, IKE SA rekeys racing Child SA
     work. After the network heals and the server's timed rekeys ran, both ends
     agree again (orphans from lost answers are found: CHILD_SA_NOT_FOUND)."""
-    import random
-
-    rnd = random.Random(seed)
-    cfg = IkeConfig(strict=True, dpd_interval=1e6, rekey_delete_delay=1.0, child_lifetime=500)
-    p = make_pair(
-        config=cfg, client_config=IkeConfig(strict=True, dpd_interval=1e6, child_lifetime=1e6)
-    )
-    p.connect()
-    p.drop = lambda d, to_s: rnd.random() < 0.15
-    for batch in batches:
-        for op in batch:
-            apply(p, op)
-        p.roundtrip()
-        p.step(2.0)
-    p.step(300.0)
-    p.drop = None
-    p.step(1000.0)
+    p = run_lossy(batches, seed)
     s_est = [sa for sa in p.server.ike_sas(TUNNEL) if sa.state is IkeState.ESTABLISHED]
     c_est = [sa for sa in p.client.ike_sas(TUNNEL) if sa.state is IkeState.ESTABLISHED]
     if s_est and c_est:  # (a peer given up on after lost retransmissions is legitimate)

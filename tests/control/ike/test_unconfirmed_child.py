@@ -168,32 +168,9 @@ def run_lossy(batches: list[list[str]], seed: int, rng_seed: int) -> Pair:
     """test_sequences' lossy run with seeded engines (nonces decide §2.8 collisions)."""
     import random
 
-    from control.ike.engine import IkeEngine
+    from .test_sequences import run_lossy as lossy
 
-    from .pair import make_lookup, server_tunnel
-    from .test_sequences import apply
-
-    rnd, rng = random.Random(seed), random.Random(rng_seed)
-    cfg = IkeConfig(strict=True, dpd_interval=1e6, rekey_delete_delay=1.0, child_lifetime=500)
-    p = Pair(
-        IkeEngine(
-            IkeConfig(strict=True, dpd_interval=1e6, child_lifetime=1e6),
-            lambda i: None,
-            rng=rng.randbytes,
-        ),
-        IkeEngine(cfg, make_lookup([server_tunnel()]), rng=rng.randbytes),
-    )
-    p.connect()
-    p.drop = lambda d, to_s: rnd.random() < 0.15
-    for batch in batches:
-        for op in batch:
-            apply(p, op)
-        p.roundtrip()
-        p.step(2.0)
-    p.step(300.0)
-    p.drop = None
-    p.step(1000.0)
-    return p
+    return lossy(batches, seed, random.Random(rng_seed).randbytes)
 
 
 def test_child_rekey_in_flight_when_its_ike_sa_goes_during_an_undecided_ike_rekey_collision() -> (
