@@ -10,7 +10,9 @@ new Child SA reaches the bus before any IKE row is written."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,18 @@ async def restart(tmp_path: Path, bus: Bus) -> tuple[ControlService, Store]:
     return service, store
 
 
+@contextlib.asynccontextmanager
+async def running(tmp_path: Path, bus: Bus) -> AsyncIterator[tuple[ControlService, Store]]:
+    """A (re)started control service on the same database; stopped and its
+    store closed on the way out, whatever happens inside."""
+    service, store = await restart(tmp_path, bus)
+    try:
+        yield service, store
+    finally:
+        await service.stop()
+        store.close()
+
+
 def dpd_answered(service: ControlService, tid: str, peer: Peer) -> None:
     peer.service = service
     peer.events.clear()
@@ -84,9 +98,8 @@ async def test_restart_restores_every_ike_sa_and_a_change_rewrites_one_row(
 ) -> None:
     n = 12
     bus = Bus(tmp_path)
-    service, store = await restart(tmp_path, bus)
-    token = add_token(store, ACCT)
-    try:
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
         peers = await connect_many(service, token, n)
         assert len(ike_rows(store)) == n
         assert store.get_sealed(ControlService.IKE_STATE_KEY) is None  # no blob any more
@@ -128,31 +141,23 @@ async def test_restart_restores_every_ike_sa_and_a_change_rewrites_one_row(
             if hasattr(rec, "enc_key") and rec.enc_key
         ]
         assert len(keys) >= 2 * n
-    finally:
-        await service.stop()
-        store.close()
     files = [f.read_bytes() for f in tmp_path.iterdir() if f.is_file()]
     for key in keys:
         assert all(key not in data for data in files)
 
-    service, store = await restart(tmp_path, bus)
-    try:
+    async with running(tmp_path, bus) as (service, store):
         assert service.restore_ike_state(time.monotonic())
         assert len(service.engine.sas) == n
         for tid, peer in peers:
             dpd_answered(service, tid, peer)
         view = await api(service, token, "GET", f"{BASE}/{peers[0][0]}/sas")
         assert [v["state"] for v in view["ike_sas"]] == ["established"]
-    finally:
-        await service.stop()
-        store.close()
 
 
 async def test_deleted_tunnel_removes_only_its_ike_row(tmp_path: Path) -> None:
     bus = Bus(tmp_path)
-    service, store = await restart(tmp_path, bus)
-    token = add_token(store, ACCT)
-    try:
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
         peers = await connect_many(service, token, 3)
         (gone,) = [sa.our_spi for sa in service.engine.ike_sas(peers[1][0])]
         stamps = row_stamps(store)
@@ -164,17 +169,13 @@ async def test_deleted_tunnel_removes_only_its_ike_row(tmp_path: Path) -> None:
         assert ControlService.IKE_SA_PREFIX + gone.hex() not in left
         assert left == {k: v for k, v in stamps.items() if not k.endswith(gone.hex())}
         assert writes(service, "delete") == 1
-    finally:
-        await service.stop()
-        store.close()
 
 
 async def test_store_with_the_old_single_blob_is_migrated_to_rows(tmp_path: Path) -> None:
     n = 5
     bus = Bus(tmp_path)
-    service, store = await restart(tmp_path, bus)
-    token = add_token(store, ACCT)
-    try:
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
         peers = await connect_many(service, token, n)
         # What the previous version left behind: one blob of every IKE SA
         # (engine.export_state(), sealed under ike/state) and no rows.
@@ -185,59 +186,44 @@ async def test_store_with_the_old_single_blob_is_migrated_to_rows(tmp_path: Path
             for key in ike_rows(store):
                 store.delete_sealed(key)
             store.put_sealed(ControlService.IKE_STATE_KEY, blob)
-    finally:
-        await service.stop()
-        store.close()
 
-    service, store = await restart(tmp_path, bus)
-    try:
+    async with running(tmp_path, bus) as (service, store):
         assert service.restore_ike_state(time.monotonic())
         assert store.get_sealed(ControlService.IKE_STATE_KEY) is None
         assert len(ike_rows(store)) == n
         assert len(service.engine.sas) == n
         for tid, peer in peers:
             dpd_answered(service, tid, peer)
-    finally:
-        await service.stop()
-        store.close()
 
     # And the rows alone restart it again.
-    service, store = await restart(tmp_path, bus)
-    try:
+    async with running(tmp_path, bus) as (service, store):
         assert service.restore_ike_state(time.monotonic())
         assert len(service.engine.sas) == n
         dpd_answered(service, *peers[0])
-    finally:
-        await service.stop()
-        store.close()
 
 
 async def test_child_sa_is_published_before_the_ike_row_is_written(tmp_path: Path) -> None:
     """Within one flush the Child SA records reach the bus first; the IKE
     SA's row follows in the next loop turn."""
     bus = Bus(tmp_path)
-    service, store = await restart(tmp_path, bus)
-    token = add_token(store, ACCT)
-    seen: list[tuple[str, int, int]] = []
-    real = service.on_ike_event
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
+        seen: list[tuple[str, int, int]] = []
+        real = service.on_ike_event
 
-    def spy(ev: Any) -> None:
-        real(ev)
-        if isinstance(ev, ChildSaInstalled):
-            sa_keys = [k for k in service.publisher.items() if k.startswith("sa/")]
-            seen.append((type(ev).__name__, len(sa_keys), len(ike_rows(store))))
+        def spy(ev: Any) -> None:
+            real(ev)
+            if isinstance(ev, ChildSaInstalled):
+                sa_keys = [k for k in service.publisher.items() if k.startswith("sa/")]
+                seen.append((type(ev).__name__, len(sa_keys), len(ike_rows(store))))
 
-    service.on_ike_event = spy  # type: ignore[method-assign]
-    try:
+        service.on_ike_event = spy  # type: ignore[method-assign]
         tid = (await api(service, token, "POST", BASE, ipsec()))["id"]
         psk = (await api(service, token, "POST", f"{BASE}/{tid}/psk_generate"))["psk"]
         Peer(service).connect(tid, psk, "fqdn")
         assert seen == [("ChildSaInstalled", 2, 0)]  # published, no IKE row yet
         await asyncio.sleep(0)
         assert len(ike_rows(store)) == 1
-    finally:
-        await service.stop()
-        store.close()
 
 
 async def test_restored_rows_keep_their_age(tmp_path: Path) -> None:
@@ -245,9 +231,8 @@ async def test_restored_rows_keep_their_age(tmp_path: Path) -> None:
     written: that IKE SA's rekey and Child SA expiry are not pushed late by
     the row's age."""
     bus = Bus(tmp_path)
-    service, store = await restart(tmp_path, bus)
-    token = add_token(store, ACCT)
-    try:
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
         ((tid, _),) = await connect_many(service, token, 1)
         (sa,) = service.engine.ike_sas(tid)
         rekey_in = sa.ike_rekey_at - service.engine.last_now
@@ -257,39 +242,24 @@ async def test_restored_rows_keep_their_age(tmp_path: Path) -> None:
         with store.transaction():
             store.put_sealed(key, msgpack.packb(row))
         service.engine = None
-    finally:
-        await service.stop()
-        store.close()
-    service, store = await restart(tmp_path, bus)
-    try:
+    async with running(tmp_path, bus) as (service, store):
         now = time.monotonic()
         assert service.restore_ike_state(now)
         (sa,) = service.engine.ike_sas(tid)
         assert abs((sa.ike_rekey_at - now) - (rekey_in - 600.0)) < 5.0
-    finally:
-        await service.stop()
-        store.close()
 
 
 async def test_unreadable_row_is_skipped_and_removed(tmp_path: Path) -> None:
     bus = Bus(tmp_path)
-    service, store = await restart(tmp_path, bus)
-    token = add_token(store, ACCT)
-    try:
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
         peers = await connect_many(service, token, 2)
         bad = ControlService.IKE_SA_PREFIX + "00" * 8
         with store.transaction():
             store.put_sealed(bad, b"\x93not a row")
-    finally:
-        await service.stop()
-        store.close()
-    service, store = await restart(tmp_path, bus)
-    try:
+    async with running(tmp_path, bus) as (service, store):
         assert service.restore_ike_state(time.monotonic())
         assert len(service.engine.sas) == 2
         service.sweep_ike_state()
         assert bad not in ike_rows(store) and len(ike_rows(store)) == 2
         dpd_answered(service, *peers[1])
-    finally:
-        await service.stop()
-        store.close()
