@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import emit
 from bench import throughput as tp
 
 RATE = 1000
@@ -408,11 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     res = run(quick=args.quick, reps=args.reps)
-    text = json.dumps(res, indent=1)
-    if args.json:
-        args.json.write_text(text)
-    else:
-        print(text)
+    emit(res, args.json)
     return 0
 
 

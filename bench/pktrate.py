@@ -114,6 +114,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import emit
+
 #: Namespace prefix; each run adds its PID (deploy.netns.unique_prefix). Tests
 #: get ``awt-p-`` (``ANYWAN_PKTRATE_NETNS_PREFIX``, or an ``awt-`` value of
 #: ``ANYWAN_BENCH_NETNS_PREFIX`` as ``bench.run``'s tests set it).
@@ -1016,11 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
             and (not args.op or c[2] in args.op)
         ]
     res = run(quick=args.quick, window=args.window, pace=args.pace, only=only, rate_kpps=args.rate)
-    text = json.dumps(res, indent=1)
-    if args.json:
-        args.json.write_text(text)
-    else:
-        print(text)
+    emit(res, args.json)
     return 0
 
 

@@ -75,6 +75,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import emit
+
 #: Namespace prefix; each run adds its PID (deploy.netns.unique_prefix), so
 #: concurrent runs never sweep each other. Tests set ``awt-b-`` through
 #: ``ANYWAN_BENCH_NETNS_PREFIX``.
@@ -1059,11 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds,
         sites=args.sites,
     )
-    text = json.dumps(res, indent=1)
-    if args.json:
-        args.json.write_text(text)
-    else:
-        print(text)
+    emit(res, args.json)
     return 0
 
 
