@@ -115,6 +115,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import emit
+from dataplane.sockets import SOL_UDP, UDP_SEGMENT
 
 #: Namespace prefix; each run adds its PID (deploy.netns.unique_prefix). Tests
 #: get ``awt-p-`` (``ANYWAN_PKTRATE_NETNS_PREFIX``, or an ``awt-`` value of
@@ -143,8 +144,6 @@ MAX_DROP_SHARE = 0.3
 CONTROL_INTERVAL = 0.01
 METRICS_PORT = 9201
 GRE_TTL = 64
-SOL_UDP = 17
-UDP_SEGMENT = 103
 
 
 def log_default(msg: str) -> None:
