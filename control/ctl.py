@@ -3,7 +3,8 @@
 Readable tables by default, ``--json`` for scripts (the API's ``result``).
 Base URL, token and account from flags or ``ANYWAN_API``, ``ANYWAN_TOKEN``,
 ``ANYWAN_ACCOUNT``. Exit codes: 0 ok, 1 the API refused (its message, which
-names the field, is printed), 2 usage, 3 API unreachable, 4 authentication.
+names the field, is printed), 2 usage, 3 API unreachable, 4 authentication,
+5 ``status`` found control degraded (its problems are printed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_DEGRADED = 0, 1, 2, 3, 4, 5
 DEFAULT_API = "http://127.0.0.1:8080"
 
 
@@ -35,8 +36,16 @@ class Client:
         self.timeout = timeout
 
     def call(
-        self, method: str, path: str, body: Any = None, query: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        accept: tuple[int, ...] = (),
     ) -> Any:
+        """The envelope's ``result``; :class:`CtlError` on failure, except for
+        the HTTP statuses in ``accept`` whose result is returned as well
+        (``/healthz`` answers 503 with the full health when degraded)."""
         url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method)
@@ -62,6 +71,8 @@ class Client:
             doc = None
         if not isinstance(doc, dict):  # e.g. a proxy's error page
             raise CtlError(f"{method} {path}: HTTP {status}, not a JSON answer", EXIT_API)
+        if status in accept and isinstance(doc.get("result"), dict):
+            return doc["result"]
         if status >= 400 or not doc.get("success", False):
             msgs = "; ".join(_texts(doc.get("errors"))) or f"HTTP {status}"
             if status == 401:
@@ -252,7 +263,7 @@ def cmd_workers(c: Client, args: argparse.Namespace) -> Any:
 
 
 def cmd_status(c: Client, args: argparse.Namespace) -> Any:
-    health = c.call("GET", "/healthz")
+    health = c.call("GET", "/healthz", accept=(503,))
     workers = c.call("GET", "/workers")["workers"]
     accounts = c.call("GET", "/accounts")["accounts"]
     res = {"health": health, "workers": workers, "accounts": [a["id"] for a in accounts]}
@@ -261,7 +272,8 @@ def cmd_status(c: Client, args: argparse.Namespace) -> Any:
         h = r["health"]
         lines = [
             f"control: {h['status']}  bus sequence {h['bus_sequence']}  ike {h['ike']}  "
-            f"tunnels {h['tunnels']}",
+            f"tunnels {'-' if h['tunnels'] is None else h['tunnels']}",
+            *(f"  problem: {p}" for p in h.get("problems", [])),
             f"workers: {len(r['workers'])} live"
             + (f", max lag {max(w['lag'] for w in r['workers'])}" if r["workers"] else ""),
             f"accounts: {', '.join(r['accounts']) or '-'}",
@@ -359,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(render(result))
+    if args.command == "status" and result["health"].get("status") != "ok":
+        return EXIT_DEGRADED
     return EXIT_OK
 
 

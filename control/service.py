@@ -26,9 +26,13 @@ engine events come to :meth:`ControlService.on_ike_event`:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -40,7 +44,7 @@ from control.api.handlers import Api, Changes
 from control.api.openapi import build_openapi
 from control.config import ControlConfig, split_hostport
 from control.metrics import ControlMetrics
-from control.store import Store
+from control.store import Store, StoreError
 from replication.records import (
     Direction,
     Record,
@@ -60,6 +64,8 @@ log = logging.getLogger("anywan.control")
 
 SA_PREFIX = "sa/"
 OWNED_PREFIXES = ("tunnel/", "route/", "sa/")
+STORE_ERRORS = (sqlite3.Error, StoreError, OSError)
+"""What a failing store raises (locked, read-only, disk full, I/O error)."""
 
 
 class PublisherLike(Protocol):
@@ -76,6 +82,21 @@ class PublisherLike(Protocol):
     def applied_everywhere(self, seq: int) -> bool: ...
     async def wait_applied(self, seq: int, timeout: float) -> bool: ...
     def subscribers(self) -> list[Any]: ...
+
+
+def _thread_died(component: Any) -> bool:
+    """True if ``component``'s socket thread was started and has exited.
+
+    ``Publisher`` and ``RelayServer`` keep it in ``_thread`` (None before
+    start and after stop); while they run it only ends on a ZeroMQ error or
+    a bug, and then nothing is published or relayed any more. Duck-typed:
+    test doubles without a thread are never reported."""
+    thread = getattr(component, "_thread", None)
+    return isinstance(thread, threading.Thread) and not thread.is_alive()
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _iso(unix: float) -> str | None:
@@ -314,6 +335,18 @@ class ControlService:
         """tunnel_id -> bus sequence of its newest installed Child SA."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._runners: list[web.AppRunner] = []
+        self._started_at: float | None = None
+        """``time.monotonic()`` when :meth:`start` began (None before): the
+        start of /healthz's grace for workers."""
+        self._workers_seen_at = 0.0
+        """``time.monotonic()`` a live worker was last seen (:meth:`_note_bus`)."""
+        self._seq_marks: deque[tuple[float, int]] = deque(maxlen=1024)
+        """(``time.monotonic()``, bus sequence) samples, taken when the
+        sequence moved, of the last :data:`WORKER_LAG_GRACE` seconds plus
+        one older: what every worker should have applied by now."""
+        self._store_failure: tuple[str, float] | None = None
+        """(error class, ``time.monotonic()``) of the last store transaction
+        of the service if it failed; None once one succeeds (:meth:`_store_txn`)."""
         self.metrics.bind_bus(
             lambda: float(self.publisher.sequence),
             lambda: float(len(self._subscribers())),
@@ -441,6 +474,7 @@ class ControlService:
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(self.CHECKPOINT_INTERVAL)
+            self._note_bus(time.monotonic(), self._subscribers())
             try:
                 self.publish_checkpoints()
             except Exception as exc:  # a bad report must not stop the loop
@@ -524,14 +558,123 @@ class ControlService:
             for s in self._subscribers()
         ]
 
+    # -- health ---------------------------------------------------------------
+
+    WORKER_GRACE = 30.0
+    """Seconds without any live worker, while tunnels are configured, before
+    /healthz says so. Covers a control start (the lab and compose start
+    control first, then the workers) and a restart of every worker (each
+    one serves again in well under a second, DESIGN §1)."""
+    WORKER_LAG_GRACE = 10.0
+    """A live worker that has not applied bus updates published this many
+    seconds ago is reported: twice the default ``rekey_apply_timeout``, so
+    a burst it is still working through is not, and a worker that stopped
+    applying (its rekeyed SAs are then deleted under it) is."""
+    MAX_LISTED = 5
+    """Lagging workers named one by one; the rest are counted."""
+
     def health(self) -> dict[str, Any]:
+        """``GET /healthz``: "ok", or "degraded" with one short problem string
+        per condition that stops control doing its job. Only what is cheap to
+        observe: two COUNTs, the subscriber list, two thread flags and the
+        outcome of the last store write (no scan, no probe write). Never a
+        secret: error classes, not their messages."""
+        now = time.monotonic()
+        subs = self._subscribers()
+        self._note_bus(now, subs)
+        problems: list[str] = []
+        tunnels: int | None = None
+        try:
+            tunnels = self.store.count("ipsec") + self.store.count("gre")
+        except STORE_ERRORS as exc:
+            problems.append(f"store not readable: {type(exc).__name__}")
+        if self._store_failure is not None:
+            cls, at = self._store_failure
+            problems.append(f"store not writable: {cls} (a write failed {now - at:.0f} s ago)")
+        if _thread_died(self.publisher):
+            problems.append("bus publisher not running")
+        ike = self._ike_where()
+        if ike and self.transport is None:
+            problems.append(f"IKE not listening ({'; '.join(ike)})")
+        elif self.relay is not None and self.transport is not None and _thread_died(self.relay):
+            problems.append("IKE relay not running (workers cannot forward IKE to control)")
+        problems += self._worker_problems(now, subs, tunnels)
+        ike_state = "not configured" if not ike else "not listening"
         return {
-            "status": "ok",
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "bus_sequence": int(self.publisher.sequence),
-            "workers": len(self._subscribers()),
-            "ike": "running" if self.transport is not None else "not listening",
-            "tunnels": self.store.count("ipsec") + self.store.count("gre"),
+            "workers": len(subs),
+            "ike": "running" if self.transport is not None else ike_state,
+            "tunnels": tunnels,
         }
+
+    def _ike_where(self) -> list[str]:
+        """Where this control is configured to serve IKE (empty: it is not)."""
+        if self.engine is None:
+            return []
+        where = []
+        if self.config.ike_listen:
+            ports = ", ".join(f"udp/{p}" for p in self.config.ike_ports)
+            where.append(f"{ports} on {', '.join(self.config.ike_listen)}")
+        if self.relay is not None:
+            where.append("the worker relay")
+        return where
+
+    def _note_bus(self, now: float, subs: list[Any]) -> None:
+        """Sample the bus for /healthz (from the 1 s checkpoint loop and each
+        probe): the sequence if it moved, and whether a worker is live."""
+        seq = int(self.publisher.sequence)
+        marks = self._seq_marks
+        if not marks or marks[-1][1] != seq:
+            marks.append((now, seq))
+        cutoff = now - self.WORKER_LAG_GRACE
+        while len(marks) >= 2 and marks[1][0] <= cutoff:
+            marks.popleft()
+        if subs:
+            self._workers_seen_at = now
+
+    def _worker_problems(self, now: float, subs: list[Any], tunnels: int | None) -> list[str]:
+        """No live worker for :data:`WORKER_GRACE` while tunnels exist, and
+        live workers that have not applied what was published
+        :data:`WORKER_LAG_GRACE` ago. Nothing before :meth:`start`."""
+        if self._started_at is None:
+            return []
+        out = []
+        if not subs and tunnels:
+            quiet = now - max(self._started_at, self._workers_seen_at)
+            if quiet >= self.WORKER_GRACE:
+                n = _plural(tunnels, "tunnel is", "tunnels are")
+                out.append(
+                    f"no worker subscribed to the bus for {quiet:.0f} s while {n} configured"
+                )
+        cutoff = now - self.WORKER_LAG_GRACE
+        due = max((seq for t, seq in self._seq_marks if t <= cutoff), default=0)
+        behind = sorted((s for s in subs if s.applied_seq < due), key=lambda s: s.applied_seq)
+        seq = int(self.publisher.sequence)
+        for s in behind[: self.MAX_LISTED]:
+            out.append(
+                f"worker {s.worker_id} has not applied bus updates published "
+                f"{self.WORKER_LAG_GRACE:.0f} s ago (applied {s.applied_seq}, bus at {seq})"
+            )
+        if len(behind) > self.MAX_LISTED:
+            more = _plural(len(behind) - self.MAX_LISTED, "more worker", "more workers")
+            out.append(f"{more} lagging the same way")
+        return out
+
+    @contextlib.contextmanager
+    def _store_txn(self) -> Iterator[None]:
+        """``store.transaction()`` that remembers for /healthz whether it
+        failed on the store (a locked, read-only or full database): the IKE
+        state sweep opens one every second and retries what failed, so the
+        problem clears by itself once writes succeed again."""
+        try:
+            with self.store.transaction():
+                yield
+        except STORE_ERRORS as exc:
+            self._store_failure = (type(exc).__name__, time.monotonic())
+            raise
+        self._store_failure = None
 
     def _refresh_counts(self) -> None:
         m = self.metrics
@@ -603,7 +746,7 @@ class ControlService:
         return changed
 
     def _delete_sealed(self, key: str) -> None:
-        with self.store.transaction():
+        with self._store_txn():
             self.store.delete_sealed(key)
 
     def _delete_tunnel_sas(self, tunnel_id: str) -> None:
@@ -744,7 +887,7 @@ class ControlService:
     def _publish_pair(self, ev: Any) -> None:
         """Seal both directions into the store, then publish them; the outbound
         one's sequence is what a rekey's old SA waits for (make-before-break)."""
-        with self.store.transaction():
+        with self._store_txn():
             for rec in (ev.inbound, ev.outbound):
                 self.store.put_sealed(rec.key, encode(rec))
         self.publisher.set(ev.inbound)
@@ -805,6 +948,7 @@ class ControlService:
 
     async def start(self) -> None:
         """Start the bus, republish the store, serve the API (and IKE if configured)."""
+        self._started_at = time.monotonic()
         self.publisher.start()
         n = self.republish_all()
         log.info("republished store: %d keys changed, bus sequence %d", n, self.publisher.sequence)
@@ -1015,7 +1159,7 @@ class ControlService:
         what is on disk moves only once it committed. If it fails, the next
         write compares every SA (nothing an event marked is forgotten)."""
         try:
-            with self.store.transaction():
+            with self._store_txn():
                 puts, gone = self._write_ike_rows(full=full)
                 for key in drop:
                     self.store.delete_sealed(key)

@@ -172,9 +172,21 @@ async def workers(request: web.Request) -> web.Response:
     return envelope(api.workers(tok))
 
 
+HEALTH_CODE = 1503
+"""Error code of each problem of a degraded ``/healthz``."""
+
+
 async def healthz(request: web.Request) -> web.Response:
+    """200 when control is "ok"; 503 when "degraded", so probes and load
+    balancers need no body parsing. The result is the full health either
+    way; a degraded answer also lists each problem as an error (``success``
+    false), as any other failed call of the envelope does."""
     health = request.app[API_KEY].hooks.health()
-    return envelope(health, status=200 if health.get("status") == "ok" else 503)
+    if health.get("status") == "ok":
+        return envelope(health)
+    problems = health.get("problems") or ["unhealthy"]
+    errors = [{"code": HEALTH_CODE, "message": str(p)} for p in problems]
+    return envelope(health, status=503, errors=errors)
 
 
 async def openapi(request: web.Request) -> web.Response:

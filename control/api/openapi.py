@@ -342,16 +342,36 @@ def build_openapi() -> dict[str, Any]:
     health = obj(
         {
             "status": {"type": "string", "enum": ["ok", "degraded"]},
+            "problems": {
+                "type": "array",
+                "items": STR,
+                "description": "Why control is degraded, one short sentence each "
+                "(empty when ok), e.g. 'IKE not listening (udp/500, udp/4500 on 0.0.0.0)', "
+                "'no worker subscribed to the bus for 31 s while 3 tunnels are configured', "
+                "'store not writable: OperationalError (a write failed 2 s ago)', "
+                "'bus publisher not running'.",
+            },
             "bus_sequence": INT,
-            "workers": INT,
-            "ike": STR,
-            "tunnels": INT,
+            "workers": {**INT, "description": "Live workers on the bus"},
+            "ike": {"type": "string", "enum": ["running", "not listening", "not configured"]},
+            "tunnels": {
+                **INT,
+                "nullable": True,
+                "description": "IPsec and GRE tunnels configured; null if the store cannot be read",
+            },
         }
     )
     paths["/healthz"] = {
         "get": {
-            "summary": "Liveness (no token needed)",
-            "responses": {"200": _resp(health), "503": _resp(health, "Unhealthy")},
+            "summary": "Health (no token needed): 200 ok, 503 degraded",
+            "description": "A freshly started control is ok without workers for its first "
+            "30 s (the grace in which workers subscribe); after it, no live worker while "
+            "tunnels are configured is a problem, as is a live worker that has not applied "
+            "what the bus published 10 s ago.",
+            "responses": {
+                "200": _resp(health),
+                "503": _resp(health, "Degraded: result.problems (also in errors) says why"),
+            },
         }
     }
     paths["/openapi.json"] = {
