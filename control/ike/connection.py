@@ -276,6 +276,7 @@ class IkeSa:
         "prf",
         "queue",
         "remote",
+        "restored",
         "retire",
         "scheduled",
         "sk_in",
@@ -333,6 +334,10 @@ class IkeSa:
         self.ike_rekey_at = 0.0
         self.linger_until = 0.0
         self.retire = False
+        self.restored = False
+        """Came back from :meth:`from_state`, and neither a timer run nor a
+        message from the peer since: the first timer run places its first DPD
+        (:meth:`_spread_restored_dpd`)."""
         self.scheduled: float | None = None
         self.init_key: tuple[bytes, str, int, bytes] | None = None
         self.successor: IkeSa | None = None
@@ -473,6 +478,7 @@ class IkeSa:
             raise Dropped("message_id")
         msg = self._open(data)
         self.last_heard = now
+        self.restored = False  # heard for real: the normal DPD schedule
         self._confirm_answers(header.message_id)
         self._note_address(local, remote)
         handler = REQUESTS.get((self.state, ExchangeType(header.exchange)))
@@ -548,6 +554,7 @@ class IkeSa:
             raise Dropped("unexpected_response")
         msg = self._open(data)
         self.last_heard = now
+        self.restored = False  # heard for real: the normal DPD schedule
         self.pending = None
         handler = RESPONSES.get((self.state, ExchangeType(header.exchange)))
         if handler is None:
@@ -600,6 +607,10 @@ class IkeSa:
         elif self.state is IkeState.ESTABLISHED:
             if self.pending is None and not self.queue:
                 cands.append(self.last_heard + self.engine.config.dpd_interval)
+            if self.restored:
+                # due at once: the first timer run after the restore is what
+                # knows the real restore instant to spread the first DPD over
+                cands.append(self.last_heard)
             if self.ike_rekey_at:
                 cands.append(self.ike_rekey_at)
             for c in self.children.values():
@@ -652,6 +663,9 @@ class IkeSa:
             return
         if self.state is not IkeState.ESTABLISHED:
             return
+        if self.restored:
+            self.restored = False
+            self._spread_restored_dpd(now)
         busy = self.pending is not None or bool(self.queue)
         # Every due deadline moves forward here, queued or not, so get_timer()
         # never returns a past time that handle_timer() would not act on.
@@ -684,6 +698,31 @@ class IkeSa:
         if not busy and not self.queue and now >= self.last_heard + cfg.dpd_interval:
             self.request("dpd", None)
         self.pump(now)
+
+    def _spread_restored_dpd(self, now: float) -> None:
+        """Place the first DPD (§2.4) of an IKE SA restored after a control
+        restart, at its first timer run (``now``): the first time the core
+        sees the clock after the restore. :meth:`from_state` only gets the
+        time the SA's row was written (the control service re-bases each row
+        on it), or the restore instant for a blob or a row without that time.
+
+        Left as restored, thousands of IKE SAs re-based on one instant would
+        all send their DPD (then its retransmissions) together one interval
+        later, and after a downtime longer than the interval every SA would be
+        overdue and send at this run. Instead each is due at ``now +
+        dpd_interval - phase``, the phase in [0, dpd_interval) hashed from its
+        SPIs (deterministic: no ``random`` in the core, tests reproduce it),
+        or at its own restored schedule if that is earlier. So the first DPDs
+        spread over one interval, none later than one interval after this run,
+        and rows whose write times are spread already are not pulled into a
+        burst here: their DPD can only come earlier."""
+        interval = self.engine.config.dpd_interval
+        digest = hashlib.sha256(b"dpd phase" + self.spi_i + self.spi_r).digest()
+        phase = interval * ((int.from_bytes(digest[:8], "big") >> 11) / 2.0**53)
+        spread = now - phase
+        if self.last_heard + interval > now:
+            spread = min(spread, self.last_heard)
+        self.last_heard = spread
 
     def owner(self) -> IkeSa:
         """The IKE SA that owns this one's Child SAs now: itself, or the newest
@@ -1041,7 +1080,10 @@ class IkeSa:
                 kind = "orphan"
             sa.pending = OutRequest(kind, exchange, mid, data, now, now, 0, {})
         sa.ike_rekey_at = d["ike_rekey_at"] + now if d["ike_rekey_at"] else 0.0
+        # not stored: heard from at ``now`` (the row's write time in the control
+        # service); the first timer run spreads the first DPD (_spread_restored_dpd)
         sa.last_heard = now
+        sa.restored = sa.state is IkeState.ESTABLISHED
         sa.created = float(d.get("created", 0.0)) + now
         for c in d["children"]:
             child = ChildSa(
