@@ -144,8 +144,28 @@ IP_TOS = 1
 IP_TTL = 2
 _SPI = struct.Struct("!I").unpack_from
 _ADDR_PAIR = struct.Struct("!Q").unpack_from
-FlowEntry = tuple[OutboundEntry, TunnelEntry, int]
-"""(outbound SA entry, tunnel entry, tunnel MTU): :meth:`Dataplane.flow_entry`."""
+
+
+class GreFlow:
+    """What the TUN fast path needs to GRE-encapsulate an IPv4 packet on one
+    tunnel (:meth:`Dataplane.flow_entry`): the header, constant per tunnel
+    for IPv4 inner packets since the worker sends neither checksum nor
+    sequence number (RFC 2784 §2, RFC 2890 §2.1: the key when the tunnel has
+    one), where it goes, and the control messages by inner TOS (outer TTL,
+    ECN copy). ``codec`` is None so the drainer's ESP test fails first."""
+
+    __slots__ = ("anc", "dest", "hdr")
+    codec = None
+
+    def __init__(self, hdr: bytes, dest: tuple[str, int], anc: tuple[Anc, ...]) -> None:
+        self.hdr = hdr
+        self.dest = dest
+        self.anc = anc
+
+
+FlowEntry = tuple[OutboundEntry | GreFlow, TunnelEntry, int]
+"""(outbound SA entry, or GRE header and destination; tunnel entry; tunnel
+MTU): :meth:`Dataplane.flow_entry`."""
 _IP_TOS_CMSG = 1  # IP_RECVTOS delivers cmsg (SOL_IP, IP_TOS, tos)
 
 
@@ -725,8 +745,9 @@ class Dataplane:
         remembered in :meth:`flow_cache` under ``src << 32 | dst``.
 
         A :data:`FlowEntry` (outbound SA entry, tunnel entry, tunnel MTU) when
-        the destination's route has one tunnel (no ECMP hash over ports), the
-        tunnel is IPsec and, with replay protection, this worker owns the SA
+        the destination's route has one tunnel (no ECMP hash over ports) and
+        the tunnel is GRE (a :class:`GreFlow` in the SA's place), or it is
+        IPsec and, with replay protection, this worker owns the SA
         (``live`` changes forget the cache; a non-owner's ``_NotOwner`` codec
         also sends every packet to :meth:`outbound`), and
         every outbound SA of the tunnel selects by addresses only
@@ -759,7 +780,18 @@ class Dataplane:
         if t is None:
             return None
         rec = t.record
-        if rec.account_id != net.account_id or rec.kind is not TunnelKind.IPSEC:
+        if rec.account_id != net.account_id:
+            return None
+        if rec.kind is TunnelKind.GRE:
+            if rec.remote_addr is None:
+                return None
+            hdr = bytearray(8)
+            hlen = gre.write_header(hdr, 0, _ETH_P_IP, 0, key=rec.gre_key)
+            table = self._ttl_anc.get(rec.ttl)
+            if table is None:
+                table = self._gre_anc(rec.ttl)
+            return GreFlow(bytes(hdr[:hlen]), (rec.remote_addr, 0), table), t, rec.mtu
+        if rec.kind is not TunnelKind.IPSEC:
             return None
         entries = self.sad.outbound.get(tid)
         if not entries or not all(e.by_address for e in entries):
@@ -1375,8 +1407,11 @@ class Worker:
         address pair has a :meth:`Dataplane.flow_entry` (remembered per
         account; what ``Dataplane.outbound`` would decide for them, minus what
         is per packet): it checks the header, a TCP SYN (MSS clamp), the MTU
-        and the codec, then encrypts and sends. Every other packet (IPv6,
-        SYNs, too big, unknown or ECMP flows, AES-CBC, GRE, SAs another
+        and the codec, then encrypts and sends. A GRE tunnel's packets take
+        the same path: the tunnel's constant GRE header is written in front
+        of the packet where it was read (the ESP header's place) and the
+        two go out in one raw ``sendmsg``. Every other packet (IPv6,
+        SYNs, too big, unknown or ECMP flows, AES-CBC, SAs another
         worker owns, drops) is copied out and goes through
         ``Dataplane.outbound``, which decides everything itself.
         """
@@ -1414,6 +1449,7 @@ class Worker:
         def drain() -> None:
             send_udp = dp.send_udp
             send_esp = dp.send_esp
+            send_gre = dp.send_gre
             at = 0
             for _ in range(batch):
                 if gso is not None:
@@ -1462,6 +1498,18 @@ class Worker:
                             send_udp(outv[:m], sa.dest, anc)
                         sa.packets += 1
                         sa.bytes += n
+                        t.packets_out += 1
+                        t.bytes_out += n
+                        continue
+                    if (
+                        codec is None  # GreFlow
+                        and n <= mtu
+                        and 24 <= total <= n
+                        and not (out[p + 9] == tcp and clamp and n > 33 and out[p + 33] & syn)
+                    ):
+                        h = len(sa.hdr)
+                        out[p - h : p] = sa.hdr
+                        send_gre(outv[p - h : p + n], sa.dest, sa.anc[out[p + 1]])
                         t.packets_out += 1
                         t.bytes_out += n
                         continue

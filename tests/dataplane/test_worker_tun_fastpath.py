@@ -209,3 +209,82 @@ def test_a_malformed_packet_is_dropped_and_does_not_pin_its_flow(rig) -> None:
     key = int.from_bytes(good[12:20], "big")
     assert r.w.dp.flows[ACCOUNT_A][key] is not None  # cached by the good packet
     assert r.send(bytes(bad)) == [] and r.w.dp.drops[DropReason.MALFORMED] == 2
+
+
+def test_gre_flow_is_encapsulated_where_it_was_read(rig) -> None:
+    """GRE tunnels take the fast path too: what leaves must be what
+    ``Dataplane.outbound`` sends for the same packet (scapy parses it)."""
+    import dataclasses
+
+    from scapy.layers.l2 import GRE
+
+    from replication.records import TunnelKind
+
+    t = dataclasses.replace(tunnel(1, kind=TunnelKind.GRE, gre_key=0x1234, mtu=1400), ttl=17)
+    r = rig(t, route(1, "10.2.0.0/24", 1))
+    gre_sent: list[tuple[bytes, tuple[str, int], object]] = []
+    r.w.dp.send_gre = lambda d, a, anc: gre_sent.append((bytes(d), a, anc))
+    pkts = [
+        bytes(IP(src=SRC, dst=DST, tos=tos) / UDP(sport=5000, dport=9) / (b"g" * size))
+        for tos, size in ((0, 1372), (0, 1), (2, 10), (0, 100))
+    ]
+    r.send(*pkts)
+    key = int.from_bytes(pkts[0][12:20], "big")
+    assert type(r.w.dp.flows[ACCOUNT_A][key][0]).__name__ == "GreFlow"  # cached: fast path
+    assert len(gre_sent) == 4
+    for (wire, dest, _anc), p in zip(gre_sent, pkts, strict=True):
+        assert dest == ("198.51.100.2", 0)
+        g = GRE(wire)
+        assert (g.key_present, g.key, g.proto, g.chksum_present, g.seqnum_present) == (
+            1, 0x1234, 0x0800, 0, 0,
+        )  # fmt: skip
+        assert bytes(g.payload) == p
+    # the slow path sends the same bytes and control messages (TTL 17, ECN copy)
+    fast = list(gre_sent)
+    gre_sent.clear()
+    for p in pkts:
+        r.w.dp.outbound(r.net, memoryview(bytearray(p)))
+    assert gre_sent == fast
+    assert fast[2][2] != fast[0][2]  # ECT(0) inner: its outer ECN control message
+    te = r.w.dp.sad.tunnels[t.tunnel_id]
+    assert te.packets_out == 8 and te.bytes_out == 2 * sum(map(len, pkts))
+
+
+def test_gre_fast_path_leaves_syn_mtu_and_record_changes_to_outbound(rig) -> None:
+    import dataclasses
+
+    from scapy.layers.l2 import GRE
+
+    from replication.records import TunnelKind
+
+    t = tunnel(1, kind=TunnelKind.GRE, mtu=1400)
+    r = rig(t, route(1, "10.2.0.0/24", 1))
+    gre_sent: list[bytes] = []
+    r.w.dp.send_gre = lambda d, a, anc: gre_sent.append(bytes(d))
+    plain = bytes(IP(src=SRC, dst=DST) / ICMP())
+    syn = bytes(IP(src=SRC, dst=DST) / TCP(sport=1, dport=2, flags="S", options=[("MSS", 1460)]))
+    big_df = bytes(IP(src=SRC, dst=DST, flags="DF") / UDP() / (b"y" * 1450))
+    big = bytes(IP(src=SRC, dst=DST) / UDP() / (b"z" * 1450))
+    r.send(plain, syn, big_df, big, plain)
+    inners = [bytes(GRE(w).payload) for w in gre_sent]
+    assert GRE(gre_sent[0]).key_present == 0 and len(gre_sent[0]) == 4 + len(plain)
+    assert inners[0] == plain and inners[-1] == plain
+    assert TCP(IP(inners[1])[TCP].build())[TCP].options[0] == ("MSS", 1360)  # clamped
+    assert r.w.dp.drops[DropReason.MTU] == 1
+    frags = [IP(i) for i in inners[2:-1]]
+    assert len(frags) >= 2 and all(len(f) <= 1400 for f in frags)
+    # a new key on the tunnel applies to the next packet of the cached flow
+    r.apply(dataclasses.replace(t, gre_key=77))
+    gre_sent.clear()
+    r.send(plain)
+    (w,) = gre_sent
+    assert (GRE(w).key_present, GRE(w).key, bytes(GRE(w).payload)) == (1, 77, plain)
+    # the tunnel goes (its routes with it): counted, nothing sent
+    r.w.dp.remove(t.key)
+    gre_sent.clear()
+    r.send(plain)
+    assert gre_sent == []
+    assert {k: v for k, v in r.w.dp.drops.items() if v} == {
+        DropReason.MTU: 1,
+        DropReason.NO_ROUTE: 1,
+    }
