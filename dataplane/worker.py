@@ -1407,11 +1407,12 @@ class Worker:
         address pair has a :meth:`Dataplane.flow_entry` (remembered per
         account; what ``Dataplane.outbound`` would decide for them, minus what
         is per packet): it checks the header, a TCP SYN (MSS clamp), the MTU
-        and the codec, then encrypts and sends. A GRE tunnel's packets take
+        and the codec, then encrypts and sends (AES-CBC after moving the
+        packet 8 octets on, to where its 16-octet IV ends). A GRE tunnel's packets take
         the same path: the tunnel's constant GRE header is written in front
         of the packet where it was read (the ESP header's place) and the
         two go out in one raw ``sendmsg``. Every other packet (IPv6,
-        SYNs, too big, unknown or ECMP flows, AES-CBC, SAs another
+        SYNs, too big, unknown or ECMP flows, NULL encryption, SAs another
         worker owns, drops) is copied out and goes through
         ``Dataplane.outbound``, which decides everything itself.
         """
@@ -1434,6 +1435,7 @@ class Worker:
         size = len(buf)  # the most one read returns
         reads: dict[int, list[memoryview]] = {}  # ESP packet offset -> [read view]
         gcm = self._esp._GcmOut
+        cbc = self._esp._CbcOut
         cache = dp.flow_cache(net.account_id)
         flow_entry = dp.flow_entry
         tos_anc = dp._tos_anc
@@ -1481,10 +1483,14 @@ class Worker:
                     if (
                         n <= mtu
                         and 24 <= total <= n
-                        and codec.__class__ is gcm
+                        and ((cls := codec.__class__) is gcm or cls is cbc)
                         and not (out[p + 9] == tcp and clamp and n > 33 and out[p + 33] & syn)
                     ):
                         anc = tos_anc[out[p + 1]]  # before the encryption overwrites it
+                        if cls is cbc:
+                            # CBC's payload starts after a 16-octet IV, 8 octets
+                            # further: one memmove (memoryview copies overlaps safely)
+                            outv[p + 8 : p + 8 + n] = outv[p : p + n]
                         try:
                             m = codec.encapsulate_in_place(out, at, n, 4)
                         except Drop as exc:

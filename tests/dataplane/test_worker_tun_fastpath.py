@@ -160,12 +160,28 @@ def test_uncacheable_flows_still_follow_outbound(rig) -> None:
     assert r.w.dp.drops[DropReason.SELECTOR] == 1
 
 
-def test_aes_cbc_sa_takes_the_copying_path(rig) -> None:
-    out = sa(0x2007, Direction.OUT, cipher=Cipher.AES256CBC)
+@pytest.mark.parametrize("udp_encap", [True, False])
+def test_aes_cbc_flow_is_moved_to_its_payload_offset_and_encrypted_in_place(
+    rig, udp_encap: bool
+) -> None:
+    out = sa(0x2007, Direction.OUT, cipher=Cipher.AES256CBC, udp_encap=udp_encap)
     r = rig(tunnel(1), route(1, "10.2.0.0/24", 1), out)
-    p = bytes(IP(src=SRC, dst=DST) / UDP() / (b"c" * 333))
-    sent = r.send(p, p)
-    assert [_decrypt(out, s[1])[1] for s in sent] == [p, p]
+    # every pad length (0..15 octets of CBC padding), the largest the MTU allows
+    pkts = [bytes(IP(src=SRC, dst=DST) / UDP() / (b"c" * (333 + k))) for k in range(16)]
+    pkts.append(bytes(IP(src=SRC, dst=DST, tos=1) / UDP() / (b"m" * 1372)))
+    slow: list[bytes] = []
+    outbound = r.w.dp.outbound
+    r.w.dp.outbound = lambda net, pkt, *a: (slow.append(bytes(pkt)), outbound(net, pkt, *a))
+    r.drain = r.w._tun_drainer(r.net)  # sees the spy
+    sent = r.send(*pkts)
+    assert slow == []  # not one took Dataplane.outbound
+    assert [s[0] for s in sent] == ["udp" if udp_encap else "esp"] * len(pkts)
+    assert [_decrypt(out, s[1]) for s in sent] == [(4, p) for p in pkts]
+    assert [int.from_bytes(s[1][4:8], "big") for s in sent] == list(range(1, len(pkts) + 1))
+    assert bool(sent[-1][3]) and not sent[0][3]  # ECT(1) inner: its outer ECN message
+    key = int.from_bytes(pkts[0][12:20], "big")
+    assert r.w.dp.flows[ACCOUNT_A][key] is not None  # cached: the fast path took them
+    assert r.w.dp.sad.outbound[out.tunnel_id][0].packets == len(pkts)
 
 
 def test_replay_protected_sa_only_the_owner_sends(rig) -> None:
@@ -228,7 +244,13 @@ def test_gre_flow_is_encapsulated_where_it_was_read(rig) -> None:
         bytes(IP(src=SRC, dst=DST, tos=tos) / UDP(sport=5000, dport=9) / (b"g" * size))
         for tos, size in ((0, 1372), (0, 1), (2, 10), (0, 100))
     ]
+    slow: list[bytes] = []
+    outbound = r.w.dp.outbound
+    r.w.dp.outbound = lambda net, pkt, *a: (slow.append(bytes(pkt)), outbound(net, pkt, *a))
+    r.drain = r.w._tun_drainer(r.net)  # sees the spy
     r.send(*pkts)
+    assert slow == []  # not one took Dataplane.outbound
+    r.w.dp.outbound = outbound
     key = int.from_bytes(pkts[0][12:20], "big")
     assert type(r.w.dp.flows[ACCOUNT_A][key][0]).__name__ == "GreFlow"  # cached: fast path
     assert len(gre_sent) == 4
