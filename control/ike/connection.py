@@ -1016,6 +1016,10 @@ class IkeSa:
             "pending": None if req is None else [req.kind, req.exchange, req.message_id, req.data],
             "ike_rekey_at": self.ike_rekey_at - shift if self.ike_rekey_at else 0.0,
             "created": self.created - shift,
+            # a REKEYED IKE SA's way out (§2.18): without them it would come
+            # back with no deadline and never be deleted
+            "linger": self.linger_until - shift if self.linger_until else None,
+            "retire": self.retire,
             "children": [
                 [
                     c.spi_in,
@@ -1085,6 +1089,8 @@ class IkeSa:
         sa.last_heard = now
         sa.restored = sa.state is IkeState.ESTABLISHED
         sa.created = float(d.get("created", 0.0)) + now
+        if sa.state is IkeState.REKEYED:
+            sa._restore_linger(d, now)
         for c in d["children"]:
             child = ChildSa(
                 spi_in=c[0],
@@ -1115,6 +1121,24 @@ class IkeSa:
             child.records = sa._records(child)
             sa.children[child.spi_in] = child
         return sa
+
+    def _restore_linger(self, d: dict[str, Any], now: float) -> None:
+        """A REKEYED IKE SA's linger and whether we delete it (§2.18: the
+        rekey's initiator does), re-based on ``now``.
+
+        Rows written before these were stored have neither; nor does one whose
+        linger already ran out (its DELETE in flight is ``pending`` then). Such
+        an SA lingers ``old_ike_sa_grace`` from ``now`` and is then forgotten
+        (``retire`` unknown: not deleted with the peer, whose own linger or
+        DELETE ends its copy) — unless our DELETE of it is in flight, which
+        ends it when answered or given up. A REKEYED SA with neither a linger
+        nor a request in flight would never run again."""
+        linger = d.get("linger")
+        self.retire = bool(d.get("retire", False))
+        if isinstance(linger, int | float):
+            self.linger_until = linger + now
+        elif self.pending is None or self.pending.kind != "delete_ike":
+            self.linger_until = now + self.engine.config.old_ike_sa_grace
 
     def _forget_handshake(self) -> None:
         self.ni = self.nr = self.init_request = self.init_response = b""
