@@ -978,6 +978,12 @@ class ControlService:
         if self.relay is not None:
             self.transport.attach_relay(self.relay)
             self.relay.start()
+        # The transport arms its timer only when it flushes, i.e. after a
+        # datagram or an API call. Flush once now, with the sockets and the
+        # relay in place, so the restored IKE SAs' timers run even if every
+        # peer stays silent: DPD (RFC 7296 §2.4), retransmission of a request
+        # in flight at the snapshot (§2.1), rekeys and expiry.
+        self.transport.flush()
         if hasattr(self.engine, "export_state"):
             task = asyncio.get_running_loop().create_task(self._persist_ike_state_loop())
             self._tasks.add(task)
