@@ -222,3 +222,50 @@ def test_dockerfile_installs_with_setup_sh_only() -> None:
 def test_dockerignore_keeps_the_local_venv_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+@needs_compose
+def test_control_healthcheck_fails_on_a_degraded_control(resolved: dict[str, Any]) -> None:
+    """Control's healthcheck asks /healthz on the port control listens on
+    (deploy/config/anywan.toml) and fails when it answers 503 ("degraded");
+    no service waits for control to be healthy (with tunnels configured,
+    control reports its missing workers, so they would never start). The
+    check's own command runs here against a stand-in that answers 200 or 503."""
+    import http.server
+    import sys
+    import threading
+
+    services = resolved["services"]
+    (control,) = [s for s in services.values() if s.get("hostname") == "control"]
+    test = control["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    code = test[3]
+    conf = tomllib.loads((DEPLOY / "config" / "anywan.toml").read_text())
+    port = int(conf["control"]["api_listen"].rsplit(":", 1)[1])
+    assert f"http://127.0.0.1:{port}/healthz" in code
+    for name, svc in services.items():
+        dep = svc.get("depends_on", {})
+        cond = dep.get("control", {}).get("condition") if isinstance(dep, dict) else None
+        assert cond != "service_healthy", name
+    status = {"code": 200}
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/healthz"
+            self.send_response(status["code"] if ok else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        local = code.replace(f"127.0.0.1:{port}", f"127.0.0.1:{srv.server_port}")
+        run = [sys.executable, "-c", local]
+        assert subprocess.run(run, capture_output=True, timeout=20).returncode == 0
+        status["code"] = 503
+        assert subprocess.run(run, capture_output=True, timeout=20).returncode != 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
