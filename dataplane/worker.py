@@ -1089,6 +1089,36 @@ class Worker:
     # Raw sockets take IP_TTL / IP_TOS as sendmsg control messages (Linux
     # ip_cmsg_send, raw_sendmsg; checked on 6.18), so one socket serves every
     # tunnel's TTL and every packet's ECN without a setsockopt per packet.
+    def _install_senders(self) -> None:
+        """A kind of outer packet this worker has no socket for (its listener
+        left out of ``--listen``) gets a sender that counts the packet as a
+        ``no_tunnel`` drop and warns once, naming the listener: a tunnel of
+        that kind pushed by control must not crash the packet loop."""
+        if self.raw_esp is None:
+            self.dp.send_esp = self._unsendable("esp")
+        if self.raw_gre is None:
+            self.dp.send_gre = self._unsendable("gre")
+        if self.udp4500 is None:
+            self.dp.send_udp = self._unsendable("udp4500")
+
+    def _unsendable(self, listener: str) -> SendFn:
+        count = self.dp.count
+        warned = False
+
+        def send(data: memoryview, dest: tuple[str, int], anc: Anc) -> None:
+            nonlocal warned
+            count(DropReason.NO_TUNNEL)
+            if not warned:
+                warned = True
+                log.warning(
+                    "a tunnel to %s needs --listen %s on this worker (not open here):"
+                    " its packets are dropped and counted as no_tunnel",
+                    dest[0],
+                    listener,
+                )
+
+        return send
+
     def _send_raw_esp(self, data: memoryview, dest: tuple[str, int], anc: Anc) -> None:
         try:
             if anc:
@@ -1150,6 +1180,7 @@ class Worker:
                 self._register(self.udp500.fileno(), self._drain_udp500)
         except s.SocketError as exc:
             raise StartupError(str(exc)) from None
+        self._install_senders()
         self._open_handoff()
         if self.TUN_STEER:
             self._open_tunq()

@@ -310,3 +310,35 @@ def test_gre_fast_path_leaves_syn_mtu_and_record_changes_to_outbound(rig) -> Non
         DropReason.MTU: 1,
         DropReason.NO_ROUTE: 1,
     }
+
+
+def test_a_tunnel_whose_listener_is_not_open_is_a_counted_drop_not_a_crash(rig, caplog) -> None:
+    """A worker started with ``--listen`` leaving out ESP, GRE or UDP 4500
+    still gets every tunnel from the bus: its packets must be counted drops
+    with one warning naming the listener, on the fast and the slow path."""
+    import logging
+
+    from replication.records import TunnelKind
+
+    gre_t = tunnel(2, kind=TunnelKind.GRE, remote="198.51.100.3")
+    r = rig(
+        tunnel(1), route(1, "10.2.0.0/24", 1), sa(0x2010, Direction.OUT, udp_encap=True),
+        tunnel(3, remote="198.51.100.4"), route(3, "10.3.0.0/24", 3),
+        sa(0x2011, Direction.OUT, tunnel_n=3, remote="198.51.100.4"),
+        gre_t, route(2, "10.4.0.0/24", 2),
+    )  # fmt: skip
+    w = r.w
+    assert w.raw_esp is None and w.raw_gre is None and w.udp4500 is None  # never started
+    w._install_senders()
+    r.drain = w._tun_drainer(r.net)
+    pkts = [
+        bytes(IP(src=SRC, dst=dst) / UDP(sport=1, dport=2) / b"x")
+        for dst in ("10.2.0.9", "10.3.0.9", "10.4.0.9")
+    ]
+    syn = bytes(IP(src=SRC, dst="10.4.0.9") / TCP(flags="S"))  # the slow path
+    with caplog.at_level(logging.WARNING, logger="anywan.worker"):
+        assert r.send(*pkts, *pkts, syn) == []  # nothing sent, nothing raised
+    assert w.dp.drops[DropReason.NO_TUNNEL] == 7
+    warned = [rec.getMessage() for rec in caplog.records if "--listen" in rec.getMessage()]
+    assert len(warned) == 3  # once per listener
+    assert {m.split("--listen ")[1].split()[0] for m in warned} == {"udp4500", "esp", "gre"}
