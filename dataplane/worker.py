@@ -2033,8 +2033,20 @@ class Worker:
         except OSError:
             return False
         self._peer_watch[index] = (pid, pidfd)
-        self._register(pidfd, lambda: self._forget_peer(index))
+        self._register(pidfd, lambda: self._on_peer_exit(index))
         return True
+
+    def _on_peer_exit(self, index: int) -> None:
+        """Peer ``index``'s process ended (its pidfd became readable: the
+        kernel had closed its files, so its lock file is free): act now
+        instead of at the next housekeeping, up to 0.25 s later. Close our
+        copies of its TUN queues, take over its share of the raw ESP / GRE
+        packets and, on replay-protected tunnels, the outbound SAs it owned —
+        the whole failover of a SIGKILLed sibling, as soon as it is dead."""
+        self._forget_peer(index)
+        if self.peers is not None:
+            self._update_share()
+            self.manage_owned_sas()
 
     def _forget_peer(self, index: int) -> None:
         """Peer ``index`` exited: close our copies of its queues at once."""
@@ -2269,8 +2281,15 @@ class Worker:
         # A peer whose lock is free is gone: drop our copies of its TUN queues
         # now even if its pidfd said nothing (a second, 0.25 s bound on a queue
         # that nobody reads but the kernel may still send packets to).
-        for index in {k[1] for k in self._peer_q} - set(live):
+        for index in ({k[1] for k in self._peer_q} | set(self._peer_watch)) - set(live):
             self._forget_peer(index)
+        # a pidfd on every live sibling, so its exit is acted on at once
+        # (_on_peer_exit), with or without TUN queues shared between us
+        for index in live:
+            if index != self.cfg.index and index not in self._peer_watch:
+                pid = self.peers.pid_of(index)
+                if pid is not None:
+                    self._watch_peer(index, pid)
         if live == self._live and len(live) > 0 and self._share_set:
             return
         self._live = live

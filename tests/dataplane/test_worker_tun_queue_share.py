@@ -104,3 +104,57 @@ def test_unusable_passes_are_closed_and_change_nothing(worker, text: str) -> Non
     assert not w._peer_q
     os.close(r)
     os.close(wr)
+
+
+def test_a_sibling_killed_is_failed_over_at_once_not_at_the_next_housekeeping(
+    tmp_path: Path,
+) -> None:
+    """The survivor watches every live sibling with a pidfd: when one is
+    SIGKILLed, the pidfd's event alone (no housekeeping tick) takes the dead
+    worker out of the election and hands its replay-protected outbound SA to
+    the survivor, so traffic moves in milliseconds instead of up to 0.25 s."""
+    import dataclasses
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dataplane.worker import NodePeers, _NotOwner, rendezvous_owner
+    from replication.records import Direction
+
+    from ._worker_records import route, sa, tunnel
+
+    cfg = WorkerConfig(anycast="192.0.2.1", index=0, workers=2, run_dir=tmp_path, metrics_port=0)
+    w = Worker(cfg)
+    w.peers = NodePeers(tmp_path, 0, 2)
+    spi = next(s for s in range(0x3000, 0x3100) if rendezvous_owner(s, (0, 1)) == 1)
+    t = dataclasses.replace(tunnel(1), replay_protection=True)
+    out = sa(spi, Direction.OUT, udp_encap=True)
+    for rec in (t, route(1, "10.2.0.0/24", 1), out):
+        w.dp.apply(rec.key, rec)
+    sibling = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from pathlib import Path; from dataplane.worker import NodePeers;"
+         f"p = NodePeers(Path({str(tmp_path)!r}), 1, 2); print('up', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    try:
+        assert sibling.stdout is not None and sibling.stdout.readline().strip() == "up"
+        w._update_share()
+        w.manage_owned_sas()
+        entry = w.dp.sad.outbound[t.tunnel_id][0]
+        assert w.dp.live == (0, 1) and 1 in w._peer_watch
+        assert entry.codec.__class__ is _NotOwner  # worker 1 owns it: we do not send
+        sibling.send_signal(signal.SIGKILL)
+        sibling.wait(5)
+        deadline = time.monotonic() + 2
+        while 1 in w._peer_watch and time.monotonic() < deadline:
+            for fd, _ev in w.ep.poll(0.1):  # only the pidfd's event; no housekeeping
+                w.handlers[fd]()
+        assert w.dp.live == (0,)
+        assert entry.codec.__class__ is not _NotOwner  # ours now: we send
+    finally:
+        if sibling.poll() is None:
+            sibling.kill()
+            sibling.wait(5)
+        w.close()
