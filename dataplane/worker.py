@@ -787,9 +787,7 @@ class Dataplane:
                 return None
             hdr = bytearray(8)
             hlen = gre.write_header(hdr, 0, _ETH_P_IP, 0, key=rec.gre_key)
-            table = self._ttl_anc.get(rec.ttl)
-            if table is None:
-                table = self._gre_anc(rec.ttl)
+            table = self._gre_anc(rec.ttl)
             return GreFlow(bytes(hdr[:hlen]), (rec.remote_addr, 0), table), t, rec.mtu
         if rec.kind is not TunnelKind.IPSEC:
             return None
@@ -1086,9 +1084,6 @@ class Worker:
         packets to it)."""
 
     # ---- senders -----------------------------------------------------------
-    # Raw sockets take IP_TTL / IP_TOS as sendmsg control messages (Linux
-    # ip_cmsg_send, raw_sendmsg; checked on 6.18), so one socket serves every
-    # tunnel's TTL and every packet's ECN without a setsockopt per packet.
     def _install_senders(self) -> None:
         """A kind of outer packet this worker has no socket for (its listener
         left out of ``--listen``) gets a sender that counts the packet as a
@@ -1119,6 +1114,9 @@ class Worker:
 
         return send
 
+    # Raw sockets take IP_TTL / IP_TOS as sendmsg control messages (Linux
+    # ip_cmsg_send, raw_sendmsg; checked on 6.18), so one socket serves every
+    # tunnel's TTL and every packet's ECN without a setsockopt per packet.
     def _send_raw_esp(self, data: memoryview, dest: tuple[str, int], anc: Anc) -> None:
         try:
             if anc:
@@ -1514,42 +1512,37 @@ class Worker:
                     if (
                         n <= mtu
                         and 24 <= total <= n
-                        and ((cls := codec.__class__) is gcm or cls is cbc)
                         and not (out[p + 9] == tcp and clamp and n > 33 and out[p + 33] & syn)
                     ):
-                        anc = tos_anc[out[p + 1]]  # before the encryption overwrites it
-                        if cls is cbc:
-                            # CBC's payload starts after a 16-octet IV, 8 octets
-                            # further: one memmove (memoryview copies overlaps safely)
-                            outv[p + 8 : p + 8 + n] = outv[p : p + n]
-                        try:
-                            m = codec.encapsulate_in_place(out, at, n, 4)
-                        except Drop as exc:
-                            drop(exc)
+                        if (cls := codec.__class__) is gcm or cls is cbc:
+                            anc = tos_anc[out[p + 1]]  # before the encryption overwrites it
+                            if cls is cbc:
+                                # CBC's payload starts after a 16-octet IV, 8 octets
+                                # further: one memmove (memoryview copies overlaps safely)
+                                outv[p + 8 : p + 8 + n] = outv[p : p + n]
+                            try:
+                                m = codec.encapsulate_in_place(out, at, n, 4)
+                            except Drop as exc:
+                                drop(exc)
+                                continue
+                            if not sa.udp_encap:
+                                send_esp(outv[at : at + m], sa.dest, anc)
+                            elif gso is not None:
+                                gso.commit(m, sa.dest, anc)
+                            else:
+                                send_udp(outv[:m], sa.dest, anc)
+                            sa.packets += 1
+                            sa.bytes += n
+                            t.packets_out += 1
+                            t.bytes_out += n
                             continue
-                        if not sa.udp_encap:
-                            send_esp(outv[at : at + m], sa.dest, anc)
-                        elif gso is not None:
-                            gso.commit(m, sa.dest, anc)
-                        else:
-                            send_udp(outv[:m], sa.dest, anc)
-                        sa.packets += 1
-                        sa.bytes += n
-                        t.packets_out += 1
-                        t.bytes_out += n
-                        continue
-                    if (
-                        codec is None  # GreFlow
-                        and n <= mtu
-                        and 24 <= total <= n
-                        and not (out[p + 9] == tcp and clamp and n > 33 and out[p + 33] & syn)
-                    ):
-                        h = len(sa.hdr)
-                        out[p - h : p] = sa.hdr
-                        send_gre(outv[p - h : p + n], sa.dest, sa.anc[out[p + 1]])
-                        t.packets_out += 1
-                        t.bytes_out += n
-                        continue
+                        if codec is None:  # GreFlow
+                            h = len(sa.hdr)
+                            out[p - h : p] = sa.hdr
+                            send_gre(outv[p - h : p + n], sa.dest, sa.anc[out[p + 1]])
+                            t.packets_out += 1
+                            t.bytes_out += n
+                            continue
                 buf[:n] = outv[p : p + n]
                 outbound(net, view[:n])
 
