@@ -870,6 +870,13 @@ class ControlService:
         log.info("IKE SA of tunnel %s deleted (%s)", ev.tunnel_id, ev.reason)
 
     def _on_ChildSaInstalled(self, ev: Any) -> None:
+        log.debug(
+            "Child SA installed: tunnel %s in %08x out %08x%s",
+            ev.tunnel_id,
+            ev.inbound.spi,
+            ev.outbound.spi,
+            " (rekey of in {:08x} out {:08x})".format(*ev.replaces) if ev.replaces else "",
+        )
         if self.store.get("ipsec", ev.account_id, ev.tunnel_id) is None:
             # The tunnel was deleted while the exchange ran: never publish SAs
             # for a tunnel the workers no longer have; the engine deletes it.
@@ -894,6 +901,13 @@ class ControlService:
         self._install_seq[ev.tunnel_id] = self.publisher.set(ev.outbound)
 
     def _on_ChildSaDeleted(self, ev: Any) -> None:
+        log.debug(
+            "Child SA deleted: tunnel %s in %08x out %08x (%s)",
+            ev.tunnel_id,
+            ev.inbound_spi,
+            ev.outbound_spi,
+            ev.reason,
+        )
         self.metrics.deletes.labels("child").inc()
         seq = self._install_seq.get(ev.tunnel_id)
         if (
@@ -933,6 +947,7 @@ class ControlService:
 
     def _delete_sa_keys(self, keys: Iterable[str]) -> None:
         for key in keys:
+            log.debug("tombstoning %s", key)
             self._tombstone(key)
             self._delete_sealed(key)
 

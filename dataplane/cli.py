@@ -12,8 +12,10 @@ startup error (printed as one line saying what to fix), 1 for anything else.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"anywan-worker: {exc}", file=sys.stderr)
             return 2
         install_signal_handlers(worker)
+        # `kill -USR1 <pid>` writes every thread's stack to stderr (the log):
+        # what a stuck worker is doing, without stopping it
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         logging.getLogger("anywan.worker").info(
             "worker %s serving %s (%d accounts)",
             cfg.worker_id,

@@ -62,6 +62,12 @@ class WorkerMetrics:
         self.live_workers = Gauge(
             "anywan_worker_node_live_workers", "Workers alive on this node", registry=r
         )
+        self.bus_pending = Gauge(
+            "anywan_worker_bus_pending_records",
+            "Bus records received but not yet applied by the packet loop (stays near 0; "
+            "a value that only grows means the loop is not being woken for them)",
+            registry=r,
+        )
         self.records_rejected = Counter(
             "anywan_worker_records_rejected",
             "Bus records that could not be applied (e.g. unsupported cipher)",

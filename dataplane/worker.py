@@ -1273,8 +1273,9 @@ class Worker:
 
     def _wake(self) -> None:
         """Wake the loop (any thread). One pipe byte per wake-up, not per
-        record: while one is pending (set here, cleared by the loop before
-        it reads the queue) the queued record is seen by that wake-up."""
+        record: while one is pending (set here, cleared by the loop after it
+        emptied the pipe and before it reads the queue) the queued record is
+        seen by that wake-up."""
         if self._wake_pending:
             return
         self._wake_pending = True
@@ -1296,6 +1297,7 @@ class Worker:
                 op, key, rec = self._events.get_nowait()
             except queue.Empty:
                 break
+            log.debug("bus %s %s", op, key)
             try:
                 if key.startswith("seq/"):
                     self._apply_checkpoint(key, rec if op == "set" else None)
@@ -1342,10 +1344,16 @@ class Worker:
         return None
 
     def _drain_events(self) -> None:
-        self._wake_pending = False  # before the queue is read: see _wake
+        """Empty the pipe, *then* clear the flag, then read the queue. The
+        other order lost wake-ups for good: a record queued between clearing
+        the flag and reading the pipe set the flag and wrote a byte that this
+        read swallowed, so the flag stayed set with the pipe empty and every
+        later record was queued without a wake-up (the worker silently stopped
+        applying the bus: a rekey's new SA never arrived)."""
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 4096):
                 pass
+        self._wake_pending = False  # before the queue is read: see _wake
         self.apply_pending()
 
     # ---- accounts: TUN per account (in its own netns) -------------------------
@@ -2348,6 +2356,7 @@ class Worker:
                 self.dp.count(DropReason.NO_TUNNEL)
                 self._gso.errors = 0
             self.metrics.flush(self.dp)
+            self.metrics.bus_pending.set(self._events.qsize())
             self._om.flush(self)
             self._send_report()
 

@@ -838,6 +838,12 @@ def test_two_workers_share_the_anycast_address_and_survive_sigkill(lab: Lab) -> 
     lab.start_worker(0)
     _wait(lambda: _metrics_ok(lab, 0), 15, "worker 0 back")
     _wait(lambda: lab.metrics(0).get("anywan_worker_sas", 0) >= 6, 5, "worker 0 state")
+    _wait(lambda: lab.metrics(0).get("anywan_worker_bus_pending_records") == 0, 3, "bus applied")
+    # SIGUSR1: every thread's stack goes to the log, and the worker carries on
+    w1.send_signal(signal.SIGUSR1)
+    log1 = lab.tmp / "worker1.log"
+    _wait(lambda: "most recent call first" in log1.read_text(errors="replace"), 3, "stack dump")
+    assert w1.poll() is None and _metrics_ok(lab, 1)
     w1.send_signal(signal.SIGTERM)
     assert w1.wait(10) == 0  # clean shutdown on SIGTERM
     _wait(lambda: lab.metrics(0).get("anywan_worker_node_live_workers") == 1, 3, "alone again")

@@ -1,0 +1,70 @@
+"""The bus thread wakes the worker's loop through a pipe, one byte per burst
+of records. A wake-up lost there is silent and permanent: records pile up in
+the queue, unapplied, while the bus itself looks healthy (this is how a
+rekey's new SA once never reached a worker)."""
+
+from __future__ import annotations
+
+import os
+import select
+from pathlib import Path
+
+import pytest
+
+from dataplane import worker as worker_mod
+from dataplane.worker import Worker, WorkerConfig
+
+from ._worker_records import route, tunnel
+
+
+@pytest.fixture
+def w(tmp_path: Path) -> Worker:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    w = Worker(WorkerConfig(anycast="192.0.2.1", run_dir=run_dir, metrics_port=0))
+    w._sync_account = lambda account: None  # type: ignore[method-assign]  # no TUN here
+    return w
+
+
+def readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_a_record_queued_while_the_loop_drains_the_pipe_still_wakes_it_later(
+    w: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bus thread queues a record at the worst moment: while the loop is
+    emptying the pipe. That record must be applied, and so must the next one,
+    queued after the drain finished: its wake-up has to reach the pipe."""
+    t1, t2 = tunnel(1), tunnel(2)
+    real_read = os.read
+    raced: list[bool] = []
+
+    def read_racing(fd: int, n: int) -> bytes:
+        if fd == w._wake_r and not raced:
+            raced.append(True)
+            w._on_set(t1.key, t1)  # the bus thread, between two loop steps
+        return real_read(fd, n)
+
+    w._on_set(route(1, "10.2.0.0/24", 1).key, route(1, "10.2.0.0/24", 1))
+    assert readable(w._wake_r)
+    monkeypatch.setattr(worker_mod.os, "read", read_racing)
+    w._drain_events()
+    monkeypatch.setattr(worker_mod.os, "read", real_read)
+    assert raced and t1.tunnel_id in w.dp.sad.tunnels
+
+    w._on_set(t2.key, t2)
+    assert readable(w._wake_r), "the wake-up for the next record was lost"
+    w._drain_events()
+    assert t2.tunnel_id in w.dp.sad.tunnels
+
+
+def test_many_records_one_wakeup_all_applied(w: Worker) -> None:
+    recs = [tunnel(n) for n in range(1, 6)]
+    for r in recs:
+        w._on_set(r.key, r)
+    assert len(os.read(w._wake_r, 4096)) == 1  # one byte for the burst
+    w._drain_events()
+    assert all(r.tunnel_id in w.dp.sad.tunnels for r in recs)
+    w._on_set(tunnel(9).key, tunnel(9))
+    assert readable(w._wake_r)
