@@ -871,11 +871,12 @@ class ControlService:
 
     def _on_ChildSaInstalled(self, ev: Any) -> None:
         log.debug(
-            "Child SA installed: tunnel %s in %08x out %08x%s",
+            "Child SA installed: tunnel %s in %08x out %08x%s%s",
             ev.tunnel_id,
             ev.inbound.spi,
             ev.outbound.spi,
             " (rekey of in {:08x} out {:08x})".format(*ev.replaces) if ev.replaces else "",
+            ", outbound held until the peer deletes the old SA" if ev.hold_outbound else "",
         )
         if self.store.get("ipsec", ev.account_id, ev.tunnel_id) is None:
             # The tunnel was deleted while the exchange ran: never publish SAs
@@ -893,12 +894,17 @@ class ControlService:
 
     def _publish_pair(self, ev: Any) -> None:
         """Seal both directions into the store, then publish them; the outbound
-        one's sequence is what a rekey's old SA waits for (make-before-break)."""
+        one's sequence is what a rekey's old SA waits for (make-before-break).
+        A held outbound SA (``ev.hold_outbound``: the peer's rekey, until it
+        deletes the old SA) is stored but not published; a control restart in
+        that window publishes it with the rest of the store."""
         with self._store_txn():
             for rec in (ev.inbound, ev.outbound):
                 self.store.put_sealed(rec.key, encode(rec))
-        self.publisher.set(ev.inbound)
-        self._install_seq[ev.tunnel_id] = self.publisher.set(ev.outbound)
+        seq = self.publisher.set(ev.inbound)
+        if not ev.hold_outbound:
+            seq = self.publisher.set(ev.outbound)
+        self._install_seq[ev.tunnel_id] = seq
 
     def _on_ChildSaDeleted(self, ev: Any) -> None:
         log.debug(

@@ -207,6 +207,15 @@ class ChildSa:
     unconfirmed_successor: int | None = None
     """Our SPI of the Child SA that replaced this one in a rekey the PEER started:
     we cannot know our response arrived until the peer deletes this one."""
+    outbound_held: bool = False
+    """Created by our answer to a rekey the PEER started: its outbound record is
+    not published until the peer deletes the old Child SA
+    (:meth:`IkeSa._release_outbound`). Until then the peer may not have
+    installed its inbound SA (our answer may still be on its way), and a worker
+    switching to the new SPI at once loses packets; the peer keeps the old
+    inbound SA until it deletes it. strongSwan does the same as a rekey
+    responder (``child_rekey.c``: the outbound SA is installed once the old SA
+    is deleted)."""
     records: tuple[SaRecord, SaRecord] | None = None
     replaced_by: int | None = None
     """Make-before-break for a rekey WE started: our SPI of the replacing Child
@@ -896,6 +905,7 @@ class IkeSa:
             expire_at=now + cfg.child_lifetime * (1 + cfg.expire_margin),
             pfs_hint=pfs_hint if pfs_hint is not None else (old.pfs_hint if old else None),
             replaces=(old.spi_in, old.spi_out) if old else None,
+            outbound_held=old is not None and not we_initiated_exchange,
         )
         records = self._records(child)  # validates everything before any state changes
         if old is not None:
@@ -953,10 +963,21 @@ class IkeSa:
         assert self.tunnel is not None
         c.records = records or self._records(c)
         t = self.tunnel
+        held = c.outbound_held
         if updated:
-            self._emit(ChildSaUpdated(t.tunnel_id, t.account_id, *c.records))
+            self._emit(ChildSaUpdated(t.tunnel_id, t.account_id, *c.records, held))
         else:
-            self._emit(ChildSaInstalled(t.tunnel_id, t.account_id, *c.records, c.replaces))
+            self._emit(ChildSaInstalled(t.tunnel_id, t.account_id, *c.records, c.replaces, held))
+
+    def _release_outbound(self, old: ChildSa) -> None:
+        """``old`` is about to go (the peer deleted it, or it expired): the
+        outbound SA of the Child SA that replaced it in the peer's rekey is
+        published now (``ChildSa.outbound_held``), before ``old``'s records are
+        tombstoned, so the workers always have one to send on."""
+        succ = self.children.get(old.unconfirmed_successor or -1)
+        if succ is not None and succ.outbound_held and not succ.deleting:
+            succ.outbound_held = False
+            self._publish(succ, updated=True)
 
     # ------------------------------------------------------------- establishment
 
@@ -1493,6 +1514,7 @@ class IkeSa:
                     if c is None:
                         continue  # §3.11: unknown SPIs are ignored
                     out_spis.append(c.spi_in.to_bytes(4, "big"))
+                    owner._release_outbound(c)
                     owner._child_gone(c, "rekeyed" if c.rekeyed else "peer_delete")
         if delete_ike:
             if self.state is IkeState.ESTABLISHED and self._collision_owner() is not None:
@@ -1693,6 +1715,7 @@ class IkeSa:
             owner = self.owner()
             c = owner.children.get(req.ctx["spi_in"])
             if c is not None:
+                owner._release_outbound(c)
                 owner._child_gone(c, req.ctx["reason"])
         elif req.kind == "delete_offered":
             self.engine.release_spi(req.ctx["offered"])

@@ -82,17 +82,24 @@ class ChildSaInstalled:
     outbound: SaRecord
     replaces: tuple[int, int] | None
     """(old inbound SPI, old outbound SPI) of the Child SA this one rekeys."""
+    hold_outbound: bool = False
+    """Publish ``inbound`` only: a rekey the PEER started, whose outbound SA
+    waits until the peer deletes the old one (a later :class:`ChildSaUpdated`
+    without the hold). Store both."""
 
 
 @dataclass(frozen=True, slots=True)
 class ChildSaUpdated:
     """The peer moved (NAT rebinding, 500→4500 float): same SPIs and keys,
-    new ``remote_addr``/``remote_port``/``udp_encap``. Re-publish both records."""
+    new ``remote_addr``/``remote_port``/``udp_encap``. Re-publish both records
+    (``inbound`` only while ``hold_outbound``). Also the release of a held
+    outbound SA (:attr:`ChildSaInstalled.hold_outbound`)."""
 
     tunnel_id: str
     account_id: str
     inbound: SaRecord
     outbound: SaRecord
+    hold_outbound: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -135,12 +135,17 @@ async def test_real_engine_negotiates_publishes_and_deletes(
             f"sa/out/{tid}/{new.inbound.spi:08x}",
         }
 
-        # The peer rekeys its Child SA: the replacement is published next to the
-        # old pair (make-before-break) until the peer DELETEs the old one
-        # (RFC 7296 §2.8, after its rekey_delete_delay), then the old is tombstoned.
+        # The peer rekeys its Child SA: the replacement's inbound SA is published
+        # next to the old pair (make-before-break), its outbound SA only when the
+        # peer DELETEs the old one (RFC 7296 §2.8, after its rekey_delete_delay):
+        # until then the peer may not hold the new SA, and it keeps the old
+        # inbound one. Then the old pair is tombstoned.
         assert fresh.client.rekey_child(tid, time.monotonic())
         fresh.pump()
-        assert len([k for k in pub.items() if k.startswith("sa/")]) == 4
+        held = {k for k in pub.items() if k.startswith("sa/")}
+        assert len(held) == 3
+        assert f"sa/out/{tid}/{new.inbound.spi:08x}" in held  # still the old outbound SA
+        assert len([k for k in held if k.startswith("sa/out/")]) == 1
         fresh.client.handle_timer(time.monotonic() + fresh.client.config.rekey_delete_delay + 1)
         fresh.pump()
         sa_now = [v for v in pub.items().values() if isinstance(v, SaRecord)]
