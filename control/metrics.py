@@ -71,6 +71,12 @@ class ControlMetrics:
             ["reason"],
             registry=r,
         )
+        self.answer_hold_timeouts = Counter(
+            "anywan_control_ike_answer_hold_timeouts",
+            "IKE messages telling the peer about a new Child SA that were sent before "
+            "every worker acknowledged the SA (after waiting the bound of 0.5 s)",
+            registry=r,
+        )
         self.make_before_break_timeouts = Counter(
             "anywan_control_rekey_apply_timeouts",
             "Rekeys whose new SA was not acknowledged by every worker in time",

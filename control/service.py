@@ -64,6 +64,9 @@ log = logging.getLogger("anywan.control")
 
 SA_PREFIX = "sa/"
 OWNED_PREFIXES = ("tunnel/", "route/", "sa/")
+ANSWER_HOLD = 0.5
+"""Seconds an IKE message that creates a Child SA waits for every worker to
+acknowledge the SA before it is sent anyway (see ``_answer_after_apply``)."""
 STORE_ERRORS = (sqlite3.Error, StoreError, OSError)
 """What a failing store raises (locked, read-only, disk full, I/O error)."""
 
@@ -885,12 +888,27 @@ class ControlService:
             self._delete_tunnel_sas(ev.tunnel_id)
             return
         self._publish_pair(ev)
+        if self.transport is not None:
+            # the answer (or request) that tells the peer about this SA waits
+            # until every worker can decrypt what the peer then sends on it
+            self.transport.hold(self._answer_after_apply(self._install_seq[ev.tunnel_id]))
         if ev.replaces is not None:
             self.metrics.rekeys.labels("child").inc()
             self._spawn(self._ready_after_apply(ev.tunnel_id, ev.inbound.spi))
 
     def _on_ChildSaUpdated(self, ev: Any) -> None:
+        log.debug(
+            "Child SA updated: tunnel %s in %08x out %08x%s",
+            ev.tunnel_id,
+            ev.inbound.spi,
+            ev.outbound.spi,
+            " (outbound held)" if ev.hold_outbound else "",
+        )
         self._publish_pair(ev)
+        if self.transport is not None:
+            # e.g. our answer to the peer's DELETE of a rekeyed SA waits for the
+            # released outbound SA (a peer may drop its old inbound SA at once)
+            self.transport.hold(self._answer_after_apply(self._install_seq[ev.tunnel_id]))
 
     def _publish_pair(self, ev: Any) -> None:
         """Seal both directions into the store, then publish them; the outbound
@@ -943,6 +961,15 @@ class ControlService:
             return  # the engine's rekey_delete_delay bound deletes the old SA
         if self.transport is not None:
             self.transport.call(self.engine.child_sa_ready, tunnel_id, inbound_spi)
+
+    async def _answer_after_apply(self, seq: int) -> None:
+        """Held IKE output (``IkeTransport.hold``): done once every worker has
+        acknowledged ``seq``, or after :data:`ANSWER_HOLD` seconds (a stale
+        subscriber — a worker killed moments ago — must not delay every
+        answer for long; the peer retransmits after seconds)."""
+        if not await self.publisher.wait_applied(seq, ANSWER_HOLD):
+            self.metrics.answer_hold_timeouts.inc()
+            log.debug("IKE answer sent before every worker applied seq %d", seq)
 
     async def _delete_after_apply(self, keys: Iterable[str], seq: int) -> None:
         ok = await self.publisher.wait_applied(seq, self.config.rekey_apply_timeout)

@@ -16,11 +16,14 @@ Two ways IKE reaches the engine:
   (already without marker). Replies to a peer last heard through the relay
   go back through the relay to the same worker.
 
-After every input (and every timer) the transport sends what
+After every input (and every timer) the transport takes what
 ``datagrams_to_send()`` returns, hands each ``next_event()`` to ``on_event``,
-and re-arms one timer at ``get_timer()``. ``now`` is the loop's monotonic
-clock; ``config.unix_time_offset`` is set from it so SA records carry Unix
-times.
+sends the datagrams, and re-arms one timer at ``get_timer()``. An event
+handler may :meth:`IkeTransport.hold` the datagrams until something is done
+(control: until every worker has a new Child SA, so the peer never learns of
+an SA before the workers can decrypt it); later datagrams queue behind them.
+``now`` is the loop's monotonic clock; ``config.unix_time_offset`` is set from
+it so SA records carry Unix times.
 
 Everything runs on the event loop thread. The relay calls back from its own
 thread; those calls hop onto the loop with ``call_soon_threadsafe``.
@@ -29,11 +32,13 @@ thread; those calls hop onto the loop with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 import socket
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 log = logging.getLogger("anywan.ike.transport")
@@ -47,6 +52,9 @@ NAT_T_PORT = 4500
 IKE_HEADER_LEN = 28
 #: Peers remembered as "reached through the relay via worker X" (bounded).
 MAX_RELAY_ROUTES = 200_000
+#: Longest a :meth:`IkeTransport.hold` keeps datagrams back, whatever it waits
+#: for (the peer retransmits after seconds; an answer must not wait that long).
+MAX_HOLD = 1.0
 
 
 class Engine(Protocol):
@@ -137,6 +145,11 @@ class IkeTransport:
         # (local, remote) -> worker_id for peers last heard through the relay.
         self._relay_routes: OrderedDict[tuple[Address, Address], str] = OrderedDict()
         self._closed = False
+        #: Datagrams taken from the engine, in order, not sent yet (see hold()).
+        self._backlog: list[tuple[bytes, Address, Address]] = []
+        self._holds: list[Awaitable[object]] = []
+        self._holding: asyncio.Task[None] | None = None
+        self._dispatching = 0
         #: Counters for metrics: received/sent per path, drops by reason.
         self.stats: Counter[str] = Counter()
 
@@ -196,6 +209,16 @@ class IkeTransport:
 
     def close(self) -> None:
         self._closed = True
+        self._backlog.clear()
+        for h in self._holds:
+            if isinstance(h, asyncio.Future):
+                h.cancel()
+            elif inspect.iscoroutine(h):
+                h.close()  # never awaited: close it quietly
+        self._holds.clear()
+        if self._holding is not None:
+            self._holding.cancel()
+            self._holding = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -267,7 +290,8 @@ class IkeTransport:
 
     # -- output ----------------------------------------------------------------
     def flush(self) -> None:
-        """Send pending datagrams, dispatch events, re-arm the timer."""
+        """Take pending datagrams, dispatch events, send the datagrams (unless
+        a handler held them), re-arm the timer."""
         if self._closed:
             return
         try:
@@ -276,8 +300,49 @@ class IkeTransport:
             self.stats["engine_error"] += 1
             log.exception("IKE engine raised in datagrams_to_send")
             out = []
-        for data, local, remote in out:
+        self._backlog.extend(out)  # before any handler runs: nested flushes keep the order
+        self._dispatching += 1
+        try:
+            self._dispatch_events()
+        finally:
+            self._dispatching -= 1
+        self._send_backlog()
+        self._arm_timer()
+
+    def hold(self, until: Awaitable[object]) -> None:
+        """Keep every datagram not yet sent — those of the flush running now and
+        all later ones, in order — until ``until`` is done (its result and
+        errors are ignored), :data:`MAX_HOLD` seconds at most. For event
+        handlers: control holds the answer that tells the peer about a new
+        Child SA until every worker has applied it."""
+        self._holds.append(until)
+
+    def _send_backlog(self) -> None:
+        if self._dispatching or self._holding is not None or self._closed:
+            return  # the outermost flush, or the hold when it ends, sends them
+        if self._holds:
+            holds, self._holds = self._holds, []
+            self._holding = self.loop.create_task(self._release(holds))
+            return
+        backlog, self._backlog = self._backlog, []
+        for data, local, remote in backlog:
             self._send(data, local, remote)
+
+    async def _release(self, holds: list[Awaitable[object]]) -> None:
+        async def wait_all() -> None:
+            for h in holds:
+                with contextlib.suppress(Exception):
+                    await h
+
+        try:
+            await asyncio.wait_for(wait_all(), MAX_HOLD)
+        except TimeoutError:
+            self.stats["hold_timeout"] += 1
+        self.stats["held"] += 1
+        self._holding = None
+        self._send_backlog()
+
+    def _dispatch_events(self) -> None:
         while True:
             try:
                 event = self.engine.next_event()
@@ -294,7 +359,6 @@ class IkeTransport:
                 except Exception:
                     self.stats["event_handler_error"] += 1
                     log.exception("IKE event handler raised on %s", type(event).__name__)
-        self._arm_timer()
 
     def _send(self, data: bytes, local: Address, remote: Address) -> None:
         key = (local, remote)

@@ -227,15 +227,20 @@ async def test_control_restart_continues_ike_sas(tmp_path: Path) -> None:
 
 
 class PumpTransport:
-    """The one seam of IkeTransport the service uses after start: ``call``."""
+    """The seams of IkeTransport the service uses after start: ``call`` and
+    ``hold`` (the peer here is pumped at once: holds are awaited and kept)."""
 
     def __init__(self, peer: Peer) -> None:
         self.peer = peer
+        self.holds: list[asyncio.Task[Any]] = []
 
     def call(self, func: Any, *args: Any) -> Any:
         result = func(*args, time.monotonic())
         self.peer.pump()
         return result
+
+    def hold(self, until: Any) -> None:
+        self.holds.append(asyncio.get_running_loop().create_task(until))
 
 
 async def test_our_rekey_deletes_old_sa_once_every_worker_has_the_new_one(
