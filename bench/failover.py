@@ -304,14 +304,18 @@ def _row(name: str, kind: str, mode: str, reps: list[dict[str, Any]], key: str) 
 
 
 def run(
-    *, quick: bool = False, log: Callable[[str], None] = tp.log_default, reps: int | None = None
+    *,
+    quick: bool = False,
+    log: Callable[[str], None] = tp.log_default,
+    reps: int | None = None,
+    rekeys: int | None = None,
 ) -> dict[str, Any]:
     if os.geteuid() != 0:
         return {"skipped": "needs root (network namespaces)", "rows": []}
     from deploy.netns import cleanup_prefix, unique_prefix
 
     reps = reps or (2 if quick else 10)
-    rekey_n = 1 if quick else 5
+    rekey_n = rekeys or (1 if quick else 5)
     rekey_s = 3.0 if quick else 6.0
     probe_s = 3.5 if quick else 5.0  # the kill comes ~2.2 s in
     prefix = unique_prefix(tp.PREFIX.replace("tp-", "fo-"))
@@ -420,10 +424,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int)
+    ap.add_argument("--reps", type=int, help="worker kills per tunnel (10; --quick 2)")
+    ap.add_argument(
+        "--rekeys",
+        type=int,
+        help="Child SA rekeys per responder (5; --quick 1); anywan's come after the kills, "
+        "so --reps 10 --rekeys 20 also checks that rekeys work after many worker restarts",
+    )
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    res = run(quick=args.quick, reps=args.reps)
+    res = run(quick=args.quick, reps=args.reps, rekeys=args.rekeys)
     emit(res, args.json)
     return 0
 
