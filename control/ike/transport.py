@@ -32,12 +32,10 @@ thread; those calls hop onto the loop with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import logging
 import socket
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
@@ -145,11 +143,11 @@ class IkeTransport:
         # (local, remote) -> worker_id for peers last heard through the relay.
         self._relay_routes: OrderedDict[tuple[Address, Address], str] = OrderedDict()
         self._closed = False
-        #: Datagrams taken from the engine, in order, not sent yet (see hold()).
-        self._backlog: list[tuple[bytes, Address, Address]] = []
-        self._holds: list[Awaitable[object]] = []
-        self._holding: asyncio.Task[None] | None = None
-        self._dispatching = 0
+        #: Datagrams taken from the engine and not sent yet, in order, with the
+        #: holds (barrier tasks) placed in front of the datagrams they keep back.
+        self._queue: deque[tuple[bytes, Address, Address] | asyncio.Task[None]] = deque()
+        self._starts: list[int] = []  # where each running flush's datagrams begin
+        self._blocked_on: asyncio.Task[None] | None = None
         #: Counters for metrics: received/sent per path, drops by reason.
         self.stats: Counter[str] = Counter()
 
@@ -209,16 +207,10 @@ class IkeTransport:
 
     def close(self) -> None:
         self._closed = True
-        self._backlog.clear()
-        for h in self._holds:
-            if isinstance(h, asyncio.Future):
-                h.cancel()
-            elif inspect.iscoroutine(h):
-                h.close()  # never awaited: close it quietly
-        self._holds.clear()
-        if self._holding is not None:
-            self._holding.cancel()
-            self._holding = None
+        for item in self._queue:
+            if isinstance(item, asyncio.Task):
+                item.cancel()
+        self._queue.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -300,47 +292,56 @@ class IkeTransport:
             self.stats["engine_error"] += 1
             log.exception("IKE engine raised in datagrams_to_send")
             out = []
-        self._backlog.extend(out)  # before any handler runs: nested flushes keep the order
-        self._dispatching += 1
+        # queued before any handler runs: a nested flush (a handler calling
+        # into the engine) queues its datagrams after these
+        self._starts.append(len(self._queue))
+        self._queue.extend(out)
         try:
             self._dispatch_events()
         finally:
-            self._dispatching -= 1
-        self._send_backlog()
+            self._starts.pop()
+        self._send_queue()
         self._arm_timer()
 
     def hold(self, until: Awaitable[object]) -> None:
-        """Keep every datagram not yet sent — those of the flush running now and
-        all later ones, in order — until ``until`` is done (its result and
-        errors are ignored), :data:`MAX_HOLD` seconds at most. For event
-        handlers: control holds the answer that tells the peer about a new
-        Child SA until every worker has applied it."""
-        self._holds.append(until)
+        """Keep the datagrams of the flush running now back until ``until`` is
+        done (its result and errors are ignored), :data:`MAX_HOLD` seconds at
+        most. Later datagrams queue behind them (order is kept); earlier ones
+        are not held. For event handlers: control holds the answer that tells
+        the peer about a new Child SA until every worker has applied it."""
+        barrier = self.loop.create_task(self._bounded(until))
+        if self._starts:
+            self._queue.insert(self._starts[-1], barrier)
+        else:
+            self._queue.append(barrier)
 
-    def _send_backlog(self) -> None:
-        if self._dispatching or self._holding is not None or self._closed:
-            return  # the outermost flush, or the hold when it ends, sends them
-        if self._holds:
-            holds, self._holds = self._holds, []
-            self._holding = self.loop.create_task(self._release(holds))
-            return
-        backlog, self._backlog = self._backlog, []
-        for data, local, remote in backlog:
-            self._send(data, local, remote)
-
-    async def _release(self, holds: list[Awaitable[object]]) -> None:
-        async def wait_all() -> None:
-            for h in holds:
-                with contextlib.suppress(Exception):
-                    await h
-
+    async def _bounded(self, until: Awaitable[object]) -> None:
         try:
-            await asyncio.wait_for(wait_all(), MAX_HOLD)
+            await asyncio.wait_for(until, MAX_HOLD)
         except TimeoutError:
             self.stats["hold_timeout"] += 1
+        except Exception:  # a failed wait releases the datagrams all the same
+            pass
         self.stats["held"] += 1
-        self._holding = None
-        self._send_backlog()
+
+    def _send_queue(self) -> None:
+        """Send queued datagrams up to the first hold that is not done; that
+        hold's completion sends the rest."""
+        if self._starts or self._closed:
+            return  # the outermost flush sends them, after every handler ran
+        q = self._queue
+        while q:
+            item = q[0]
+            if isinstance(item, asyncio.Task):
+                if not item.done():
+                    if self._blocked_on is not item:
+                        self._blocked_on = item
+                        item.add_done_callback(lambda _t: self._send_queue())
+                    return
+                q.popleft()
+                continue
+            q.popleft()
+            self._send(*item)
 
     def _dispatch_events(self) -> None:
         while True:

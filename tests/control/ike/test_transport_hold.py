@@ -27,19 +27,24 @@ class Rig:
         self.engine, self.relay = EchoEngine(), FakeRelay()
         self.lt = LoopThread(None).start()
         self.gates: list[asyncio.Future[None]] = []
-        self.hold_next = False
+        self.hold_for: set[int] = set()
         self.transport = IkeTransport(self.engine, on_event=self.on_event, loop=self.lt.loop)
         self.lt.call(lambda: self.transport.attach_relay(self.relay, datagram_factory=FakeDatagram))
 
     def on_event(self, event: object) -> None:
-        if self.hold_next:
-            self.hold_next = False
+        """Message n (its last octet) is held if ``feed(n, hold=True)``; the
+        engine's timer events never are."""
+        if event[0] == "rx" and self.engine.received[-1][0][-1] in self.hold_for:  # type: ignore[index]
             gate: asyncio.Future[None] = self.lt.loop.create_future()
             self.gates.append(gate)
             self.transport.hold(gate)
 
-    def feed(self, n: int) -> None:
+    def feed(self, n: int, *, hold: bool = False) -> None:
+        if hold:
+            self.hold_for.add(n)
+        before = len(self.engine.received)
         self.relay.on_datagram(datagram(n))
+        assert wait_until(lambda: len(self.engine.received) > before)  # handled, in order
 
     def sent(self) -> list[bytes]:
         return self.lt.call(lambda: [d.data for d in self.relay.sent if d.data != b"T"])
@@ -68,8 +73,7 @@ def rig() -> Any:
 def test_held_answers_go_out_when_the_hold_is_done_in_their_order(rig: Rig) -> None:
     rig.feed(0)
     assert wait_until(lambda: len(rig.sent()) == 1)  # no hold: at once
-    rig.hold_next = True
-    rig.feed(1)  # its handler holds
+    rig.feed(1, hold=True)  # its handler holds
     rig.feed(2)  # queued behind it, though nobody holds it
     time.sleep(0.2)
     assert rig.sent() == [b"R" + IKE_MSG + b"\x00"]
@@ -81,19 +85,33 @@ def test_held_answers_go_out_when_the_hold_is_done_in_their_order(rig: Rig) -> N
     assert wait_until(lambda: len(rig.sent()) == 4)
 
 
+def test_a_later_hold_does_not_keep_back_what_an_earlier_one_released(rig: Rig) -> None:
+    """No starvation under a stream of holds (an IKE_AUTH storm): each answer
+    waits for its own hold and the ones before it, never for later ones."""
+    rig.feed(1, hold=True)
+    rig.feed(2, hold=True)
+    time.sleep(0.1)
+    assert rig.sent() == []
+    rig.lt.call(rig.gates[0].set_result, None)
+    assert wait_until(lambda: len(rig.sent()) == 1)
+    time.sleep(0.1)
+    assert rig.sent() == [b"R" + IKE_MSG + b"\x01"]
+    rig.lt.call(rig.gates[1].set_result, None)
+    assert wait_until(lambda: len(rig.sent()) == 2)
+    assert rig.transport.stats["held"] == 2
+
+
 def test_a_hold_that_never_ends_is_bounded(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_mod, "MAX_HOLD", 0.3)
-    rig.hold_next = True
     t0 = time.monotonic()
-    rig.feed(1)
+    rig.feed(1, hold=True)
     assert wait_until(lambda: len(rig.sent()) == 1)
     assert 0.25 <= time.monotonic() - t0 < 2.0
     assert rig.transport.stats["hold_timeout"] == 1
 
 
 def test_a_failing_hold_releases_too(rig: Rig) -> None:
-    rig.hold_next = True
-    rig.feed(1)
+    rig.feed(1, hold=True)
     time.sleep(0.1)
     assert rig.sent() == []
     rig.lt.call(rig.gates[0].set_exception, RuntimeError("bus gone"))
@@ -101,8 +119,7 @@ def test_a_failing_hold_releases_too(rig: Rig) -> None:
 
 
 def test_closing_while_held_sends_nothing(rig: Rig) -> None:
-    rig.hold_next = True
-    rig.feed(1)
+    rig.feed(1, hold=True)
     time.sleep(0.1)
     rig.lt.call(rig.transport.close)
     time.sleep(0.2)
