@@ -25,8 +25,10 @@
   (``ControlService`` with its SQLite store, the API to create tunnels and
   PSKs, ``anywan-control``'s IKE engine as responder) and a real initiator
   engine in memory, driven as ``control/ike/transport.py`` drives the engine
-  (responder's datagrams first, then its events to the service, which seals
-  the Child SA into the store and publishes both records). Timed from the
+  (responder's datagrams taken first, then its events to the service, which
+  seals the Child SA into the store and publishes both records; the real
+  transport then holds the IKE_AUTH answer until every worker acknowledged
+  the SA, so this is about how long that answer waits). Timed from the
   moment the responder produced the IKE_AUTH response to the moment the
   Child SA is *usable* on every one of N subscriber processes: both of its
   records went through the worker's path (bus thread → queue → loop thread
