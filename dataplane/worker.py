@@ -1311,7 +1311,12 @@ class Worker:
                 if op == "set":
                     assert rec is not None
                     dp.apply(key, rec)
-                    self._dirty_accounts.add(rec.account_id)
+                    if not isinstance(rec, SaRecord):
+                        # tunnels and routes shape the account's TUN (addresses,
+                        # routes); SAs never do, and a TUN sync costs ~7 ms of
+                        # netlink in the account's netns (a fork per call in
+                        # pyroute2), which an IKE_AUTH storm must not pay per SA
+                        self._dirty_accounts.add(rec.account_id)
                 else:
                     acct = self._account_of_key(key)
                     dp.remove(key)

@@ -13,8 +13,9 @@ import pytest
 
 from dataplane import worker as worker_mod
 from dataplane.worker import Worker, WorkerConfig
+from replication.records import Direction
 
-from ._worker_records import route, tunnel
+from ._worker_records import route, sa, tunnel
 
 
 @pytest.fixture
@@ -68,3 +69,28 @@ def test_many_records_one_wakeup_all_applied(w: Worker) -> None:
     assert all(r.tunnel_id in w.dp.sad.tunnels for r in recs)
     w._on_set(tunnel(9).key, tunnel(9))
     assert readable(w._wake_r)
+
+
+def test_only_tunnels_and_routes_resync_the_account_tun(w: Worker) -> None:
+    """A TUN sync is netlink work in the account's namespace (~7 ms, a fork in
+    pyroute2) that stalls the packet loop: SA records, which never change the
+    TUN's addresses or routes, must not cause one (an IKE_AUTH storm of 1000
+    tunnels would stall every worker for seconds)."""
+    synced: list[str] = []
+    w._sync_account = synced.append  # type: ignore[method-assign]
+    t = tunnel(1)
+    w._on_set(t.key, t)
+    w._drain_events()
+    assert synced == [t.account_id]
+    for rec in (sa(0x1001, Direction.IN), sa(0x2001, Direction.OUT)):
+        w._on_set(rec.key, rec)
+    w._drain_events()
+    assert synced == [t.account_id]  # no new sync for the SAs
+    assert 0x1001 in w.dp.sad.inbound
+    w._on_delete(sa(0x1001, Direction.IN).key)
+    w._drain_events()
+    assert synced == [t.account_id] and 0x1001 not in w.dp.sad.inbound
+    r = route(1, "10.9.0.0/24", 1)
+    w._on_set(r.key, r)
+    w._drain_events()
+    assert synced == [t.account_id, t.account_id]
