@@ -175,6 +175,12 @@ class TunConfig:
     def _ipr(self) -> Any:
         return IPRoute() if self.netns_name is None else NetNS(self.netns_name, flags=0)
 
+    def open(self) -> Any:
+        """A netlink handle for :meth:`apply` that the caller keeps and closes:
+        for another namespace, pyroute2 forks a child to make each one
+        (~6 ms), so a caller that applies often keeps one per namespace."""
+        return self._ipr()
+
     def apply(
         self,
         *,
@@ -182,49 +188,64 @@ class TunConfig:
         addresses: Iterable[str] = (),
         routes: Iterable[str] = (),
         remove_routes: Iterable[str] = (),
+        ipr: Any = None,
     ) -> None:
         """Bring the device up with ``mtu``, add ``a.b.c.d/len`` addresses and
-        route each prefix in ``routes`` to the device (replace semantics)."""
-        with self._ipr() as ipr:
-            found = ipr.link_lookup(ifname=self.name)
-            if not found:
-                raise TunError(f"TUN {self.name!r} not found in {self.netns_name or 'root'} netns")
-            idx = found[0]
-            ipr.link("set", index=idx, mtu=mtu, state="up")
-            for cidr in addresses:
-                iface = ipaddress.ip_interface(cidr)
-                try:
-                    ipr.addr(
-                        "add",
-                        index=idx,
-                        address=str(iface.ip),
-                        prefixlen=iface.network.prefixlen,
-                    )
-                except Exception as exc:
-                    if getattr(exc, "code", None) != errno.EEXIST:
-                        raise
-            for prefix in routes:
-                net = ipaddress.ip_network(prefix)
+        route each prefix in ``routes`` to the device (replace semantics).
+        ``ipr``: a handle from :meth:`open` (else one is made for this call)."""
+        if ipr is None:
+            with self._ipr() as own:
+                self._apply(own, mtu, addresses, routes, remove_routes)
+        else:
+            self._apply(ipr, mtu, addresses, routes, remove_routes)
+
+    def _apply(
+        self,
+        ipr: Any,
+        mtu: int,
+        addresses: Iterable[str],
+        routes: Iterable[str],
+        remove_routes: Iterable[str],
+    ) -> None:
+        found = ipr.link_lookup(ifname=self.name)
+        if not found:
+            raise TunError(f"TUN {self.name!r} not found in {self.netns_name or 'root'} netns")
+        idx = found[0]
+        ipr.link("set", index=idx, mtu=mtu, state="up")
+        for cidr in addresses:
+            iface = ipaddress.ip_interface(cidr)
+            try:
+                ipr.addr(
+                    "add",
+                    index=idx,
+                    address=str(iface.ip),
+                    prefixlen=iface.network.prefixlen,
+                )
+            except Exception as exc:
+                if getattr(exc, "code", None) != errno.EEXIST:
+                    raise
+        for prefix in routes:
+            net = ipaddress.ip_network(prefix)
+            ipr.route(
+                "replace",
+                dst=str(net.network_address),
+                dst_len=net.prefixlen,
+                oif=idx,
+                family=10 if net.version == 6 else 2,
+            )
+        for prefix in remove_routes:
+            net = ipaddress.ip_network(prefix)
+            try:
                 ipr.route(
-                    "replace",
+                    "del",
                     dst=str(net.network_address),
                     dst_len=net.prefixlen,
                     oif=idx,
                     family=10 if net.version == 6 else 2,
                 )
-            for prefix in remove_routes:
-                net = ipaddress.ip_network(prefix)
-                try:
-                    ipr.route(
-                        "del",
-                        dst=str(net.network_address),
-                        dst_len=net.prefixlen,
-                        oif=idx,
-                        family=10 if net.version == 6 else 2,
-                    )
-                except Exception as exc:
-                    if getattr(exc, "code", None) not in (errno.ESRCH, errno.ENOENT):
-                        raise
+            except Exception as exc:
+                if getattr(exc, "code", None) not in (errno.ESRCH, errno.ENOENT):
+                    raise
 
 
 def device_exists(name: str, *, netns_name: str | None = None) -> bool:
