@@ -685,6 +685,9 @@ class IkeSa:
                     self.request("delete_child", (c.spi_in, reason))
                 continue
             if now >= c.expire_at:
+                # a peer that never deleted the SA its rekey replaced: the new
+                # outbound SA goes out now, not after our DELETE is answered
+                self._release_outbound(c)
                 self._queue_child_delete(c, "expired")
             elif c.rekeyed and c.delete_at is not None and now >= c.delete_at:
                 c.delete_at = None

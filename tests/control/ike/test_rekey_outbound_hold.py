@@ -84,3 +84,34 @@ def test_a_held_sa_the_peer_deletes_itself_is_never_released() -> None:
     assert not [e for e in later if isinstance(e, ev.ChildSaUpdated)]
     (gone,) = later
     assert isinstance(gone, ev.ChildSaDeleted) and gone.inbound_spi == new.inbound.spi
+
+
+def test_an_old_sa_the_peer_never_deletes_releases_the_outbound_sa_when_it_expires() -> None:
+    """A peer that rekeys but never deletes the old SA: when the old SA
+    expires, the held outbound SA is released at once — before our DELETE
+    for the old one leaves, not after its answer."""
+    life = 100.0
+    cfg = IkeConfig(strict=True, dpd_interval=1e6, child_lifetime=life, rekey_jitter=0.0)
+    # the client never deletes what it rekeyed (no confirmation, no fallback)
+    ccfg = IkeConfig(strict=True, dpd_interval=1e6, rekey_delete_delay=1e9)
+    p = make_pair(config=cfg, client_config=ccfg)
+    p.connect()
+    (first,) = p.events(ev.ChildSaInstalled)
+    p.step(life * 0.5)
+    mark = len(p.server_events)
+    assert p.client.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    (new,) = _server_events(p, mark)
+    assert isinstance(new, ev.ChildSaInstalled) and new.hold_outbound
+    # just past the old SA's hard expiry: run the server's timer by hand and
+    # look at its events before any datagram moves
+    expiry = (p.now - life * 0.5) + life * (1 + cfg.expire_margin)
+    p.server.handle_timer(expiry + 0.01)
+    evs = []
+    while (e := p.server.next_event()) is not None:
+        evs.append(e)
+    released = [e for e in evs if isinstance(e, ev.ChildSaUpdated)]
+    assert [e.inbound.spi for e in released] == [new.inbound.spi]
+    assert not released[0].hold_outbound
+    (sa,) = p.server.ike_sas(TUNNEL)
+    assert first.inbound.spi in sa.children  # still there: our DELETE is only queued
