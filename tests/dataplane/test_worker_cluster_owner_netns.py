@@ -139,6 +139,24 @@ class Cluster:
         except OSError:
             return -1.0
 
+    def diagnosis(self) -> str:
+        """Every worker's non-zero drop and handoff counters (for a failure
+        message: the module's worker logs are printed only at its teardown)."""
+        parts = []
+        for node, index in WORKERS:
+            try:
+                m = self.metrics(node, index)
+            except OSError as exc:
+                parts.append(f"{node}/{index}: no /metrics ({exc})")
+                continue
+            got = {
+                k.split("{", 1)[1].rstrip("}") if "{" in k else k: v
+                for k, v in m.items()
+                if v and ("drops_total" in k or "handoff_packets_total" in k)
+            }
+            parts.append(f"{node}/{index}: {got}")
+        return "; ".join(parts)
+
     def replay_drops(self, node: str, index: int) -> float:
         return self.metric(node, index, 'anywan_worker_drops_total{reason="replay"}')
 
@@ -341,7 +359,11 @@ def test_one_sequence_space_across_nodes_and_owner_sigkill(cluster: Cluster) -> 
     for r in range(3):
         c.inner_send("n1", 10, 20000 + 100 * r)
         c.inner_send("n2", 10, 21000 + 100 * r)
-    _wait(lambda: len(c.received) >= start + 60, 10, "60 ESP packets at the site")
+    try:
+        _wait(lambda: len(c.received) >= start + 60, 10, "60 ESP packets at the site")
+    except AssertionError as exc:  # seen once in CI: say where the packets went
+        got = len(c.received) - start
+        raise AssertionError(f"{exc} (got {got}); {c.diagnosis()}") from None
     before, sources = _decode_all(c.received[start:])
     assert len(set(before)) == len(before) == 60
     assert sources == {"10.1.0.1", "10.1.0.2"}  # both nodes' traffic, one SA, one space
