@@ -888,10 +888,6 @@ class ControlService:
             self._delete_tunnel_sas(ev.tunnel_id)
             return
         self._publish_pair(ev)
-        if self.transport is not None:
-            # the answer (or request) that tells the peer about this SA waits
-            # until every worker can decrypt what the peer then sends on it
-            self.transport.hold(self._answer_after_apply(self._install_seq[ev.tunnel_id]))
         if ev.replaces is not None:
             self.metrics.rekeys.labels("child").inc()
             self._spawn(self._ready_after_apply(ev.tunnel_id, ev.inbound.spi))
@@ -905,17 +901,17 @@ class ControlService:
             " (outbound held)" if ev.hold_outbound else "",
         )
         self._publish_pair(ev)
-        if self.transport is not None:
-            # e.g. our answer to the peer's DELETE of a rekeyed SA waits for the
-            # released outbound SA (a peer may drop its old inbound SA at once)
-            self.transport.hold(self._answer_after_apply(self._install_seq[ev.tunnel_id]))
 
     def _publish_pair(self, ev: Any) -> None:
         """Seal both directions into the store, then publish them; the outbound
         one's sequence is what a rekey's old SA waits for (make-before-break).
         A held outbound SA (``ev.hold_outbound``: the peer's rekey, until it
         deletes the old SA) is stored but not published; a control restart in
-        that window publishes it with the rest of the store."""
+        that window publishes it with the rest of the store.
+
+        The IKE message that tells the peer about these records (our answer
+        creating the SA, or the DELETE answer that releases a held outbound
+        one) waits until every worker can use them (``IkeTransport.hold``)."""
         with self._store_txn():
             for rec in (ev.inbound, ev.outbound):
                 self.store.put_sealed(rec.key, encode(rec))
@@ -923,6 +919,8 @@ class ControlService:
         if not ev.hold_outbound:
             seq = self.publisher.set(ev.outbound)
         self._install_seq[ev.tunnel_id] = seq
+        if self.transport is not None:
+            self.transport.hold(self._answer_after_apply(seq))
 
     def _on_ChildSaDeleted(self, ev: Any) -> None:
         log.debug(

@@ -225,27 +225,24 @@ class TunConfig:
                 if getattr(exc, "code", None) != errno.EEXIST:
                     raise
         for prefix in routes:
-            net = ipaddress.ip_network(prefix)
-            ipr.route(
-                "replace",
-                dst=str(net.network_address),
-                dst_len=net.prefixlen,
-                oif=idx,
-                family=10 if net.version == 6 else 2,
-            )
+            ipr.route("replace", **_route_fields(prefix, idx))
         for prefix in remove_routes:
-            net = ipaddress.ip_network(prefix)
             try:
-                ipr.route(
-                    "del",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    oif=idx,
-                    family=10 if net.version == 6 else 2,
-                )
+                ipr.route("del", **_route_fields(prefix, idx))
             except Exception as exc:
                 if getattr(exc, "code", None) not in (errno.ESRCH, errno.ENOENT):
                     raise
+
+
+def _route_fields(prefix: str, oif: int) -> dict[str, Any]:
+    """Netlink fields of the route of ``prefix`` into device ``oif``."""
+    net = ipaddress.ip_network(prefix)
+    return {
+        "dst": str(net.network_address),
+        "dst_len": net.prefixlen,
+        "oif": oif,
+        "family": 10 if net.version == 6 else 2,
+    }
 
 
 def device_exists(name: str, *, netns_name: str | None = None) -> bool:

@@ -15,7 +15,7 @@ from control.ike import transport as transport_mod
 from control.ike.transport import IkeTransport
 from deploy.netns import LoopThread
 
-from .test_interop_transport import IKE_MSG, EchoEngine, FakeDatagram, FakeRelay
+from .test_interop_transport import IKE_MSG, EchoEngine, FakeDatagram, FakeRelay, wait_until
 
 
 def datagram(n: int) -> FakeDatagram:
@@ -52,15 +52,6 @@ class Rig:
     def close(self) -> None:
         self.lt.call(self.transport.close)
         self.lt.stop()
-
-
-def wait_until(cond: Any, timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 @pytest.fixture
