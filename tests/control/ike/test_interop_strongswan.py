@@ -696,14 +696,17 @@ table ip awhold {
 def test_simultaneous_ike_rekey_with_strongswan(topo: Topology, make_responder, charons) -> None:
     """RFC 7296 §2.8.2 against strongSwan: both sides rekey the IKE SA at once and
     both notice. strongSwan's request is held back until ours has reached it;
-    then its retransmission (after 1 s) reaches us while ours is in flight and
-    our retransmission (after 3 s) fetches strongSwan's answer. Both sides apply
-    the nonce tie-break and end on the same single IKE SA with the Child SA
-    untouched — whichever side wins."""
+    then one of its retransmissions (1, 2.4 and 4.4 s after the request) reaches
+    us while ours is in flight, and our retransmission (after 8 s) fetches
+    strongSwan's answer. Ours comes after strongSwan's last one, so the test does
+    not depend on how long the hold took on a loaded machine (with 3 s, a hold
+    lifted between 2.4 and 3 s let our rekey finish before strongSwan's request
+    arrived). Both sides apply the nonce tie-break and end on the same single
+    IKE SA with the Child SA untouched — whichever side wins."""
     gw = topo.namespaces["gw"]
     store = Store()
     store.add("acct1", tid("t1"))
-    ours = make_responder(store, retransmit_timeout=3.0, retransmit_tries=3, dpd_interval=600)
+    ours = make_responder(store, retransmit_timeout=8.0, retransmit_tries=3, dpd_interval=600)
     site = charons("site")
     site.load([site_conn("t1", fqdn("acct1", tid("t1")))])
     site.initiate(child="net")
