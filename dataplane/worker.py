@@ -991,7 +991,7 @@ class Worker:
         self.cfg = config
         self._sockets = sockets
         self.metrics = WorkerMetrics(registry)
-        self._events: queue.SimpleQueue[tuple[str, str, Record | None]] = queue.SimpleQueue()
+        self._events: queue.SimpleQueue[tuple[str, str, Any]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._running = False
         self._subscriber: Any = None
@@ -1220,21 +1220,14 @@ class Worker:
 
         kwargs = dict(self.cfg.bus or {})
         connect_timeout = float(kwargs.pop("connect_timeout", 10.0))
-        try:
-            self._subscriber = Subscriber(
-                **kwargs,
-                worker_id=self.cfg.worker_id,
-                on_set=self._on_set,
-                on_delete=self._on_delete,
-                registry=self.metrics.registry,
-            )
-        except TypeError:  # a Subscriber without a registry argument
-            self._subscriber = Subscriber(
-                **kwargs,
-                worker_id=self.cfg.worker_id,
-                on_set=self._on_set,
-                on_delete=self._on_delete,
-            )
+        self._subscriber = Subscriber(
+            **kwargs,
+            worker_id=self.cfg.worker_id,
+            on_set=self._on_set,
+            on_delete=self._on_delete,
+            on_batch=self._on_bus_batch,
+            registry=self.metrics.registry,
+        )
         self._subscriber.start()
         if connect_timeout > 0 and not self._subscriber.ready.wait(connect_timeout):
             self._subscriber.stop()
@@ -1273,6 +1266,14 @@ class Worker:
         self._events.put(("del", key, rec))
         self._wake()
 
+    def _on_bus_batch(self, token: object) -> None:
+        """The records queued so far end a bus batch: once the loop has
+        applied them (and fixed up the TUNs), it confirms ``token`` and the
+        bus acks them, so control's "applied everywhere" (the IKE answer
+        hold, make-before-break) means this loop can use them."""
+        self._events.put(("batch", "", token))
+        self._wake()
+
     _wake_pending = False
 
     def _wake(self) -> None:
@@ -1296,11 +1297,15 @@ class Worker:
         if ready is not None and not ready.is_set():
             return
         dp = self.dp
+        token: Any = None
         while True:
             try:
                 op, key, rec = self._events.get_nowait()
             except queue.Empty:
                 break
+            if op == "batch":
+                token = rec
+                continue
             log.debug("bus %s %s", op, key)
             try:
                 if key.startswith("seq/"):
@@ -1339,6 +1344,8 @@ class Worker:
                     self._sync_account(acct)
                 except Exception as exc:
                     log.error("account %s inner network: %s", acct, exc)
+        if token is not None and self._subscriber is not None:
+            self._subscriber.confirm(token)
 
     def _account_of_key(self, key: str) -> str | None:
         dp = self.dp

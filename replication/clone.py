@@ -323,6 +323,15 @@ class CloneClient:
         :class:`SnapshotInstalled` (a forwarder needs them; workers do not).
     :param max_buffer: stream messages buffered during a snapshot before we
         give up on it and start over (bounded memory under a flood).
+    :param gate_acks: acks report only what the application has confirmed
+        (:meth:`confirm`), not what this core handed it. A worker applies
+        records in its packet loop, after its bus thread has queued them; the
+        publisher's "applied everywhere" (which holds back an IKE answer
+        until every worker can decrypt with the new SA) must mean the loop
+        has them. Updates then ask for an ack only when confirmed (an ack
+        sent at receipt would carry nothing new and push the confirmed one
+        ``ack_interval`` later); heartbeats still ask, so a worker whose
+        loop is stuck keeps acking, visibly behind.
     """
 
     def __init__(
@@ -335,6 +344,7 @@ class CloneClient:
         ack_interval: float = 0.05,
         max_buffer: int = 1_000_000,
         decoder: Callable[[bytes], Record] = decode,
+        gate_acks: bool = False,
     ) -> None:
         self.worker_id = worker_id
         self._wid = check_worker_id(worker_id)
@@ -357,6 +367,10 @@ class CloneClient:
         """Sequence of the last update applied (or the installed snapshot's)."""
         self.seen_seq = 0
         """Highest sequence announced on the stream in our epoch."""
+        self.gate_acks = gate_acks
+        self.confirmed_seq = 0
+        """With ``gate_acks``: the application has applied everything up to
+        here (in :attr:`epoch`)."""
         self.snapshots = 0
 
         self._events: deque[Event] = deque()
@@ -443,7 +457,7 @@ class CloneClient:
             assert self.epoch is not None
             self._ack_due = None
             self._last_ack = now
-            frames = [ACK, self._wid, HDR.pack(self.epoch, self.applied_seq)]
+            frames = [ACK, self._wid, HDR.pack(self.epoch, self.ack_seq)]
             report, self._report = self._report, None
             if report is not None:
                 frames.append(report)
@@ -468,6 +482,29 @@ class CloneClient:
     def _want_ack(self, now: float) -> None:
         if self._ack_due is None:
             self._ack_due = max(now, self._last_ack + self.ack_interval)
+
+    def _applied(self, now: float) -> None:
+        """Updates were handed to the application: ack them, unless acks wait
+        for :meth:`confirm`."""
+        if not self.gate_acks:
+            self._want_ack(now)
+
+    @property
+    def ack_seq(self) -> int:
+        """The sequence the next ack reports."""
+        if self.gate_acks:
+            return min(self.applied_seq, self.confirmed_seq)
+        return self.applied_seq
+
+    def confirm(self, epoch: int | None, seq: int, now: float) -> None:
+        """With ``gate_acks``: the application has applied every update up to
+        ``seq`` of ``epoch`` (the values of :attr:`epoch` and
+        :attr:`applied_seq` when it was handed them); acked at once, or
+        within ``ack_interval`` of the previous ack. A confirmation from an
+        epoch that is no longer ours is ignored."""
+        if epoch is not None and epoch == self.epoch and seq > self.confirmed_seq:
+            self.confirmed_seq = seq
+            self._want_ack(now)
 
     @property
     def lag(self) -> int:
@@ -553,11 +590,13 @@ class CloneClient:
             del raw[key]
             self._events.append(RecordRemoved(key, old))
             removed += 1
+        if epoch != self.epoch:
+            self.confirmed_seq = 0  # sequences of another publisher's life
         self.epoch, self.applied_seq, self.seen_seq = epoch, seq, seq
         self.phase = Phase.LIVE
         self._last_rx = now
         self.snapshots += 1
-        self._want_ack(now)
+        self._applied(now)
         self._events.append(
             SnapshotInstalled(epoch, seq, changed, removed, dict(raw) if self.keep_raw else None)
         )
@@ -591,7 +630,7 @@ class CloneClient:
             self._buffer.append(frames)
             return
         self._apply(seq, frames[2], frames[3])
-        self._want_ack(now)
+        self._applied(now)
 
     def _apply(self, seq: int, key_raw: bytes, value: bytes) -> None:
         self.applied_seq = seq

@@ -13,12 +13,19 @@ removed one. A callback that raises is counted
 ``ready`` is set once the first snapshot is in. ``state`` is the live dict of
 records by key (read it from other threads as a whole value per key, or copy
 it with ``dict(sub.state)``).
+
+An application that applies records later, in another thread (the worker's
+packet loop), passes ``on_batch``: after the callbacks of each batch it gets
+a token, and the acks to the publisher then report only what it handed back
+to :meth:`Subscriber.confirm` — "applied everywhere" means applied where
+packets are handled, not queued for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +46,8 @@ METRICS_INTERVAL = 0.1
 
 OnSet = Callable[[str, Record], None]
 OnDelete = Callable[[str, Record | None], None]
+BatchToken = tuple[int | None, int]
+"""(epoch, sequence) of the last update of a batch; see ``on_batch``."""
 
 
 class _ClientIO:
@@ -58,6 +67,7 @@ class _ClientIO:
         on_set: OnSet | None,
         on_delete: OnDelete | None,
         on_event: Callable[[clone.Event], None] | None = None,
+        on_batch: Callable[[BatchToken], None] | None = None,
     ) -> None:
         self.endpoints = (snapshot_endpoint, update_endpoint, ack_endpoint)
         self._keys = (server_public, client_public, client_secret)
@@ -66,6 +76,8 @@ class _ClientIO:
         self.on_set = on_set
         self.on_delete = on_delete
         self.on_event = on_event
+        self.on_batch = on_batch
+        self._batched: BatchToken | None = None
         self.ready = threading.Event()
         self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self.dealer: zmq.Socket[bytes] | None = None
@@ -160,6 +172,16 @@ class _ClientIO:
                 m.gaps.inc()
             elif isinstance(ev, clone.HeartbeatMissed):
                 m.heartbeats_missed.inc()
+        core = self.core
+        if self.on_batch is not None and core.phase is clone.Phase.LIVE:
+            token = (core.epoch, core.applied_seq)
+            if token != self._batched:
+                self._batched = token
+                try:
+                    self.on_batch(token)
+                except Exception as exc:
+                    self.metrics.callback_errors.inc()
+                    log.error("bus batch callback failed: %s", type(exc).__name__)
         # Gauges at most every METRICS_INTERVAL (DESIGN §7: no per-update
         # metric writes); counters above are per event and rare.
         if now - self._shown_at >= METRICS_INTERVAL or self.core.phase is not clone.Phase.LIVE:
@@ -183,8 +205,13 @@ class _ClientIO:
             log.error("bus callback failed for key=%r: %s", key, type(exc).__name__)
 
 
-def run_loop(ios: list[_ClientIO], stopping: threading.Event) -> None:
-    """Poll loop for one or more client IOs (used by Subscriber)."""
+def run_loop(
+    ios: list[_ClientIO],
+    stopping: threading.Event,
+    wake: tuple[int, Callable[[float], None]] | None = None,
+) -> None:
+    """Poll loop for one or more client IOs (used by Subscriber); ``wake``:
+    a file descriptor polled with the sockets and its handler (given the time)."""
     registered: list[zmq.Socket[bytes]] = []
     poller = zmq.Poller()
     owner: dict[zmq.Socket[bytes], _ClientIO] = {}
@@ -196,6 +223,8 @@ def run_loop(ios: list[_ClientIO], stopping: threading.Event) -> None:
         if wanted != registered:  # a snapshot connection came or went
             poller = zmq.Poller()
             owner = {}
+            if wake is not None:
+                poller.register(wake[0], zmq.POLLIN)
             for io in ios:
                 for s in io.sockets():
                     poller.register(s, zmq.POLLIN)
@@ -207,7 +236,10 @@ def run_loop(ios: list[_ClientIO], stopping: threading.Event) -> None:
             break
         now = time.monotonic()
         for sock, _ in ready:
-            owner[sock].on_ready(sock, now)
+            if wake is not None and sock == wake[0]:
+                wake[1](now)
+            else:
+                owner[sock].on_ready(sock, now)
         for io in ios:
             io.process(now)
 
@@ -219,7 +251,8 @@ class Subscriber:
     (seconds without snapshot data before re-requesting; default
     ``heartbeat_timeout``), ``ack_interval`` (minimum seconds between acks to
     the publisher under a steady stream, default 50 ms; see ``CloneClient``)
-    and ``registry`` for the ``anywan_bus_*`` metrics.
+    ``registry`` for the ``anywan_bus_*`` metrics, and ``on_batch`` (module
+    doc: acks only for batches handed back to :meth:`confirm`).
     """
 
     def __init__(
@@ -238,6 +271,7 @@ class Subscriber:
         snapshot_timeout: float | None = None,
         ack_interval: float = 0.05,
         registry: CollectorRegistry | None = None,
+        on_batch: Callable[[BatchToken], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.metrics = SubscriberMetrics(registry)
@@ -246,6 +280,7 @@ class Subscriber:
             heartbeat_timeout=heartbeat_timeout,
             snapshot_timeout=snapshot_timeout,
             ack_interval=ack_interval,
+            gate_acks=on_batch is not None,
         )
         self._io = _ClientIO(
             snapshot_endpoint=snapshot_endpoint,
@@ -258,7 +293,14 @@ class Subscriber:
             metrics=self.metrics,
             on_set=on_set,
             on_delete=on_delete,
+            on_batch=on_batch,
         )
+        self._confirmed: BatchToken | None = None
+        self._wake: tuple[int, Callable[[float], None]] | None = None
+        self._wake_w = -1
+        if on_batch is not None:
+            wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._wake = (wake_r, self._on_wake)
         self.ready: threading.Event = self._io.ready
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -287,6 +329,25 @@ class Subscriber:
         """Snapshots installed so far (the first one included)."""
         return self._core.snapshots
 
+    def confirm(self, token: BatchToken) -> None:
+        """Everything up to the ``on_batch`` call that gave ``token`` is
+        applied: let the acks report it. Any thread; the bus thread sends the
+        ack (one pipe byte wakes it)."""
+        if self._wake is None:
+            raise RuntimeError("confirm() is for a Subscriber made with on_batch")
+        self._confirmed = token
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _on_wake(self, now: float) -> None:
+        assert self._wake is not None
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake[0], 4096):
+                pass
+        token = self._confirmed  # read after the pipe is empty: none is missed
+        if token is not None:
+            self._core.confirm(token[0], token[1], now)
+
     def start(self) -> None:
         """Connect and start the thread; after :meth:`stop` it may start again
         (the state is kept and reconciled by the next snapshot)."""
@@ -299,7 +360,7 @@ class Subscriber:
 
     def _run(self) -> None:
         try:
-            run_loop([self._io], self._stopping)
+            run_loop([self._io], self._stopping, self._wake)
         finally:
             self._io.close()
 

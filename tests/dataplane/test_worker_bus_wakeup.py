@@ -94,3 +94,29 @@ def test_only_tunnels_and_routes_resync_the_account_tun(w: Worker) -> None:
     w._on_set(r.key, r)
     w._drain_events()
     assert synced == [t.account_id, t.account_id]
+
+
+def test_a_bus_batch_is_confirmed_only_after_the_loop_applied_it(w: Worker) -> None:
+    """The bus acks (control's "applied everywhere", which holds back an IKE
+    answer) must mean this loop can use the records: the batch token goes
+    back to the subscriber after the records and the TUN fix-up, not when the
+    bus thread queued them."""
+    order: list[str] = []
+
+    class Sub:
+        ready = None
+
+        def confirm(self, token: object) -> None:
+            order.append(f"confirm {token}")
+
+    w._subscriber = Sub()
+    w._sync_account = lambda account: order.append(f"sync {account}")  # type: ignore[method-assign]
+    t1 = tunnel(1)
+    w._on_set(t1.key, t1)
+    w._on_bus_batch((7, 41))
+    assert order == []  # queued, not applied: nothing to confirm yet
+    w._drain_events()
+    assert t1.tunnel_id in w.dp.sad.tunnels
+    assert order == [f"sync {t1.account_id}", "confirm (7, 41)"]
+    w._drain_events()  # nothing new: no second confirmation
+    assert order[-1] == "confirm (7, 41)" and len(order) == 2

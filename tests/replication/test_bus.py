@@ -260,6 +260,32 @@ def test_wait_applied_blocks_on_a_stuck_subscriber(tcp_bus: Bus) -> None:
     assert pub.wait_applied_sync(seq, timeout=3)
 
 
+def test_wait_applied_waits_for_the_application_to_confirm(tcp_bus: Bus) -> None:
+    """A subscriber made with ``on_batch`` (the worker: records are applied
+    later, in its packet loop) is "applied" only once the application hands
+    the batch's token back; heartbeats keep it alive meanwhile."""
+    import queue
+
+    bus = tcp_bus
+    pub = bus.publisher(heartbeat_interval=0.05)
+    tokens: queue.SimpleQueue[object] = queue.SimpleQueue()
+    sub = bus.subscriber("loop", on_batch=tokens.put)
+    assert sub.ready.wait(3)
+    sub.confirm(tokens.get(timeout=3))  # the snapshot's batch
+    assert wait_until(lambda: len(pub.subscribers()) == 1)
+    seq = pub.set(make_sa(0x7200))
+    assert wait_until(lambda: sub.applied_seq >= seq)  # handed over ...
+    token = tokens.get(timeout=3)
+    assert token == (sub.epoch, seq)
+    assert not pub.wait_applied_sync(seq, timeout=0.4)  # ... but not applied
+    (status,) = pub.subscribers()
+    assert status.live and status.applied_seq < seq
+    t0 = time.monotonic()
+    sub.confirm(token)  # type: ignore[arg-type]
+    assert pub.wait_applied_sync(seq, timeout=3)
+    assert time.monotonic() - t0 < 0.5  # the ack goes at once, not at the next heartbeat
+
+
 def test_snapshot_wire_count_checked() -> None:
     """A snapshot whose KTHXBAI count disagrees with what arrived is not installed."""
     c = clone.CloneClient("w", heartbeat_timeout=1)

@@ -230,3 +230,55 @@ def test_garbage_frames_never_crash(msgs: list[tuple[bool, list[bytes]]]) -> Non
         c.handle_timer(now)
         events(c)
     assert all(k.startswith(("tunnel/", "sa/", "route/")) for k in c.state)
+
+
+def test_gated_acks_report_only_what_the_application_confirmed() -> None:
+    """A worker's packet loop applies records after its bus thread handed them
+    over: with ``gate_acks`` an ack carries the confirmed sequence, so the
+    publisher's "applied everywhere" waits for the loop. An update alone asks
+    for no ack (one at receipt would push the confirmed one an interval
+    later); a heartbeat still gets one, behind; a new epoch starts over."""
+    c = CloneClient("w1", heartbeat_timeout=HB, gate_acks=True)
+    c.start(0.0)
+    c.receive_stream(clone.heartbeat_frames(EPOCH, 10), 0.0)
+    req = next(e for e in events(c) if isinstance(e, clone.RequestSnapshot))
+    snapshot(c, req, [make_tunnel(1)], 10, 0.0)
+    events(c)
+    assert c.phase is Phase.LIVE
+
+    def acks(now: float) -> list[int]:
+        c.handle_timer(now)
+        return [clone.HDR.unpack(e.frames[2])[1] for e in events(c) if isinstance(e, clone.SendAck)]
+
+    assert acks(0.0) == [0]  # the buffered heartbeat's: the loop has nothing yet
+    c.confirm(EPOCH, 10, 0.01)
+    assert acks(c.ack_interval) == [10]
+
+    c.receive_stream(upd(11, make_tunnel(2)), 0.5)
+    assert acks(0.5) == [] and c.get_timer() == 0.5 + HB
+    c.receive_stream(clone.heartbeat_frames(EPOCH, 11), 0.6)
+    assert acks(0.6) == [10]  # alive, and visibly behind
+    c.confirm(EPOCH, 11, 0.61)
+    assert c.get_timer() == 0.6 + c.ack_interval  # coalesced with the previous ack
+    assert acks(0.6 + c.ack_interval) == [11]
+    c.confirm(EPOCH, 9, 0.7)  # late, older: no effect
+    c.confirm(0xE2, 99, 0.7)  # another epoch's: ignored
+    assert c.confirmed_seq == 11 and acks(0.7) == []
+
+    # The publisher restarted: its sequences start over, and so do ours.
+    c.receive_stream(clone.heartbeat_frames(0xE2, 3), 1.0)
+    req = next(e for e in events(c) if isinstance(e, clone.RequestSnapshot))
+    snapshot(c, req, [make_tunnel(1)], 3, 1.0, epoch=0xE2)
+    events(c)
+    c.receive_stream(clone.heartbeat_frames(0xE2, 3), 1.1)
+    assert acks(1.1) == [0]
+    c.confirm(0xE2, 3, 1.2)
+    assert acks(1.2 + c.ack_interval) == [3]
+
+
+def test_ungated_acks_report_what_was_handed_over() -> None:
+    c = live_client([])
+    c.receive_stream(upd(11, make_tunnel(1)), 1.0)
+    c.handle_timer(1.0)
+    (ack,) = [e for e in events(c) if isinstance(e, clone.SendAck)]
+    assert ack.frames[2] == clone.HDR.pack(EPOCH, 11) and c.ack_seq == 11
