@@ -229,6 +229,7 @@ def rekey_reps(
         )
         proc = start_probe(site, seconds)
         spis0 = _child_spis(site)
+        holds0 = _hold_timeouts(bench)
         time.sleep(seconds / 2)
         t_rekey = time.monotonic() - t0
         site.charon.rekey(child="net")
@@ -262,16 +263,35 @@ def rekey_reps(
             gbps = None
         spis1 = _child_spis(site)
         res.update({"load_gbps": gbps, "rekeyed": bool(spis1) and spis1 != spis0})
+        if holds0 is not None:
+            # IKE answers sent before every worker had applied the new SA
+            res["answer_hold_timeouts"] = int((_hold_timeouts(bench) or 0) - holds0)
         out.append(res)
         log(
             f"  rekey {mode} rep {r + 1}/{reps}: lost {res['lost']}/{res['sent']} "
             f"({res['lost_before_rekey']} in 1.6 s before, {res['lost_after_rekey']} after), "
             f"outage "
             f"{res['outage_ms']} ms, load {gbps and round(gbps, 3)} Gbit/s, "
-            f"rekeyed={res['rekeyed']} ({time.monotonic() - t0:.1f}s)"
+            f"rekeyed={res['rekeyed']}"
+            + (
+                f", answer hold timeouts {res['answer_hold_timeouts']}"
+                if "answer_hold_timeouts" in res
+                else ""
+            )
+            + f" ({time.monotonic() - t0:.1f}s)"
             + (f" [{res['load_error']}]" if "load_error" in res else "")
         )
     return out
+
+
+def _hold_timeouts(bench: tp.Bench) -> float | None:
+    """anywan control's answer-hold timeouts so far (None: strongSwan mode)."""
+    if bench.api is None or bench.control is None:
+        return None
+    try:
+        return bench.api.metric("anywan_control_ike_answer_hold_timeouts_total")
+    except Exception:
+        return None
 
 
 def _child_spis(site: tp.SiteInfo) -> set[str]:

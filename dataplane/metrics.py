@@ -73,6 +73,12 @@ class WorkerMetrics:
             "Bus records that could not be applied (e.g. unsupported cipher)",
             registry=r,
         )
+        self.tun_repairs = Counter(
+            "anywan_worker_tun_repairs",
+            "Account TUN routes put back after something outside anywan removed them "
+            "(one per route; a TUN set down or lost notifications count one full re-sync)",
+            registry=r,
+        )
         self.handoffs = Counter(
             "anywan_worker_replay_handoff_packets",
             "Packets handed to the owner worker of a replay-protected SA",

@@ -189,15 +189,15 @@ class TunConfig:
         routes: Iterable[str] = (),
         remove_routes: Iterable[str] = (),
         ipr: Any = None,
-    ) -> None:
+    ) -> int:
         """Bring the device up with ``mtu``, add ``a.b.c.d/len`` addresses and
         route each prefix in ``routes`` to the device (replace semantics).
-        ``ipr``: a handle from :meth:`open` (else one is made for this call)."""
+        ``ipr``: a handle from :meth:`open` (else one is made for this call).
+        Returns the device's interface index."""
         if ipr is None:
             with self._ipr() as own:
-                self._apply(own, mtu, addresses, routes, remove_routes)
-        else:
-            self._apply(ipr, mtu, addresses, routes, remove_routes)
+                return self._apply(own, mtu, addresses, routes, remove_routes)
+        return self._apply(ipr, mtu, addresses, routes, remove_routes)
 
     def _apply(
         self,
@@ -206,7 +206,7 @@ class TunConfig:
         addresses: Iterable[str],
         routes: Iterable[str],
         remove_routes: Iterable[str],
-    ) -> None:
+    ) -> int:
         found = ipr.link_lookup(ifname=self.name)
         if not found:
             raise TunError(f"TUN {self.name!r} not found in {self.netns_name or 'root'} netns")
@@ -232,6 +232,7 @@ class TunConfig:
             except Exception as exc:
                 if getattr(exc, "code", None) not in (errno.ESRCH, errno.ENOENT):
                     raise
+        return int(idx)
 
 
 def _route_fields(prefix: str, oif: int) -> dict[str, Any]:
@@ -243,6 +244,109 @@ def _route_fields(prefix: str, oif: int) -> dict[str, Any]:
         "oif": oif,
         "family": 10 if net.version == 6 else 2,
     }
+
+
+# --------------------------------------------------------------------------
+# Watching the namespace: routes or the device changed by someone else
+# --------------------------------------------------------------------------
+
+_NLMSG = struct.Struct("=IHHII")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_IFINFO = struct.Struct("=BxHiII")
+_RTA = struct.Struct("=HH")
+RTM_NEWLINK, RTM_DELLINK, RTM_DELROUTE = 16, 17, 25
+_RTA_DST, _RTA_OIF = 1, 4
+_RTMGRP_LINK, _RTMGRP_IPV4_ROUTE, _RTMGRP_IPV6_ROUTE = 0x1, 0x40, 0x400
+_IFF_UP = 0x1
+
+
+def parse_netlink_events(data: bytes, ifindex: int) -> tuple[list[str], bool]:
+    """From rtnetlink notifications (rtnetlink(7)): the prefixes of routes
+    into device ``ifindex`` that were deleted, and whether that device went
+    down or away. Anything else, and anything truncated, is skipped: this
+    only decides what to re-check, so a message it cannot read costs nothing
+    but that."""
+    deleted: list[str] = []
+    down = False
+    off = 0
+    while off + _NLMSG.size <= len(data):
+        length, kind = _NLMSG.unpack_from(data, off)[:2]
+        if length < _NLMSG.size or off + length > len(data):
+            break
+        body, end = off + _NLMSG.size, off + length
+        off += (length + 3) & ~3
+        if kind in (RTM_NEWLINK, RTM_DELLINK) and body + _IFINFO.size <= end:
+            _, _, index, flags, _ = _IFINFO.unpack_from(data, body)
+            if index == ifindex and (kind == RTM_DELLINK or not flags & _IFF_UP):
+                down = True
+        elif kind == RTM_DELROUTE and body + _RTMSG.size <= end:
+            family, dst_len = _RTMSG.unpack_from(data, body)[:2]
+            dst = oif = None
+            a = body + _RTMSG.size
+            while a + _RTA.size <= end:
+                alen, atype = _RTA.unpack_from(data, a)
+                if alen < _RTA.size or a + alen > end:
+                    break
+                value = data[a + _RTA.size : a + alen]
+                if atype == _RTA_DST:
+                    dst = value
+                elif atype == _RTA_OIF and len(value) == 4:
+                    oif = int.from_bytes(value, "little")
+                a += (alen + 3) & ~3
+            if oif != ifindex:
+                continue
+            if family == 2 and dst is not None and len(dst) == 4 and dst_len <= 32:
+                deleted.append(f"{ipaddress.IPv4Address(dst)}/{dst_len}")
+            elif family == 10 and dst is not None and len(dst) == 16 and dst_len <= 128:
+                deleted.append(f"{ipaddress.IPv6Address(dst)}/{dst_len}")
+    return deleted, down
+
+
+class RouteWatch:
+    """An rtnetlink socket in one namespace, subscribed to link and route
+    changes, so the worker learns at once that an operator (``ip route del``,
+    ``ip link set down``) or another program removed a route into its TUN and
+    puts it back, instead of believing its last sync forever. Non-blocking;
+    poll :meth:`fileno` and call :meth:`read`."""
+
+    def __init__(self, netns_name: str | None) -> None:
+        import socket
+
+        with in_netns(netns_name):
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK, 0)
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_ROUTE | _RTMGRP_IPV6_ROUTE))
+        except OSError:
+            self.sock.close()
+            raise
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self, ifindex: int) -> tuple[list[str], bool]:
+        """Everything queued (see :func:`parse_netlink_events`); an overrun
+        socket (ENOBUFS: notifications were lost) reports the device down,
+        so the caller re-checks everything."""
+        deleted: list[str] = []
+        down = False
+        for _ in range(64):
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                down = True
+                continue
+            more, gone = parse_netlink_events(data, ifindex)
+            deleted += more
+            down = down or gone
+        return deleted, down
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def device_exists(name: str, *, netns_name: str | None = None) -> bool:

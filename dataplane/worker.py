@@ -1014,6 +1014,10 @@ class Worker:
         self._netlink: dict[str, Any] = {}
         """Account → netlink handle in its namespace (``TunConfig.open``), kept:
         pyroute2 forks a child to make one, ~6 ms of the packet loop each."""
+        self._route_watch: dict[str, Any] = {}
+        """Account → ``tun.RouteWatch`` in its namespace (routes deleted by others)."""
+        self._tun_index: dict[str, int] = {}
+        """Account → its TUN's interface index (from the last sync)."""
         self._live: list[int] = [config.index]
         self.raw_esp: socket.socket | None = None
         self.raw_gre: socket.socket | None = None
@@ -1387,7 +1391,9 @@ class Worker:
         netns_name, tun_name = self._account_names(account)
         if not wanted:
             self._tun_routes.pop(account, None)
+            self._tun_index.pop(account, None)
             self._close_netlink(account)  # its socket would keep the namespace alive
+            self._close_route_watch(account)  # so would this one
             for key in [k for k in self._peer_q if k[0] == account]:
                 self._close_peer_queue(key)
             self._tunq_sent = {k: t for k, t in self._tunq_sent.items() if k[2] != account}
@@ -1415,6 +1421,7 @@ class Worker:
             self._tunq_gen[account] = self._tunq_gen.get(account, 0) + 1
             dp.attach_account(net)
             self._register(fd, self._tun_drainer(net))
+            self._watch_routes(account, netns_name)
         addrs, prefixes = dp.account_config(account)
         dp.update_account(net, addrs)
         # The tunnel interface addresses are the worker's end of each tunnel,
@@ -1435,19 +1442,79 @@ class Worker:
         if ipr is None:
             ipr = self._netlink[account] = cfg.open()
         try:
-            cfg.apply(
+            self._tun_index[account] = cfg.apply(
                 mtu=self.cfg.tun_mtu, routes=sorted(add), remove_routes=sorted(remove), ipr=ipr
             )
         except Exception:
             self._close_netlink(account)  # a fresh handle next time
             raise
         self._tun_routes[account] = want
+        watch = self._route_watch.get(account)
+        if before is None and watch is not None:
+            # what happened before a full sync (the new TUN's own "down", the
+            # routes of a TUN that went down) is repaired by it
+            watch.read(self._tun_index[account])
 
     def _close_netlink(self, account: str) -> None:
         ipr = self._netlink.pop(account, None)
         if ipr is not None:
             with contextlib.suppress(Exception):
                 ipr.close()
+
+    def _close_route_watch(self, account: str) -> None:
+        watch = self._route_watch.pop(account, None)
+        if watch is not None:
+            self._unregister(watch.fileno())
+            watch.close()
+
+    def _watch_routes(self, account: str, netns_name: str | None) -> None:
+        """Learn from netlink when a route into the account's TUN disappears
+        (or the TUN goes down): the sync applies only differences from what it
+        last applied, so without this a route deleted by hand would stay gone."""
+        from . import tun
+
+        if account in self._route_watch:
+            return
+        try:
+            watch = tun.RouteWatch(netns_name)
+        except OSError as exc:
+            log.warning("account %s: cannot watch its TUN routes: %s", account, exc)
+            return
+        self._route_watch[account] = watch
+        self._register(watch.fileno(), lambda: self._routes_changed(account))
+
+    def _routes_changed(self, account: str) -> None:
+        """Netlink says routes into the TUN were deleted or it went down:
+        forget those routes (all of them if it went down) and sync again."""
+        watch = self._route_watch.get(account)
+        if watch is None:
+            return
+        deleted, down = watch.read(self._tun_index.get(account, -1))
+        have = self._tun_routes.get(account)
+        if have is None or not (deleted or down):
+            return
+        if down:
+            lost = 1
+            del self._tun_routes[account]
+            log.warning("account %s: its TUN went down (or events were lost): re-syncing", account)
+        else:
+            gone = {ipaddress.ip_network(p) for p in deleted}
+            missing = {p for p in have if ipaddress.ip_network(p, strict=False) in gone}
+            if not missing:
+                return  # ours to delete (a sync already forgot them) or not ours
+            lost = len(missing)
+            self._tun_routes[account] = have - missing
+            log.warning(
+                "account %s: %d route(s) into its TUN deleted outside anywan, restoring: %s",
+                account,
+                lost,
+                ", ".join(sorted(missing)[:5]),
+            )
+        self.metrics.tun_repairs.inc(lost)
+        try:
+            self._sync_account(account)
+        except Exception as exc:
+            log.error("account %s inner network: %s", account, exc)
 
     def _tun_writer(self, fd: int) -> WriteFn:
         dp = self.dp
@@ -2419,6 +2486,8 @@ class Worker:
         self.dp.accounts.clear()
         for account in list(self._netlink):
             self._close_netlink(account)
+        for account in list(self._route_watch):
+            self._close_route_watch(account)
         for sock in (
             self.raw_esp,
             self.raw_gre,

@@ -473,6 +473,22 @@ class Api:
         return f"Api({self.base} in {self.ns}, token=<hidden>)"
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+        """JSON in and out; the ``result`` of a Cloudflare-style envelope."""
+        text = self._curl(method, path, body, timeout)
+        data = json.loads(text) if text else None
+        if isinstance(data, dict) and "result" in data:
+            return data["result"]
+        return data
+
+    def metric(self, name: str, timeout: float = 10.0) -> float:
+        """One unlabelled sample of control's ``/metrics`` (0 when absent)."""
+        for line in self._curl("GET", "/metrics", None, timeout).splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == name:
+                return float(value)
+        return 0.0
+
+    def _curl(self, method: str, path: str, body: Any, timeout: float) -> str:
         argv = ["curl", "-s", "-m", str(timeout), "-X", method, "-w", "\n%{http_code}", "-K", "-"]
         cfg = f'header = "Authorization: Bearer {self._token}"\n'
         if body is not None:
@@ -491,10 +507,7 @@ class Api:
         status = int(code) if code.isdigit() else 0
         if not 200 <= status < 300:
             raise ApiError(status, text or res.stderr)
-        data = json.loads(text) if text else None
-        if isinstance(data, dict) and "result" in data:
-            return data["result"]
-        return data
+        return text
 
 
 # --------------------------------------------------------------------------

@@ -874,6 +874,36 @@ def test_bus_delete_route_stops_traffic_and_updates_tun_routes(lab: Lab) -> None
     assert _received(ping(lab, "host", "10.3.0.1", count=1)) == 1
 
 
+def test_routes_removed_by_hand_are_put_back(lab: Lab) -> None:
+    """A sync applies only what changed since the last one, so the workers
+    must notice that someone else deleted one of their TUN routes, or set the
+    TUN down (which takes every IPv4 route with it, silently), and repair it."""
+    acct = lab.ns("acct-a")
+
+    def repairs() -> float:
+        return sum(
+            lab.metrics(i).get("anywan_worker_tun_repairs_total", 0.0)
+            for i, proc in lab.workers.items()
+            if proc.poll() is None
+        )
+
+    def routes() -> str:
+        return str(acct.run(["ip", "route"]).stdout)
+
+    before = repairs()
+    acct.run(["ip", "route", "del", "10.2.0.0/24", "dev", "aw0"])
+    _wait(lambda: "10.2.0.0/24" in routes(), 3, "the deleted route back")
+    assert _received(ping(lab, "host", "10.2.0.1", count=1)) == 1
+    acct.run(["ip", "link", "set", "aw0", "down"])
+    _wait(
+        lambda: "10.4.0.0/24" in routes() and "10.2.0.0/24" in routes(),
+        3,
+        "the TUN up again with its routes",
+    )
+    assert _received(ping(lab, "host", "10.4.0.1", count=1)) == 1
+    _wait(lambda: repairs() >= before + 2, 3, "anywan_worker_tun_repairs_total")
+
+
 def test_peer_counts_are_sane(lab: Lab) -> None:
     """The scapy sites decrypted everything the worker sent them."""
     for kind, proc in lab.sites.items():
