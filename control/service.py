@@ -190,6 +190,79 @@ def sum_sa_counters(reports: Iterable[Any]) -> _Counters:
     return total
 
 
+class SaCounterLedger:
+    """Per-SA packets/bytes that never go backwards, from the workers' reports.
+
+    A report carries the counters of one worker process since *it* started
+    (``life``: a random id per process), so summing the live workers' latest
+    reports, as ``/sas`` once did, dropped a dead worker's share and restarted
+    from zero with a restarted worker: counters an operator's graph shows
+    falling. Here each worker's last values are kept after it stops reporting
+    (they are final), and are set aside ("retired") when the same worker id
+    reports another life, or when an SA's counter falls within one life (its
+    SA entry was rebuilt). What a worker counted after its last report before
+    it died is not known to control; counters start over when control does."""
+
+    def __init__(self) -> None:
+        self._life: dict[str, object] = {}
+        self._last: dict[str, _Counters] = {}
+        """Worker id → SA key → [packets, bytes] in its latest report."""
+        self._retired: _Counters = {}
+
+    def observe(self, reports: dict[str, Any]) -> None:
+        """Take the latest report of each worker (untrusted: bad entries are
+        skipped by :func:`sum_sa_counters`)."""
+        for worker, report in reports.items():
+            if not isinstance(report, dict):
+                continue
+            life = report.get("life")
+            last = self._last.get(worker)
+            if last is not None and life != self._life.get(worker):
+                self._retire(last)  # a new process under this id
+                last = None
+            if last is None:
+                last = self._last[worker] = {}
+            self._life[worker] = life
+            for key, (packets, octets) in sum_sa_counters([report]).items():
+                old = last.get(key)
+                if old is not None and (packets < old[0] or octets < old[1]):
+                    self._retire({key: old})
+                last[key] = [packets, octets]
+
+    def _retire(self, counters: _Counters) -> None:
+        for key, (packets, octets) in counters.items():
+            acc = self._retired.setdefault(key, [0, 0])
+            acc[0] += packets
+            acc[1] += octets
+
+    def totals(self) -> _Counters:
+        """SA key → [packets, bytes] over every worker life seen."""
+        total = {key: list(v) for key, v in self._retired.items()}
+        for last in self._last.values():
+            for key, (packets, octets) in last.items():
+                acc = total.setdefault(key, [0, 0])
+                acc[0] += packets
+                acc[1] += octets
+        return total
+
+    def keep_only(self, keys: set[tuple[str, int]]) -> None:
+        """Forget SAs that are gone (bounded memory); a worker whose report
+        named nothing else is forgotten too."""
+        self._retired = {k: v for k, v in self._retired.items() if k in keys}
+        for worker in list(self._last):
+            last = {k: v for k, v in self._last[worker].items() if k in keys}
+            if last:
+                self._last[worker] = last
+            else:
+                del self._last[worker]
+                self._life.pop(worker, None)
+
+
+def sa_counter_key(rec: SaRecord) -> tuple[str, int]:
+    """How reports name an SA: ("", spi) inbound, (tunnel id, spi) outbound."""
+    return ("", rec.spi) if rec.direction is Direction.IN else (rec.tunnel_id, rec.spi)
+
+
 def max_seq_checkpoints(reports: Iterable[Any]) -> dict[tuple[str, int], int]:
     """(tunnel id, outbound SPI) → the highest ``next_seq`` any live worker
     reported (``{"seq": {tunnel: {spi: next_seq}}}``); bad entries skipped."""
@@ -246,10 +319,9 @@ def live_worker_records(reports: dict[str, Any]) -> dict[str, WorkerRecord]:
 
 def child_sa_view(rec: SaRecord, counters: _Counters | None = None) -> dict[str, Any]:
     """What ``/sas`` shows of one SA: never a key or salt. ``packets`` and
-    ``bytes`` are the live workers' reported counters summed (inner bytes),
-    null while no live worker has reported the SA."""
-    ckey = ("", rec.spi) if rec.direction is Direction.IN else (rec.tunnel_id, rec.spi)
-    got = counters.get(ckey) if counters is not None else None
+    ``bytes`` are the workers' reported counters summed (inner bytes, see
+    :class:`SaCounterLedger`), null while no worker has reported the SA."""
+    got = counters.get(sa_counter_key(rec)) if counters is not None else None
     return {
         "spi": f"0x{rec.spi:08x}",
         "direction": rec.direction.value,
@@ -334,6 +406,7 @@ class ControlService:
         self._ike_sweep_all = False
         self._ike_persist_pending = False
         self._ike_sas: dict[tuple[int, int], _IkeSaView] = {}
+        self._sa_counters = SaCounterLedger()
         self._install_seq: dict[str, int] = {}
         """tunnel_id -> bus sequence of its newest installed Child SA."""
         self._tasks: set[asyncio.Task[None]] = set()
@@ -486,9 +559,27 @@ class ControlService:
                 self.publish_workers()
             except Exception as exc:
                 log.error("publishing the live workers failed: %s", type(exc).__name__)
+            try:
+                self._count_sas(prune=True)
+            except Exception as exc:
+                log.error("summing the workers' SA counters failed: %s", type(exc).__name__)
+
+    def _count_sas(self, *, prune: bool = False) -> _Counters:
+        """Fold the workers' latest reports into the ledger; its totals."""
+        ledger = self._sa_counters
+        ledger.observe(self._report_map())
+        if prune:
+            ledger.keep_only(
+                {
+                    sa_counter_key(r)
+                    for r in self.publisher.items().values()
+                    if isinstance(r, SaRecord)
+                }
+            )
+        return ledger.totals()
 
     def tunnel_sas(self, account_id: str, tunnel_id: str) -> dict[str, Any]:
-        counters = sum_sa_counters(self._reports())
+        counters = self._count_sas()
         child = [
             child_sa_view(r, counters)
             for r in self.publisher.items().values()

@@ -1059,6 +1059,8 @@ class Worker:
         self._handoff_key = b""
         self._handoff_aead: Any = None
         self._aeads: dict[bytes, Any] = {}
+        self._life = int.from_bytes(os.urandom(8), "big") >> 1
+        """This process's id in reports: counters start over with a new one."""
         self._nonce_prefix = os.urandom(8)
         self._nonce_ctr = 0
         self._from_remote = False
@@ -2334,8 +2336,10 @@ class Worker:
         replay window (highest authenticated sequence number, SAs with a
         window that received anything); ``handoff``: [address, port, key] of
         our cross-node handoff socket (control turns it into our
-        ``worker/`` record; the report rides the CURVE bus). At most :data:`REPORT_MAX_SAS` SA
-        entries (the rest is left out: the report must fit an ack)."""
+        ``worker/`` record; the report rides the CURVE bus); ``life``: a random
+        id of this process, so control knows when counters started over. At
+        most :data:`REPORT_MAX_SAS` SA entries (the rest is left out: the
+        report must fit an ack)."""
         sad = self.dp.sad
         budget = REPORT_MAX_SAS
         inbound: dict[int, list[int]] = {}
@@ -2362,7 +2366,13 @@ class Worker:
                     break
                 rwin[spi] = window.top
                 budget -= 1
-        report: dict[str, Any] = {"v": 1, "in": inbound, "out": outbound, "seq": seq}
+        report: dict[str, Any] = {
+            "v": 1,
+            "life": self._life,
+            "in": inbound,
+            "out": outbound,
+            "seq": seq,
+        }
         if rwin:
             report["rwin"] = rwin
         if self.handoff_bound is not None:

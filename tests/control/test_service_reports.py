@@ -8,7 +8,7 @@ from pathlib import Path
 import zmq
 
 from control.ike.events import ChildSaInstalled
-from control.service import sum_sa_counters
+from control.service import SaCounterLedger, sum_sa_counters
 from replication.records import Direction
 from replication.subscriber import Subscriber
 from tests.control.api_support import add_token, ipsec
@@ -25,7 +25,28 @@ def test_sum_skips_garbage_entries() -> None:
     assert sum_sa_counters(reports) == {("", 1): [5, 50], ("t", 5): [1, 100]}
 
 
-async def test_sas_sums_counters_of_live_workers(tmp_path: Path) -> None:
+def test_ledger_never_goes_backwards() -> None:
+    """A worker that dies keeps its share; one that restarts (another
+    ``life``) or whose SA entry was rebuilt (a counter fell) adds its new
+    counts to what it had counted before."""
+    led = SaCounterLedger()
+    led.observe({"w1": {"life": 1, "in": {7: [10, 1000]}}, "w2": {"life": 5, "in": {7: [4, 400]}}})
+    assert led.totals() == {("", 7): [14, 1400]}
+    led.observe({"w1": {"life": 1, "in": {7: [12, 1200]}}})  # w2 died: its 4 stay
+    assert led.totals() == {("", 7): [16, 1600]}
+    led.observe({"w1": {"life": 2, "in": {7: [1, 100]}}})  # w1 restarted
+    assert led.totals() == {("", 7): [17, 1700]}
+    led.observe({"w1": {"life": 2, "in": {7: [0, 0]}, "out": {"t": {9: [3, 30]}}}})  # entry rebuilt
+    assert led.totals() == {("", 7): [17, 1700], ("t", 9): [3, 30]}
+    led.observe({"w1": {"life": 2, "in": {7: [2, 200]}, "out": {"t": {9: [5, 50]}}}})
+    assert led.totals() == {("", 7): [19, 1900], ("t", 9): [5, 50]}
+    led.observe({"w3": "garbage", "w4": {"life": 1, "in": {7: "x"}}})
+    assert led.totals() == {("", 7): [19, 1900], ("t", 9): [5, 50]}
+    led.keep_only({("t", 9)})  # SA 7 was deleted
+    assert led.totals() == {("t", 9): [5, 50]}
+
+
+async def test_sas_sums_counters_of_every_worker_life(tmp_path: Path) -> None:
     bus = Bus(tmp_path)
     second = zmq.curve_keypair()
     service, store = await start(tmp_path, bus)
@@ -57,8 +78,8 @@ async def test_sas_sums_counters_of_live_workers(tmp_path: Path) -> None:
         sas = await api(service, token, "GET", path)
         assert [(c["packets"], c["bytes"]) for c in sas["child_sas"]] == [(None, None)] * 2
 
-        subs[0].set_report({"in": {0x1000: [3, 300]}, "out": {tid: {0x2000: [1, 84]}}})
-        subs[1].set_report({"in": {0x1000: [4, 400]}, "out": {tid: {0x2000: [2, 168]}}})
+        subs[0].set_report({"life": 1, "in": {0x1000: [3, 300]}, "out": {tid: {0x2000: [1, 84]}}})
+        subs[1].set_report({"life": 2, "in": {0x1000: [4, 400]}, "out": {tid: {0x2000: [2, 168]}}})
 
         async def counters() -> list[tuple[int | None, int | None]]:
             doc = await api(service, token, "GET", path)
@@ -68,10 +89,16 @@ async def test_sas_sums_counters_of_live_workers(tmp_path: Path) -> None:
         while await counters() != [(7, 700), (3, 252)]:
             assert asyncio.get_running_loop().time() < deadline, await counters()
             await asyncio.sleep(0.05)
-        # A worker that leaves is no longer summed.
+        # A worker that leaves keeps its share: counters never go backwards.
         subs[1].stop()
         await wait_for(lambda: len(service.publisher.reports()) == 1)  # type: ignore[attr-defined]
-        assert await counters() == [(3, 300), (1, 84)]
+        assert await counters() == [(7, 700), (3, 252)]
+        # The other one restarts (a new life): it counts from zero, on top.
+        subs[0].set_report({"life": 3, "in": {0x1000: [1, 100]}, "out": {tid: {0x2000: [0, 0]}}})
+        deadline = asyncio.get_running_loop().time() + 5
+        while await counters() != [(8, 800), (3, 252)]:
+            assert asyncio.get_running_loop().time() < deadline, await counters()
+            await asyncio.sleep(0.05)
     finally:
         for s in subs:
             s.stop()
