@@ -73,6 +73,11 @@ class WorkerMetrics:
             "Bus records that could not be applied (e.g. unsupported cipher)",
             registry=r,
         )
+        self.account_sync_failures = Counter(
+            "anywan_worker_account_sync_failures",
+            "Failed attempts to set up an account's TUN queue and routes (retried every 0.25 s)",
+            registry=r,
+        )
         self.tun_repairs = Counter(
             "anywan_worker_tun_repairs",
             "Account TUN routes put back after something outside anywan removed them "

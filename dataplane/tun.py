@@ -25,6 +25,7 @@ import fcntl
 import ipaddress
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -80,6 +81,10 @@ def in_netns(name: str | None) -> Iterator[None]:
         target = os.open(f"{NETNS_RUN_DIR}/{name}", os.O_RDONLY)
         try:
             _setns(target)
+        except OSError as exc:
+            # EINVAL: the name exists but is not (yet) a namespace; said as
+            # such, not as whatever the caller was about to do inside it
+            raise TunError(f"cannot enter network namespace {name!r}: {exc.strerror}") from None
         finally:
             os.close(target)
         try:
@@ -90,16 +95,41 @@ def in_netns(name: str | None) -> Iterator[None]:
         os.close(own)
 
 
+def _is_netns(path: str) -> bool:
+    """``path`` is a namespace (a bind mount of nsfs), not just the empty
+    file ``ip netns add`` / pyroute2 create first and mount over after."""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except OSError:
+        return False
+
+
+def wait_netns(name: str, timeout: float = 2.0) -> None:
+    """Wait until ``name`` is a usable namespace: another process (a sibling
+    worker) that is creating it has mounted it. TunError after ``timeout``."""
+    path = f"{NETNS_RUN_DIR}/{name}"
+    deadline = time.monotonic() + timeout
+    while not _is_netns(path):
+        if time.monotonic() >= deadline:
+            raise TunError(f"{path} exists but is not a network namespace")
+        time.sleep(0.01)
+
+
 def ensure_netns(name: str) -> bool:
-    """Create namespace ``name`` if missing (lo up); True if it was created."""
+    """Create namespace ``name`` if missing (lo up); True if it was created.
+    If another process is creating it right now, wait (2 s at most) until it
+    can be entered."""
     if os.path.exists(f"{NETNS_RUN_DIR}/{name}"):
+        wait_netns(name)
         return False
     try:
         netns.create(name)
     except FileExistsError:
+        wait_netns(name)
         return False
     except OSError as exc:
         if exc.errno == errno.EEXIST:
+            wait_netns(name)
             return False
         raise
     with NetNS(name, flags=0) as ns:

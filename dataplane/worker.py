@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -144,6 +145,14 @@ IP_TOS = 1
 IP_TTL = 2
 _SPI = struct.Struct("!I").unpack_from
 _ADDR_PAIR = struct.Struct("!Q").unpack_from
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _canonical_prefix(prefix: str) -> str:
+    """``prefix`` as the kernel reports it back (``fd00:2::/64``), so a route
+    netlink says was deleted is found in a set of strings; cached, as a sync
+    of an account with 1000 routes maps all of them."""
+    return str(ipaddress.ip_network(prefix, strict=False))
 
 
 class GreFlow:
@@ -1008,6 +1017,8 @@ class Worker:
         self.ike_to_peer = 0
         self.ike_unrelayed = 0
         self._dirty_accounts: set[str] = set()
+        self._sync_failing: set[str] = set()
+        """Accounts whose last sync failed (logged once until it works)."""
         self._created_netns: set[str] = set()
         self._tun_routes: dict[str, set[str]] = {}
         """Account → the prefixes routed into its TUN (what the last sync applied)."""
@@ -1343,15 +1354,33 @@ class Worker:
         self.update_election()
         self.raise_replay_windows()
         self.manage_owned_sas()
-        if self._dirty_accounts:
-            dirty, self._dirty_accounts = self._dirty_accounts, set()
-            for acct in dirty:
-                try:
-                    self._sync_account(acct)
-                except Exception as exc:
-                    log.error("account %s inner network: %s", acct, exc)
+        self._sync_dirty_accounts()
         if token is not None and self._subscriber is not None:
             self._subscriber.confirm(token)
+
+    def _sync_dirty_accounts(self) -> None:
+        """Sync every account a record touched. One that fails (a namespace
+        another worker is still creating, netlink busy) stays dirty and is
+        tried again at each housekeeping, every 0.25 s, until it works: a
+        worker that gave up would never read its account's TUN queue, and be
+        the owner of SAs whose packets it then drops, or leave the TUN to a
+        sibling whose death takes the device and its routes with it."""
+        if not self._dirty_accounts:
+            return
+        dirty, self._dirty_accounts = self._dirty_accounts, set()
+        for acct in sorted(dirty):
+            try:
+                self._sync_account(acct)
+            except Exception as exc:
+                self._dirty_accounts.add(acct)
+                self.metrics.account_sync_failures.inc()
+                if acct not in self._sync_failing:
+                    log.error("account %s inner network (retrying every 0.25 s): %s", acct, exc)
+                self._sync_failing.add(acct)
+            else:
+                if acct in self._sync_failing:
+                    self._sync_failing.discard(acct)
+                    log.warning("account %s inner network: set up after retrying", acct)
 
     def _account_of_key(self, key: str) -> str | None:
         dp = self.dp
@@ -1430,7 +1459,10 @@ class Worker:
         # not the namespace's: they are routed into the TUN, not assigned to
         # it (an address local to the namespace would make our ICMP errors
         # from it martians there).
-        want = {*prefixes, *(str(ipaddress.ip_interface(a).network) for a in addrs)}
+        want = {
+            *map(_canonical_prefix, prefixes),
+            *(str(ipaddress.ip_interface(a).network) for a in addrs),
+        }
         before = self._tun_routes.get(account)
         if want == before:
             return  # no netlink at all: e.g. a tunnel record whose address is unchanged
@@ -1500,8 +1532,7 @@ class Worker:
             del self._tun_routes[account]
             log.warning("account %s: its TUN went down (or events were lost): re-syncing", account)
         else:
-            gone = {ipaddress.ip_network(p) for p in deleted}
-            missing = {p for p in have if ipaddress.ip_network(p, strict=False) in gone}
+            missing = have.intersection(deleted)  # both canonical: _canonical_prefix
             if not missing:
                 return  # ours to delete (a sync already forgot them) or not ours
             lost = len(missing)
@@ -1513,10 +1544,8 @@ class Worker:
                 ", ".join(sorted(missing)[:5]),
             )
         self.metrics.tun_repairs.inc(lost)
-        try:
-            self._sync_account(account)
-        except Exception as exc:
-            log.error("account %s inner network: %s", account, exc)
+        self._dirty_accounts.add(account)
+        self._sync_dirty_accounts()
 
     def _tun_writer(self, fd: int) -> WriteFn:
         dp = self.dp
@@ -2453,6 +2482,7 @@ class Worker:
     _last_flush = 0.0
 
     def _housekeeping(self) -> None:
+        self._sync_dirty_accounts()  # retries a failed sync
         self._update_share()
         self.update_election()
         if self.tunq_sock is not None:

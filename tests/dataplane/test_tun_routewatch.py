@@ -114,3 +114,28 @@ def test_mutated_messages_never_raise(noise: list[int], at: int) -> None:
     for i, b in enumerate(noise):
         msg[(at + i) % len(msg)] = b
     tun.parse_netlink_events(bytes(msg), 5)
+
+
+@pytest.mark.netns
+def test_a_namespace_still_being_created_is_waited_for_and_named_in_errors(
+    netns_topology,
+) -> None:
+    """``ip netns add`` and pyroute2 create the file first and mount the
+    namespace over it after: a sibling worker that looked in between once
+    took the empty file for a namespace and failed with a wrong message."""
+    topo = netns_topology("awt-p-ns")
+    real = topo.namespace("a")
+    tun.wait_netns(real.name, timeout=0.5)  # a mounted one: at once
+    fake = f"{real.name[:-1]}z"
+    path = f"{tun.NETNS_RUN_DIR}/{fake}"
+    open(path, "w").close()  # the moment before the mount
+    try:
+        with pytest.raises(tun.TunError, match="exists but is not a network namespace"):
+            tun.wait_netns(fake, timeout=0.1)
+        with (
+            pytest.raises(tun.TunError, match=f"cannot enter network namespace '{fake}'"),
+            tun.in_netns(fake),
+        ):
+            pass
+    finally:
+        os.unlink(path)

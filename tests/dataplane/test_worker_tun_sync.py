@@ -103,3 +103,35 @@ def test_the_handle_is_closed_with_the_account(w: tuple[Worker, FakeTun]) -> Non
     worker._drain_events()
     assert ACCOUNT_A not in worker.dp.accounts
     assert fake.closed == fake.opened
+
+
+def test_a_failed_account_sync_is_retried_until_it_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose account setup failed once (a namespace a sibling was
+    still creating) used to give up until the next record for that account:
+    it never read the account's TUN queue, dropped the packets of SAs it
+    owned, and a sibling's death took the TUN and its routes with it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    w = Worker(WorkerConfig(anycast="192.0.2.1", run_dir=run_dir, metrics_port=0))
+    calls: list[str] = []
+
+    def flaky(account: str) -> None:
+        calls.append(account)
+        if len(calls) <= 2:
+            raise tun.TunError("cannot enter network namespace 'x': Invalid argument")
+
+    w._sync_account = flaky  # type: ignore[method-assign]
+    w._on_set(tunnel(1).key, tunnel(1))
+    w._drain_events()
+    assert calls == [ACCOUNT_A] and ACCOUNT_A in w._dirty_accounts
+    w._update_share = lambda: None  # type: ignore[method-assign]  # no sockets in this test
+    w._housekeeping()  # 0.25 s later: fails again, logged once
+    w._housekeeping()  # works
+    w._housekeeping()  # nothing left to do
+    assert calls == [ACCOUNT_A] * 3 and not w._dirty_accounts
+    assert w.metrics.registry.get_sample_value("anywan_worker_account_sync_failures_total") == 2
+    errors = [r for r in caplog.records if "retrying every" in r.getMessage()]
+    assert len(errors) == 1
+    assert any("set up after retrying" in r.getMessage() for r in caplog.records)
