@@ -122,6 +122,7 @@ from replication.records import (
 
 from . import gre, ip, mss, udpencap
 from .drops import Drop, DropReason
+from .replay import ReplayWindow
 from .routes import Routes, flow_hash
 from .sad import InboundFactory, OutboundEntry, OutboundFactory, Sad, TunnelEntry
 
@@ -258,6 +259,16 @@ def election_view(
     return tuple(sorted(ids)), cluster_id(node, index)
 
 
+HANDOFF_WINDOW = 4096
+"""Handoff counters per sender a worker remembers (:meth:`Worker._admit_handed`)."""
+
+HANDOFF_SENDERS = 1024
+"""Sender nonce prefixes with a window; the oldest is forgotten beyond this."""
+
+_REMOTE_MARK = b"\x00"
+"""First octet of a sibling handoff that carries another node's nonce (an
+account name is never empty, so a length octet is never 0)."""
+
 RECORD_GRACE = 5.0
 """Seconds a worker keeps electing over the last ``worker/`` records after
 all of them vanished at once (a restarted control's first snapshot has none
@@ -291,6 +302,9 @@ class _NotOwner:
         raise Drop(DropReason.NO_SA, "not the owner of this replay-protected SA")
 
 
+_REMOTE_RESULTS = ("sent", "received", "rejected", "replayed")
+
+
 class _OwnerMetrics:
     """Prometheus side of the owner election and the replay checkpoints
     (plain ints on the worker, flushed with the other metrics)."""
@@ -301,11 +315,12 @@ class _OwnerMetrics:
         self.remote = Counter(
             "anywan_worker_replay_remote_handoff_packets",
             "Cleartext of replay-protected SAs handed across nodes, by result "
-            "(sent, received, rejected = not authentic under our handoff key)",
+            "(sent, received, rejected = not authentic under our handoff key, "
+            "replayed = a copy of a datagram already sent on, dropped by the owner)",
             ["result"],
             registry=registry,
         )
-        for r in ("sent", "received", "rejected"):
+        for r in _REMOTE_RESULTS:
             self.remote.labels(r)
         self.raised = Counter(
             "anywan_worker_replay_windows_raised",
@@ -318,15 +333,21 @@ class _OwnerMetrics:
             ["scope"],
             registry=registry,
         )
-        self._seen = [0, 0, 0, 0]
+        self._seen = [0, 0, 0, 0, 0]
 
     def flush(self, w: Worker) -> None:
-        now = [w.remote_sent, w.remote_received, w.remote_rejected, w.windows_raised]
-        for i, label in enumerate(("sent", "received", "rejected")):
+        now = [
+            w.remote_sent,
+            w.remote_received,
+            w.remote_rejected,
+            w.remote_replayed,
+            w.windows_raised,
+        ]
+        for i, label in enumerate(_REMOTE_RESULTS):
             if now[i] > self._seen[i]:
                 self.remote.labels(label).inc(now[i] - self._seen[i])
-        if now[3] > self._seen[3]:
-            self.raised.inc(now[3] - self._seen[3])
+        if now[4] > self._seen[4]:
+            self.raised.inc(now[4] - self._seen[4])
         self._seen = now
         n = len(set(w.dp.live))
         self.members.labels("cluster").set(n if w.election == "cluster" else 0)
@@ -375,6 +396,10 @@ class Dataplane:
         self._live: tuple[int, ...] = (0,)
         self.handoff: Callable[[str, int, memoryview], None] | None = None
         """(account, owner index, cleartext): give a packet to the SA's owner."""
+        self.admit_handed: Callable[[], bool] | None = None
+        """Set only while a packet another node handed us is processed: asked
+        once this worker is the one to send it (the owner); False = a replay
+        of a handoff datagram, dropped (the worker's handoff replay window)."""
         self.handed_off = 0
         self.default_ttl = 64
         """The outer sockets' own TTL (the worker reads it from the GRE socket):
@@ -687,6 +712,8 @@ class Dataplane:
                         return
             else:
                 sa = None
+            if self.admit_handed is not None and not self.admit_handed():
+                raise Drop(DropReason.REPLAY, "handoff datagram replayed")
             if proto == _TCP and self.mss_clamp:
                 # only a SYN needs _clamp (IPv4 here; IPv6 always asks _clamp)
                 if version != 4:
@@ -1074,7 +1101,9 @@ class Worker:
         """This process's id in reports: counters start over with a new one."""
         self._nonce_prefix = os.urandom(8)
         self._nonce_ctr = 0
-        self._from_remote = False
+        self._from_remote = b""
+        """While a packet another node handed us is processed: the mark and
+        its handoff nonce (what a local pass-on to the owner carries)."""
         self._worker_recs: dict[str, WorkerRecord] = {}
         self._last_worker_recs: dict[str, WorkerRecord] = {}
         self._worker_recs_at = 0.0
@@ -1084,6 +1113,9 @@ class Worker:
         self.election = "node"
         """"cluster" (``worker/`` records) or "node" (node-local fallback)."""
         self.remote_sent = self.remote_received = self.remote_rejected = 0
+        self.remote_replayed = 0
+        self._handoff_windows: dict[bytes, ReplayWindow] = {}
+        """Sender nonce prefix → its handoff replay window (:meth:`_admit_handed`)."""
         self.windows_raised = 0
         self._rwin: dict[int, int] = {}
         """Inbound SPI → replicated replay-window top (``rwin/`` records)."""
@@ -1955,7 +1987,11 @@ class Worker:
         dest = self._dest.get(owner)
         try:
             if dest.__class__ is str:  # same node: AF_UNIX, no crypto
-                self.handoff_sock.sendmsg([hdr, packet], [], 0, dest)  # type: ignore[union-attr]
+                # another node's packet keeps its handoff nonce: the owner's
+                # replay window decides (_admit_handed), not ours
+                remote = self._from_remote
+                parts = [remote, hdr, packet] if remote else [hdr, packet]
+                self.handoff_sock.sendmsg(parts, [], 0, dest)  # type: ignore[union-attr]
             elif dest is not None and self.handoff_udp is not None and not self._from_remote:
                 addr, aead = dest
                 self._nonce_ctr += 1
@@ -2003,11 +2039,35 @@ class Worker:
                 dp.count(DropReason.NO_TUNNEL)
                 continue
             self.remote_received += 1
-            self._from_remote = True
+            nonce = bytes(view[1:13])
+            self._from_remote = _REMOTE_MARK + nonce
+            dp.admit_handed = lambda nonce=nonce: self._admit_handed(nonce)
             try:
                 dp.outbound(net, memoryview(pt)[1 + length :], True)
             finally:
-                self._from_remote = False
+                self._from_remote = b""
+                dp.admit_handed = None
+
+    def _admit_handed(self, nonce: bytes) -> bool:
+        """Handoff replay window (this worker is about to send a packet another
+        node handed over): per sender, whose nonce is its random 8-octet
+        prefix ‖ a 32-bit counter, an RFC 4303-style window of
+        :data:`HANDOFF_WINDOW` counters. A datagram is accepted once however
+        it reaches the owner: a copy sent to another worker of the node (a
+        new source port, another SO_REUSEPORT pick) is passed on to the same
+        owner with its nonce. Windows are per owner process: after the SA's
+        owner changes, a copy of a datagram the previous owner accepted
+        within the last window can pass once."""
+        prefix = nonce[:8]
+        win = self._handoff_windows.get(prefix)
+        if win is None:
+            if len(self._handoff_windows) >= HANDOFF_SENDERS:
+                del self._handoff_windows[next(iter(self._handoff_windows))]  # the oldest
+            win = self._handoff_windows[prefix] = ReplayWindow(HANDOFF_WINDOW)
+        if win.accept(int.from_bytes(nonce[8:], "big")):
+            return True
+        self.remote_replayed += 1
+        return False
 
     # ---- who owns what: the election view (DESIGN §5) -------------------------------
     def _apply_worker(self, key: str, rec: Record | None) -> None:
@@ -2250,6 +2310,8 @@ class Worker:
         return raised
 
     def _drain_handoff(self) -> None:
+        """A sibling's handoff: ``len ‖ account ‖ packet``, or, for a packet
+        another node handed it, ``0 ‖ handoff nonce (12) ‖`` that."""
         sock = self.handoff_sock
         assert sock is not None
         buf, view, dp = self.buf, self.view, self.dp
@@ -2258,15 +2320,22 @@ class Worker:
                 n = sock.recv_into(buf)
             except BlockingIOError:
                 return
-            if n < 2 or n < 1 + buf[0]:
+            at = 13 if n and buf[0] == _REMOTE_MARK[0] else 0
+            if n < at + 2 or n < at + 1 + buf[at]:
                 dp.count(DropReason.MALFORMED)
                 continue
-            length = buf[0]
-            net = dp.accounts.get(bytes(buf[1 : 1 + length]).decode(errors="replace"))
+            length = buf[at]
+            net = dp.accounts.get(bytes(buf[at + 1 : at + 1 + length]).decode(errors="replace"))
             if net is None:
                 dp.count(DropReason.NO_TUNNEL)
                 continue
-            dp.outbound(net, view[1 + length : n], False)
+            if at:
+                nonce = bytes(buf[1:13])
+                dp.admit_handed = lambda nonce=nonce: self._admit_handed(nonce)
+            try:
+                dp.outbound(net, view[at + 1 + length : n], False)
+            finally:
+                dp.admit_handed = None
 
     def _seq_file(self, key: tuple[str, int]) -> Path:
         return self.cfg.run_dir / f"seq-{key[0]}-{key[1]:08x}"

@@ -245,6 +245,79 @@ def test_cross_node_handoff_over_udp_one_sequence_space(tmp_path: Path) -> None:
         b.close()
 
 
+def _sealed(node: Node, prefix: bytes, ctr: int) -> bytes:
+    """A handoff datagram exactly as another node's worker seals it."""
+    nonce = prefix + ctr.to_bytes(4, "big")
+    body = bytes([len(ACCOUNT_A)]) + ACCOUNT_A.encode() + PKT
+    return b"\x01" + nonce + AESGCM(node.w._handoff_key).encrypt(nonce, body, b"\x01")
+
+
+def test_a_replayed_handoff_datagram_is_sent_once(tmp_path: Path) -> None:
+    """An insider on the cluster network who resends a captured handoff
+    datagram (from any source port, so possibly to another worker of the
+    node) must not make the owner send the inner packet again under a fresh
+    ESP sequence number: a window per sender (its nonce prefix) at the owner
+    lets each datagram through once, and reordering inside the window."""
+    owner = Node(tmp_path, "n1")
+    try:
+        owner.learn(owner.record())
+        prefix = os.urandom(8)
+        replayed = 'anywan_worker_replay_remote_handoff_packets_total{result="replayed"}'
+
+        def deliver(*datagrams: bytes) -> None:
+            want = owner.w.remote_received + len(datagrams)
+            for d in datagrams:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # a new port each
+                    s.sendto(d, owner.w.handoff_bound)
+            _drain(owner, want)
+
+        deliver(_sealed(owner, prefix, 5), _sealed(owner, prefix, 5))
+        assert len(owner.sent) == 1 and owner.w.remote_replayed == 1
+        assert owner.w.dp.drops[DropReason.REPLAY] == 1
+        deliver(_sealed(owner, prefix, 3), _sealed(owner, prefix, 9))  # late, and new
+        assert len(owner.sent) == 3
+        deliver(_sealed(owner, os.urandom(8), 5))  # another sender's counter 5
+        assert len(owner.sent) == 4
+        deliver(
+            _sealed(owner, prefix, 9 + worker_mod.HANDOFF_WINDOW + 5), _sealed(owner, prefix, 9)
+        )
+        assert len(owner.sent) == 5 and owner.w.remote_replayed == 2  # 9 is too old now
+
+        # A copy that reached a sibling worker is passed on with its nonce,
+        # and the owner's window refuses it just the same.
+        name = f"\0awt-handoff-test-{os.getpid()}"
+        with (
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx,
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx,
+        ):
+            rx.bind(name)
+            rx.setblocking(False)
+            owner.w.handoff_sock = rx
+            sibling = Node(tmp_path, "n1", 1)
+            try:
+                sibling.w.handoff_sock = tx
+                sibling.w._dest[7] = name
+                top = 9 + worker_mod.HANDOFF_WINDOW + 5
+                for ctr in (top - 2, top - 2, top + 1):
+                    sibling.w._from_remote = (
+                        worker_mod._REMOTE_MARK + prefix + ctr.to_bytes(4, "big")
+                    )
+                    sibling.w._handoff_send(ACCOUNT_A, 7, memoryview(PKT))
+                sibling.w._from_remote = b""
+                sibling.w._handoff_send(ACCOUNT_A, 7, memoryview(PKT))  # its own: no window
+                sibling.w._handoff_send(ACCOUNT_A, 7, memoryview(PKT))
+                time.sleep(0.05)
+                owner.w._drain_handoff()
+            finally:
+                sibling.close()
+        assert len(owner.sent) == 5 + 4 and owner.w.remote_replayed == 3
+        owner.w._om.flush(owner.w)
+        metric = replayed.split("{")[0]
+        assert owner.w.metrics.registry.get_sample_value(metric, {"result": "replayed"}) == 3
+    finally:
+        owner.close()
+
+
 def test_owner_moving_to_another_node_continues_above(tmp_path: Path) -> None:
     """Ownership moves n1 → n2 (n1's worker left the records): n2's new
     owner starts above n1's replicated reservation, never below."""
