@@ -1115,6 +1115,8 @@ class Worker:
         self.remote_sent = self.remote_received = self.remote_rejected = 0
         self.remote_replayed = 0
         self._handoff_windows: dict[bytes, ReplayWindow] = {}
+        self._handed_nonce = b""
+        """Nonce of the handed-over packet being processed (:meth:`_admit_handed`)."""
         """Sender nonce prefix → its handoff replay window (:meth:`_admit_handed`)."""
         self.windows_raised = 0
         self._rwin: dict[int, int] = {}
@@ -2039,16 +2041,16 @@ class Worker:
                 dp.count(DropReason.NO_TUNNEL)
                 continue
             self.remote_received += 1
-            nonce = bytes(view[1:13])
+            self._handed_nonce = nonce = bytes(view[1:13])
             self._from_remote = _REMOTE_MARK + nonce
-            dp.admit_handed = lambda nonce=nonce: self._admit_handed(nonce)
+            dp.admit_handed = self._admit_handed
             try:
                 dp.outbound(net, memoryview(pt)[1 + length :], True)
             finally:
                 self._from_remote = b""
                 dp.admit_handed = None
 
-    def _admit_handed(self, nonce: bytes) -> bool:
+    def _admit_handed(self) -> bool:
         """Handoff replay window (this worker is about to send a packet another
         node handed over): per sender, whose nonce is its random 8-octet
         prefix ‖ a 32-bit counter, an RFC 4303-style window of
@@ -2058,6 +2060,7 @@ class Worker:
         owner with its nonce. Windows are per owner process: after the SA's
         owner changes, a copy of a datagram the previous owner accepted
         within the last window can pass once."""
+        nonce = self._handed_nonce
         prefix = nonce[:8]
         win = self._handoff_windows.get(prefix)
         if win is None:
@@ -2330,8 +2333,8 @@ class Worker:
                 dp.count(DropReason.NO_TUNNEL)
                 continue
             if at:
-                nonce = bytes(buf[1:13])
-                dp.admit_handed = lambda nonce=nonce: self._admit_handed(nonce)
+                self._handed_nonce = bytes(buf[1:13])
+                dp.admit_handed = self._admit_handed
             try:
                 dp.outbound(net, view[at + 1 + length : n], False)
             finally:
