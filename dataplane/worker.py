@@ -1115,9 +1115,9 @@ class Worker:
         self.remote_sent = self.remote_received = self.remote_rejected = 0
         self.remote_replayed = 0
         self._handoff_windows: dict[bytes, ReplayWindow] = {}
+        """Sender nonce prefix → its handoff replay window (:meth:`_admit_handed`)."""
         self._handed_nonce = b""
         """Nonce of the handed-over packet being processed (:meth:`_admit_handed`)."""
-        """Sender nonce prefix → its handoff replay window (:meth:`_admit_handed`)."""
         self.windows_raised = 0
         self._rwin: dict[int, int] = {}
         """Inbound SPI → replicated replay-window top (``rwin/`` records)."""
