@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from .drops import DropReason
 
 if TYPE_CHECKING:
-    from .worker import Dataplane
+    from .worker import Dataplane, Worker
 
 
 class WorkerMetrics:
@@ -133,3 +133,54 @@ class WorkerMetrics:
         self.sas.set(dp.sad.sa_count)
         self.tunnels.set(len(dp.sad.tunnels))
         self.accounts.set(len(dp.accounts))
+
+
+_REMOTE_RESULTS = ("sent", "received", "rejected", "replayed")
+
+
+class OwnerMetrics:
+    """Prometheus side of the owner election and the replay checkpoints
+    (plain ints on the worker, flushed with the other metrics)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.remote = Counter(
+            "anywan_worker_replay_remote_handoff_packets",
+            "Cleartext of replay-protected SAs handed across nodes, by result "
+            "(sent, received, rejected = not authentic under our handoff key, "
+            "replayed = a copy of a datagram already sent on, dropped by the owner)",
+            ["result"],
+            registry=registry,
+        )
+        for r in _REMOTE_RESULTS:
+            self.remote.labels(r)
+        self.raised = Counter(
+            "anywan_worker_replay_windows_raised",
+            "Inbound replay windows raised to a replicated checkpoint (rwin/ records)",
+            registry=registry,
+        )
+        self.members = Gauge(
+            "anywan_worker_owner_election_members",
+            "Workers in this worker's owner election for replay-protected SAs",
+            ["scope"],
+            registry=registry,
+        )
+        self._seen = [0, 0, 0, 0, 0]
+
+    def flush(self, w: Worker) -> None:  # the worker's plain ints
+        now = [
+            w.remote_sent,
+            w.remote_received,
+            w.remote_rejected,
+            w.remote_replayed,
+            w.windows_raised,
+        ]
+        for i, label in enumerate(_REMOTE_RESULTS):
+            if now[i] > self._seen[i]:
+                self.remote.labels(label).inc(now[i] - self._seen[i])
+        if now[4] > self._seen[4]:
+            self.raised.inc(now[4] - self._seen[4])
+        self._seen = now
+        n = len(set(w.dp.live))
+        self.members.labels("cluster").set(n if w.election == "cluster" else 0)
+        self.members.labels("node").set(n if w.election == "node" else 0)

@@ -302,58 +302,6 @@ class _NotOwner:
         raise Drop(DropReason.NO_SA, "not the owner of this replay-protected SA")
 
 
-_REMOTE_RESULTS = ("sent", "received", "rejected", "replayed")
-
-
-class _OwnerMetrics:
-    """Prometheus side of the owner election and the replay checkpoints
-    (plain ints on the worker, flushed with the other metrics)."""
-
-    def __init__(self, registry: Any) -> None:
-        from prometheus_client import Counter, Gauge
-
-        self.remote = Counter(
-            "anywan_worker_replay_remote_handoff_packets",
-            "Cleartext of replay-protected SAs handed across nodes, by result "
-            "(sent, received, rejected = not authentic under our handoff key, "
-            "replayed = a copy of a datagram already sent on, dropped by the owner)",
-            ["result"],
-            registry=registry,
-        )
-        for r in _REMOTE_RESULTS:
-            self.remote.labels(r)
-        self.raised = Counter(
-            "anywan_worker_replay_windows_raised",
-            "Inbound replay windows raised to a replicated checkpoint (rwin/ records)",
-            registry=registry,
-        )
-        self.members = Gauge(
-            "anywan_worker_owner_election_members",
-            "Workers in this worker's owner election for replay-protected SAs",
-            ["scope"],
-            registry=registry,
-        )
-        self._seen = [0, 0, 0, 0, 0]
-
-    def flush(self, w: Worker) -> None:
-        now = [
-            w.remote_sent,
-            w.remote_received,
-            w.remote_rejected,
-            w.remote_replayed,
-            w.windows_raised,
-        ]
-        for i, label in enumerate(_REMOTE_RESULTS):
-            if now[i] > self._seen[i]:
-                self.remote.labels(label).inc(now[i] - self._seen[i])
-        if now[4] > self._seen[4]:
-            self.raised.inc(now[4] - self._seen[4])
-        self._seen = now
-        n = len(set(w.dp.live))
-        self.members.labels("cluster").set(n if w.election == "cluster" else 0)
-        self.members.labels("node").set(n if w.election == "node" else 0)
-
-
 REPORT_MAX_SAS = 1500
 """SA entries per report to control (a report must fit ``clone.MAX_REPORT_BYTES``)."""
 
@@ -1022,7 +970,7 @@ class Worker:
 
     def __init__(self, config: WorkerConfig, *, registry: Any = None) -> None:
         from . import esp, sockets
-        from .metrics import WorkerMetrics
+        from .metrics import OwnerMetrics, WorkerMetrics
 
         self.cfg = config
         self._sockets = sockets
@@ -1121,7 +1069,7 @@ class Worker:
         self.windows_raised = 0
         self._rwin: dict[int, int] = {}
         """Inbound SPI → replicated replay-window top (``rwin/`` records)."""
-        self._om = _OwnerMetrics(self.metrics.registry)
+        self._om = OwnerMetrics(self.metrics.registry)
         # TUN queue fds shared between the node's workers (TUN_STEER)
         self.tunq_sock: socket.socket | None = None
         self._tunq_sent: dict[tuple[int, int, str, int], float] = {}
