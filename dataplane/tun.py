@@ -49,6 +49,11 @@ class TunError(RuntimeError):
     """A TUN device could not be opened or configured; the message says why."""
 
 
+class TunGone(TunError):
+    """The TUN device to configure does not exist (any more): deleted while
+    its queues were open, which leaves them dead."""
+
+
 _libc: Any = None
 
 
@@ -239,7 +244,7 @@ class TunConfig:
     ) -> int:
         found = ipr.link_lookup(ifname=self.name)
         if not found:
-            raise TunError(f"TUN {self.name!r} not found in {self.netns_name or 'root'} netns")
+            raise TunGone(f"TUN {self.name!r} not found in {self.netns_name or 'root'} netns")
         idx = found[0]
         ipr.link("set", index=idx, mtu=mtu, state="up")
         for cidr in addresses:

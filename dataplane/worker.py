@@ -1403,28 +1403,19 @@ class Worker:
         net = dp.accounts.get(account)
         netns_name, tun_name = self._account_names(account)
         if not wanted:
-            self._tun_routes.pop(account, None)
-            self._tun_index.pop(account, None)
-            self._close_netlink(account)  # its socket would keep the namespace alive
-            self._close_route_watch(account)  # so would this one
-            for key in [k for k in self._peer_q if k[0] == account]:
-                self._close_peer_queue(key)
-            self._tunq_sent = {k: t for k, t in self._tunq_sent.items() if k[2] != account}
-            if net is not None:
-                del dp.accounts[account]
-                self._unregister(net.fd)
-                self._tun_gso.pop(net.fd, None)
-                os.close(net.fd)
-                if (
-                    netns_name is not None
-                    and netns_name in self._created_netns
-                    and not tun.device_exists(tun_name, netns_name=netns_name)
-                ):
-                    from pyroute2 import netns
+            self._close_route_watch(account)  # its socket would keep the namespace alive
+            self._detach_tun(account)
+            if (
+                net is not None
+                and netns_name is not None
+                and netns_name in self._created_netns
+                and not tun.device_exists(tun_name, netns_name=netns_name)
+            ):
+                from pyroute2 import netns
 
-                    with contextlib.suppress(Exception):
-                        netns.remove(netns_name)
-                    self._created_netns.discard(netns_name)
+                with contextlib.suppress(Exception):
+                    netns.remove(netns_name)
+                self._created_netns.discard(netns_name)
             return
         if net is None:
             if netns_name is not None and tun.ensure_netns(netns_name):
@@ -1461,6 +1452,11 @@ class Worker:
             self._tun_index[account] = cfg.apply(
                 mtu=self.cfg.tun_mtu, routes=sorted(add), remove_routes=sorted(remove), ipr=ipr
             )
+        except tun.TunGone:
+            # deleted under our open queue, which is dead now: let go of it,
+            # and the retry (dirty_accounts) opens a queue of a new device
+            self._detach_tun(account)
+            raise
         except Exception:
             self._close_netlink(account)  # a fresh handle next time
             raise
@@ -1470,6 +1466,33 @@ class Worker:
             # what happened before a full sync (the new TUN's own "down", the
             # routes of a TUN that went down) is repaired by it
             watch.read(self._tun_index[account])
+
+    def _detach_tun(self, account: str) -> None:
+        """Close our queue of the account's TUN and forget what it carried
+        (routes applied, sibling queues, netlink handle, whose socket would
+        keep the namespace alive). The route watch stays."""
+        dp = self.dp
+        self._tun_routes.pop(account, None)
+        self._tun_index.pop(account, None)
+        self._close_netlink(account)
+        for key in [k for k in self._peer_q if k[0] == account]:
+            self._close_peer_queue(key)
+        self._tunq_sent = {k: t for k, t in self._tunq_sent.items() if k[2] != account}
+        net = dp.accounts.pop(account, None)
+        if net is not None:
+            self._unregister(net.fd)
+            self._tun_gso.pop(net.fd, None)
+            with contextlib.suppress(OSError):
+                os.close(net.fd)
+
+    def _tun_lost(self, account: str) -> None:
+        """Reading our TUN queue failed (not "nothing to read"): the device was
+        deleted under it. Set up a new one, at once and then every 0.25 s."""
+        log.warning("account %s: TUN queue failed (device deleted?): opening a new one", account)
+        self.metrics.tun_repairs.inc()
+        self._detach_tun(account)
+        self._dirty_accounts.add(account)
+        self._sync_dirty_accounts()
 
     def _close_netlink(self, account: str) -> None:
         ipr = self._netlink.pop(account, None)
@@ -1619,7 +1642,10 @@ class Worker:
                     bufs = reads[at] = [outv[p - skip : p - skip + size]]
                 try:
                     n = readv(fd, bufs) - skip
-                except OSError:  # BlockingIOError: drained
+                except BlockingIOError:  # drained
+                    return
+                except OSError:  # EBADFD: the device is gone
+                    self._tun_lost(net.account_id)
                     return
                 if n <= 0:
                     continue

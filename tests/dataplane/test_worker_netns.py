@@ -902,6 +902,10 @@ def test_routes_removed_by_hand_are_put_back(lab: Lab) -> None:
     )
     assert _received(ping(lab, "host", "10.4.0.1", count=1)) == 1
     _wait(lambda: repairs() >= before + 2, 3, "anywan_worker_tun_repairs_total")
+    # The TUN itself deleted: the workers make a new one, with its routes.
+    acct.run(["ip", "link", "del", "aw0"])
+    _wait(lambda: "10.2.0.0/24" in routes(), 5, "a new TUN with its routes")
+    assert _received(ping(lab, "host", "10.2.0.1", count=2)) == 2
 
 
 def test_peer_counts_are_sane(lab: Lab) -> None:
