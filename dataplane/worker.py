@@ -1425,7 +1425,7 @@ class Worker:
             self._tunq_gen[account] = self._tunq_gen.get(account, 0) + 1
             dp.attach_account(net)
             self._register(fd, self._tun_drainer(net))
-            self._watch_routes(account, netns_name)
+        self._watch_routes(account, netns_name)
         addrs, prefixes = dp.account_config(account)
         dp.update_account(net, addrs)
         # The tunnel interface addresses are the worker's end of each tunnel,
@@ -1516,7 +1516,7 @@ class Worker:
             return
         try:
             watch = tun.RouteWatch(netns_name)
-        except OSError as exc:
+        except (OSError, tun.TunError) as exc:  # tried again at the next sync
             log.warning("account %s: cannot watch its TUN routes: %s", account, exc)
             return
         self._route_watch[account] = watch
