@@ -1051,7 +1051,8 @@ class Worker:
         self._nonce_ctr = 0
         self._from_remote = b""
         """While a packet another node handed us is processed: the mark and
-        its handoff nonce (what a local pass-on to the owner carries)."""
+        its handoff nonce (what a local pass-on to the owner carries, and
+        what :meth:`_admit_handed` checks)."""
         self._worker_recs: dict[str, WorkerRecord] = {}
         self._last_worker_recs: dict[str, WorkerRecord] = {}
         self._worker_recs_at = 0.0
@@ -1064,8 +1065,6 @@ class Worker:
         self.remote_replayed = 0
         self._handoff_windows: dict[bytes, ReplayWindow] = {}
         """Sender nonce prefix → its handoff replay window (:meth:`_admit_handed`)."""
-        self._handed_nonce = b""
-        """Nonce of the handed-over packet being processed (:meth:`_admit_handed`)."""
         self.windows_raised = 0
         self._rwin: dict[int, int] = {}
         """Inbound SPI → replicated replay-window top (``rwin/`` records)."""
@@ -2015,14 +2014,22 @@ class Worker:
                 dp.count(DropReason.NO_TUNNEL)
                 continue
             self.remote_received += 1
-            self._handed_nonce = nonce = bytes(view[1:13])
-            self._from_remote = _REMOTE_MARK + nonce
-            dp.admit_handed = self._admit_handed
-            try:
-                dp.outbound(net, memoryview(pt)[1 + length :], True)
-            finally:
-                self._from_remote = b""
-                dp.admit_handed = None
+            self._outbound_handed(net, memoryview(pt)[1 + length :], True, bytes(view[1:13]))
+
+    def _outbound_handed(
+        self, net: AccountNet, packet: memoryview, handoff_ok: bool, nonce: bytes
+    ) -> None:
+        """``Dataplane.outbound`` for a packet another node handed over with
+        handoff ``nonce``: if this worker sends it, the replay window decides
+        (:meth:`_admit_handed`); if it passes it on to a sibling, the nonce
+        goes along; it never goes to another node again."""
+        self._from_remote = _REMOTE_MARK + nonce
+        self.dp.admit_handed = self._admit_handed
+        try:
+            self.dp.outbound(net, packet, handoff_ok)
+        finally:
+            self._from_remote = b""
+            self.dp.admit_handed = None
 
     def _admit_handed(self) -> bool:
         """Handoff replay window (this worker is about to send a packet another
@@ -2034,7 +2041,7 @@ class Worker:
         owner with its nonce. Windows are per owner process: after the SA's
         owner changes, a copy of a datagram the previous owner accepted
         within the last window can pass once."""
-        nonce = self._handed_nonce
+        nonce = self._from_remote[1:]
         prefix = nonce[:8]
         win = self._handoff_windows.get(prefix)
         if win is None:
@@ -2307,12 +2314,9 @@ class Worker:
                 dp.count(DropReason.NO_TUNNEL)
                 continue
             if at:
-                self._handed_nonce = bytes(buf[1:13])
-                dp.admit_handed = self._admit_handed
-            try:
-                dp.outbound(net, view[at + 1 + length : n], False)
-            finally:
-                dp.admit_handed = None
+                self._outbound_handed(net, view[at + 1 + length : n], False, bytes(buf[1:13]))
+            else:
+                dp.outbound(net, view[1 + length : n], False)
 
     def _seq_file(self, key: tuple[str, int]) -> Path:
         return self.cfg.run_dir / f"seq-{key[0]}-{key[1]:08x}"
