@@ -167,11 +167,8 @@ def sum_sa_counters(reports: Iterable[Any]) -> _Counters:
 
     def add(key: tuple[str, int], value: object) -> None:
         pair = _pair(value)
-        if pair is None:
-            return
-        acc = total.setdefault(key, [0, 0])
-        acc[0] += pair[0]
-        acc[1] += pair[1]
+        if pair is not None:
+            _add_counts(total, key, pair)
 
     for report in reports:
         if not isinstance(report, dict):
@@ -190,6 +187,13 @@ def sum_sa_counters(reports: Iterable[Any]) -> _Counters:
     return total
 
 
+def _add_counts(total: _Counters, key: tuple[str, int], pair: Iterable[int]) -> None:
+    packets, octets = pair
+    acc = total.setdefault(key, [0, 0])
+    acc[0] += packets
+    acc[1] += octets
+
+
 class SaCounterLedger:
     """Per-SA packets/bytes that never go backwards, from the workers' reports.
 
@@ -204,9 +208,8 @@ class SaCounterLedger:
     it died is not known to control; counters start over when control does."""
 
     def __init__(self) -> None:
-        self._life: dict[str, object] = {}
-        self._last: dict[str, _Counters] = {}
-        """Worker id → SA key → [packets, bytes] in its latest report."""
+        self._last: dict[str, tuple[object, _Counters]] = {}
+        """Worker id → (its life, SA key → [packets, bytes]) of its latest report."""
         self._retired: _Counters = {}
 
     def observe(self, reports: dict[str, Any]) -> None:
@@ -216,46 +219,40 @@ class SaCounterLedger:
             if not isinstance(report, dict):
                 continue
             life = report.get("life")
-            last = self._last.get(worker)
-            if last is not None and life != self._life.get(worker):
-                self._retire(last)  # a new process under this id
-                last = None
-            if last is None:
-                last = self._last[worker] = {}
-            self._life[worker] = life
+            seen = self._last.get(worker)
+            if seen is None or seen[0] != life:
+                if seen is not None:
+                    self._retire(seen[1])  # a new process under this id
+                seen = self._last[worker] = (life, {})
+            last = seen[1]
             for key, (packets, octets) in sum_sa_counters([report]).items():
                 old = last.get(key)
                 if old is not None and (packets < old[0] or octets < old[1]):
-                    self._retire({key: old})
+                    _add_counts(self._retired, key, old)  # its SA entry was rebuilt
                 last[key] = [packets, octets]
 
     def _retire(self, counters: _Counters) -> None:
-        for key, (packets, octets) in counters.items():
-            acc = self._retired.setdefault(key, [0, 0])
-            acc[0] += packets
-            acc[1] += octets
+        for key, pair in counters.items():
+            _add_counts(self._retired, key, pair)
 
     def totals(self) -> _Counters:
         """SA key → [packets, bytes] over every worker life seen."""
         total = {key: list(v) for key, v in self._retired.items()}
-        for last in self._last.values():
-            for key, (packets, octets) in last.items():
-                acc = total.setdefault(key, [0, 0])
-                acc[0] += packets
-                acc[1] += octets
+        for _, last in self._last.values():
+            for key, pair in last.items():
+                _add_counts(total, key, pair)
         return total
 
     def keep_only(self, keys: set[tuple[str, int]]) -> None:
         """Forget SAs that are gone (bounded memory); a worker whose report
         named nothing else is forgotten too."""
         self._retired = {k: v for k, v in self._retired.items() if k in keys}
-        for worker in list(self._last):
-            last = {k: v for k, v in self._last[worker].items() if k in keys}
+        for worker, (life, counters) in list(self._last.items()):
+            last = {k: v for k, v in counters.items() if k in keys}
             if last:
-                self._last[worker] = last
+                self._last[worker] = (life, last)
             else:
                 del self._last[worker]
-                self._life.pop(worker, None)
 
 
 def sa_counter_key(rec: SaRecord) -> tuple[str, int]:
