@@ -1044,6 +1044,8 @@ class IkeSa:
             # back with no deadline and never be deleted
             "linger": self.linger_until - shift if self.linger_until else None,
             "retire": self.retire,
+            # where the Child SAs went (our SPI of the successor), relinked at import
+            "successor": None if self.successor is None else self.successor.our_spi,
             "children": [
                 [
                     c.spi_in,

@@ -210,6 +210,9 @@ class IkeEngine:
         self._cookie_secret = self.rng(32)
         self._cookie_version = 0
         self._last_now = 0.0
+        self._successor_of: dict[bytes, IkeSa] = {}
+        """Restored REKEYED IKE SAs whose successor (by our SPI) is not
+        imported yet: the control service imports one row at a time."""
 
     # ------------------------------------------------------------ the sans-IO API
 
@@ -453,17 +456,33 @@ class IkeEngine:
             if not isinstance(obj, dict) or obj.get("v") != self.STATE_VERSION:
                 raise ValueError("unknown IKE state version")
             restored = [IkeSa.from_state(self, d, now) for d in obj["sas"]]
+            successors = [d.get("successor") for d in obj["sas"]]
         except Exception:
             self.drops["bad_state_blob"] += 1
             return
-        for sa in restored:
+        for sa, succ in zip(restored, successors, strict=True):
             self.sas[sa.our_spi] = sa
+            self._link_successor(sa, succ)
             if sa.tunnel is not None:
                 self.by_tunnel.setdefault(sa.tunnel.tunnel_id, set()).add(sa.our_spi)
             for c in sa.children.values():
                 self.spis_in_use.add(c.spi_in)
             self._schedule(sa)
         self._last_now = max(self._last_now, now)
+
+    def _link_successor(self, sa: IkeSa, succ: Any) -> None:
+        """Put back the link from a rekeyed IKE SA to the one its Child SAs
+        moved to (§2.18), in whichever order their rows come: a late Child SA
+        DELETE on the old IKE SA must still find them (``IkeSa.owner``)."""
+        if isinstance(succ, bytes):
+            target = self.sas.get(succ)
+            if target is not None:
+                sa.successor = target
+            else:
+                self._successor_of[succ] = sa
+        older = self._successor_of.pop(sa.our_spi, None)
+        if older is not None and older.successor is None:
+            older.successor = sa
 
     # ------------------------------------------------------------ hooks for IkeSa
 

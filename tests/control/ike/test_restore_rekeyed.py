@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import pytest
 
 from control.ike import events as ev
 from control.ike.engine import IkeConfig, IkeEngine
@@ -99,3 +100,47 @@ def test_rekeyed_sa_from_an_older_row_is_still_cleaned_up() -> None:
     assert not p.events(ev.IkeSaDeleted) and not p.events(ev.ChildSaDeleted)
     p.step(300.0)  # the client (rekey responder here) forgets its old one too
     assert len(p.client.sas) == 1
+
+
+def _rows(blob: bytes) -> list[bytes]:
+    """The export as one blob per IKE SA, the way the control service stores
+    and imports them (one row each, in no particular order)."""
+    obj = msgpack.unpackb(blob, raw=False)
+    return [msgpack.packb({"v": obj["v"], "sas": [d]}, use_bin_type=True) for d in obj["sas"]]
+
+
+@pytest.mark.parametrize("order", [1, -1], ids=["old-row-first", "new-row-first"])
+def test_late_child_delete_on_the_old_ike_sa_after_a_restart(order: int) -> None:
+    """We rekeyed the IKE SA while the peer's DELETE of the Child SA was on
+    its way over the old one (lost once); control restarted before the
+    peer's retransmission came. The Child SA lives in the new IKE SA now, and
+    the DELETE must still reach it there (§2.18, §1.4.1): ignoring it would
+    keep sending on an SA the peer has deleted until it expires."""
+    p = _pair()
+    (c_sa,) = p.client.ike_sas(TUNNEL)
+    (child,) = c_sa.children.values()
+    assert p.client.delete_child(TUNNEL, child.spi_in, p.now)
+    assert p.server.rekey_ike(TUNNEL, p.now)
+    lost: list[bytes] = []
+
+    def drop_first_delete(data: bytes, to_server: bool) -> bool:
+        if to_server and not lost and data[18] == 37:  # INFORMATIONAL request
+            lost.append(data)
+            return True
+        return False
+
+    p.drop = drop_first_delete
+    p.roundtrip()
+    assert lost and len(_rekeyed(p.server)) == 1
+    rows = _rows(p.server.export_state())
+    assert len(rows) == 2
+    p.server = IkeEngine(IkeConfig(**QUIET), make_lookup([server_tunnel()]))  # type: ignore[arg-type]
+    for row in rows[::order]:
+        p.server.import_state(row, p.now)
+    (old,) = _rekeyed(p.server)
+    (new,) = (sa for sa in p.server.sas.values() if sa is not old)
+    assert old.owner() is new and len(new.children) == 1
+    p.server_events.clear()
+    p.step(30.0)  # the peer retransmits its DELETE on the old IKE SA
+    (gone,) = p.events(ev.ChildSaDeleted)
+    assert gone.inbound_spi == child.spi_out and not new.children
