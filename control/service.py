@@ -63,6 +63,11 @@ from replication.records import (
 log = logging.getLogger("anywan.control")
 
 SA_PREFIX = "sa/"
+HELD_PREFIX = "held/"
+"""A held outbound SA record (``hold_outbound``: the peer's rekey, until it
+deletes the old Child SA) is sealed under ``held/<its key>``, not its key, so
+that a restart does not publish it with the rest of the store; it moves to
+its key when released (:meth:`ControlService._settle_held_outbound`)."""
 OWNED_PREFIXES = ("tunnel/", "route/", "sa/")
 ANSWER_HOLD = 0.5
 """Seconds an IKE message that creates a Child SA waits for every worker to
@@ -860,6 +865,8 @@ class ControlService:
             if isinstance(rec, SaRecord) and rec.tunnel_id == tunnel_id:
                 self.publisher.delete(key)
                 self._delete_sealed(key)
+        for key, _ in self.store.sealed_items(f"{HELD_PREFIX}sa/out/{tunnel_id}/"):
+            self._delete_sealed(key)  # held: never published
         self._ike_sas = {k: v for k, v in self._ike_sas.items() if v.tunnel_id != tunnel_id}
 
     def _drain_engine_events(self) -> None:
@@ -994,15 +1001,22 @@ class ControlService:
         """Seal both directions into the store, then publish them; the outbound
         one's sequence is what a rekey's old SA waits for (make-before-break).
         A held outbound SA (``ev.hold_outbound``: the peer's rekey, until it
-        deletes the old SA) is stored but not published; a control restart in
-        that window publishes it with the rest of the store.
+        deletes the old SA) is sealed under :data:`HELD_PREFIX` and not
+        published; its release moves it to its key and publishes it, and a
+        control restart in that window keeps it held (the restored engine
+        releases it).
 
         The IKE message that tells the peer about these records (our answer
         creating the SA, or the DELETE answer that releases a held outbound
         one) waits until every worker can use them (``IkeTransport.hold``)."""
+        out = ev.outbound
         with self._store_txn():
-            for rec in (ev.inbound, ev.outbound):
-                self.store.put_sealed(rec.key, encode(rec))
+            self.store.put_sealed(ev.inbound.key, encode(ev.inbound))
+            if ev.hold_outbound:
+                self.store.put_sealed(HELD_PREFIX + out.key, encode(out))
+            else:
+                self.store.put_sealed(out.key, encode(out))
+                self.store.delete_sealed(HELD_PREFIX + out.key)
         seq = self.publisher.set(ev.inbound)
         if not ev.hold_outbound:
             seq = self.publisher.set(ev.outbound)
@@ -1068,7 +1082,9 @@ class ControlService:
         for key in keys:
             log.debug("tombstoning %s", key)
             self._tombstone(key)
-            self._delete_sealed(key)
+            with self._store_txn():
+                self.store.delete_sealed(key)
+                self.store.delete_sealed(HELD_PREFIX + key)
 
     def _on_AuthenticationFailed(self, ev: Any) -> None:
         self.metrics.handshakes.labels(ev.reason).inc()
@@ -1100,6 +1116,51 @@ class ControlService:
             await self._serve(mapp, self.config.metrics_listen)
         if self.engine is not None and (self.config.ike_listen or self.relay is not None):
             await self._start_ike()
+        self._settle_held_outbound()
+
+    def _settle_held_outbound(self) -> None:
+        """After a restart: an outbound SA still held in the store stays held
+        if the restored engine holds it too (it publishes it when the peer
+        deletes the old Child SA); otherwise nothing would ever release it (its
+        IKE SA's row was not written before a crash, or no IKE engine runs
+        here), so it is published now. Held records of a deleted tunnel or
+        past their expiry are dropped."""
+        held = self._engine_held_outbound()
+        now = time.time()
+        for hkey, blob in self.store.sealed_items(HELD_PREFIX):
+            try:
+                rec = decode(blob)
+            except RecordError:
+                rec = None
+            if (
+                not isinstance(rec, SaRecord)
+                or hkey != HELD_PREFIX + rec.key
+                or self.store.get("ipsec", rec.account_id, rec.tunnel_id) is None
+                or 0 < rec.expire_at <= now
+            ):
+                self._delete_sealed(hkey)
+                continue
+            if (rec.tunnel_id, rec.spi) in held:
+                continue
+            log.info(
+                "publishing held outbound SA %08x of tunnel %s: no restored IKE SA holds it",
+                rec.spi,
+                rec.tunnel_id,
+            )
+            with self._store_txn():
+                self.store.put_sealed(rec.key, blob)
+                self.store.delete_sealed(hkey)
+            self.publisher.set(rec)
+
+    def _engine_held_outbound(self) -> set[tuple[str, int]]:
+        """(tunnel, outbound SPI) of every Child SA the engine holds back."""
+        out: set[tuple[str, int]] = set()
+        for sa in getattr(self.engine, "sas", {}).values():
+            tunnel = getattr(sa, "tunnel", None)
+            for c in getattr(sa, "children", {}).values():
+                if tunnel is not None and getattr(c, "outbound_held", False):
+                    out.add((tunnel.tunnel_id, c.spi_out))
+        return out
 
     async def _start_ike(self) -> None:
         """The engine behind direct UDP listeners and/or the worker relay."""
@@ -1257,7 +1318,16 @@ class ControlService:
                 None if pend is None else (pend.kind, pend.message_id),
                 id(sa.last_response),
                 tuple(
-                    (c.spi_in, c.generation, c.rekeyed, c.deleting, c.delete_at, c.replaced_by)
+                    (
+                        c.spi_in,
+                        c.generation,
+                        c.rekeyed,
+                        c.deleting,
+                        c.delete_at,
+                        c.replaced_by,
+                        c.outbound_held,
+                        c.unconfirmed_successor,
+                    )
                     for c in sa.children.values()
                 ),
             )

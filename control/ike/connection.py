@@ -1066,6 +1066,10 @@ class IkeSa:
                     None if c.delete_at is None else c.delete_at - shift,
                     c.deleting,
                     c.replaced_by,
+                    # a rekey the peer started, until it deletes the old Child SA:
+                    # the new outbound SA stays held, the old one knows its successor
+                    c.outbound_held,
+                    c.unconfirmed_successor,
                 ]
                 for c in self.children.values()
             ],
@@ -1137,6 +1141,8 @@ class IkeSa:
                 delete_at=None if c[15] is None else c[15] + now,
                 deleting=c[16],
                 replaced_by=c[17] if len(c) > 17 else None,
+                outbound_held=bool(c[18]) if len(c) > 18 else False,
+                unconfirmed_successor=c[19] if len(c) > 19 else None,
             )
             if child.deleting:
                 # our DELETE for it was queued or in flight and is not kept (the

@@ -18,8 +18,13 @@ from typing import Any
 import pytest
 
 from control.api.openapi import build_openapi
+from control.config import ControlConfig
 from control.ike.engine import IkeConfig, IkeEngine, TunnelAuth
 from control.ike.events import ChildSaDeleted, ChildSaInstalled, IkeSaDeleted, IkeSaEstablished
+from control.metrics import ControlMetrics
+from control.secrets import MasterKey
+from control.service import ControlService
+from control.store import Store
 from replication.records import Direction, SaRecord, TrafficSelector
 from tests.control.api_support import add_token, ipsec
 from tests.control.test_api_openapi import check, response_schema
@@ -221,6 +226,95 @@ async def test_control_restart_continues_ike_sas(tmp_path: Path) -> None:
         (ike,) = view["ike_sas"]
         assert ike["state"] == "established" and ike["id_type"] == "rfc822"
         assert ike["remote_addr"] == CLIENT[0] and ike["created"].startswith("20")
+    finally:
+        await service.stop()
+        store.close()
+
+
+async def _restart_with_engine(state: Path, bus: Bus, *, restore: bool) -> tuple[Any, Any]:
+    """A new control on the same store whose real engine is restored (or,
+    ``restore=False``, left empty: the IKE rows were lost) before it starts,
+    as ``_start_ike`` does before the first datagram."""
+    store = Store.open(state, MasterKey.load_or_create(state / "master.key"))
+    metrics = ControlMetrics()
+    conf = ControlConfig(state_dir=state, api_listen="127.0.0.1:0", rekey_apply_timeout=5.0)
+    service = ControlService(conf, store, bus.factory(metrics.registry), metrics=metrics)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    if restore:
+        assert service.restore_ike_state(time.monotonic())
+    await service.start()
+    return service, store
+
+
+def _sa_keys(service: Any) -> set[str]:
+    return {k for k in service.publisher.items() if k.startswith("sa/")}
+
+
+@pytest.mark.parametrize("rows_lost", [False, True], ids=["restored", "ike-rows-lost"])
+async def test_restart_keeps_a_held_outbound_sa_held(tmp_path: Path, rows_lost: bool) -> None:
+    """The peer rekeyed its Child SA; control restarts before the peer
+    deletes the old one. The new outbound SA must stay held after the
+    restart (the peer may not have our answer yet) and go out when the
+    restored engine sees the peer's DELETE. If the IKE state was not
+    restored (lost rows), nothing would ever release it: it goes out at once."""
+    bus = Bus(tmp_path)
+    service, store = await start(tmp_path, bus)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    try:
+        token = add_token(store, ACCT)
+        base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
+        tid = (await api(service, token, "POST", base, ipsec()))["id"]
+        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
+        peer = Peer(service)
+        peer.connect(tid, psk, "fqdn")
+        (first,) = [e for e in peer.events if isinstance(e, ChildSaInstalled)]
+        assert peer.client.rekey_child(tid, time.monotonic())
+        peer.pump()
+        new = [e for e in peer.events if isinstance(e, ChildSaInstalled)][-1]
+        new_out = f"sa/out/{tid}/{new.inbound.spi:08x}"
+        old_out = f"sa/out/{tid}/{first.inbound.spi:08x}"
+        assert new_out not in _sa_keys(service) and old_out in _sa_keys(service)
+        assert [k for k, _ in store.sealed_items("held/")] == [f"held/{new_out}"]
+    finally:
+        await service.stop()  # persists the IKE state
+        store.close()
+
+    service, store = await _restart_with_engine(tmp_path, bus, restore=not rows_lost)
+    try:
+        peer.service = service
+        if rows_lost:
+            assert new_out in _sa_keys(service) and not store.sealed_items("held/")
+            return
+        assert new_out not in _sa_keys(service) and old_out in _sa_keys(service)
+        # the peer deletes the old Child SA: the restored engine releases the new one
+        peer.client.handle_timer(time.monotonic() + peer.client.config.rekey_delete_delay + 1)
+        peer.pump()
+        assert _sa_keys(service) == {f"sa/in/{new.outbound.spi:08x}", new_out}
+        assert not store.sealed_items("held/")
+        assert {k for k, _ in store.sealed_items("sa/")} == _sa_keys(service)
+    finally:
+        await service.stop()
+        store.close()
+
+
+async def test_deleting_a_tunnel_drops_its_held_outbound_sa(tmp_path: Path) -> None:
+    """A held outbound SA is in the store only: deleting the tunnel removes it too."""
+    bus = Bus(tmp_path)
+    service, store = await start(tmp_path, bus)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    try:
+        token = add_token(store, ACCT)
+        base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
+        tid = (await api(service, token, "POST", base, ipsec()))["id"]
+        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
+        peer = Peer(service)
+        peer.connect(tid, psk, "fqdn")
+        assert peer.client.rekey_child(tid, time.monotonic())
+        peer.pump()
+        assert len(store.sealed_items("held/")) == 1
+        await api(service, token, "DELETE", f"{base}/{tid}")
+        peer.pump()
+        assert store.sealed_items("held/") == [] and store.sealed_items("sa/") == []
     finally:
         await service.stop()
         store.close()
