@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -93,14 +92,10 @@ class PublisherLike(Protocol):
 
 
 def _thread_died(component: Any) -> bool:
-    """True if ``component``'s socket thread was started and has exited.
-
-    ``Publisher`` and ``RelayServer`` keep it in ``_thread`` (None before
-    start and after stop); while they run it only ends on a ZeroMQ error or
-    a bug, and then nothing is published or relayed any more. Duck-typed:
-    test doubles without a thread are never reported."""
-    thread = getattr(component, "_thread", None)
-    return isinstance(thread, threading.Thread) and not thread.is_alive()
+    """True if ``component`` (``Publisher``, ``RelayServer``) was started and
+    its socket thread has exited: then nothing is published or relayed any
+    more. Duck-typed: test doubles without the property are never reported."""
+    return getattr(component, "thread_died", False) is True
 
 
 def _plural(n: int, one: str, many: str) -> str:

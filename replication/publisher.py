@@ -166,6 +166,13 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="anywan-bus-pub", daemon=True)
         self._thread.start()
 
+    @property
+    def thread_died(self) -> bool:
+        """Started, and its socket thread has exited while meant to run (a
+        ZeroMQ error or a bug): nothing is published any more. Read by /healthz."""
+        thread = self._thread
+        return thread is not None and not thread.is_alive()
+
     def stop(self) -> None:
         self._stopping.set()
         self._wake()

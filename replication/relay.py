@@ -167,6 +167,13 @@ class _Thread:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    @property
+    def thread_died(self) -> bool:
+        """Started, and its socket thread has exited while meant to run (a
+        ZeroMQ error or a bug): nothing is relayed any more. Read by /healthz."""
+        thread = self._thread
+        return thread is not None and not thread.is_alive()
+
     def _stop_thread(self) -> None:
         self._stopping.set()
         if self._wake_w >= 0:

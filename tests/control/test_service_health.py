@@ -114,6 +114,10 @@ class StubRelay:
     def send(self, reply: Any) -> None:
         pass
 
+    @property
+    def thread_died(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
 
 async def test_workers_missing_after_the_grace_while_tunnels_exist(tmp_path: Path) -> None:
     bus = Bus(tmp_path)
