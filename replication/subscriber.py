@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -244,6 +245,12 @@ def run_loop(
             io.process(now)
 
 
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 class Subscriber:
     """A background thread keeping ``state`` equal to the publisher's.
 
@@ -301,6 +308,8 @@ class Subscriber:
         if on_batch is not None:
             wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._wake = (wake_r, self._on_wake)
+            # it may start again after stop(): the pipe goes with the object
+            weakref.finalize(self, _close_fds, wake_r, self._wake_w)
         self.ready: threading.Event = self._io.ready
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None

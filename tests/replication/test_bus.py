@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from replication import clone
 from replication.publisher import Publisher
@@ -284,6 +286,24 @@ def test_wait_applied_waits_for_the_application_to_confirm(tcp_bus: Bus) -> None
     sub.confirm(token)  # type: ignore[arg-type]
     assert pub.wait_applied_sync(seq, timeout=3)
     assert time.monotonic() - t0 < 0.5  # the ack goes at once, not at the next heartbeat
+
+
+def test_confirm_pipe_closed_with_the_subscriber(tcp_bus: Bus) -> None:
+    """The wake pipe of an ``on_batch`` subscriber outlives stop() (it may
+    start again) but not the object: no two descriptors left per subscriber."""
+    import gc
+
+    tcp_bus.publisher()
+    sub = tcp_bus.subscriber("pipe", on_batch=lambda token: None)
+    assert sub._wake is not None
+    fds = (sub._wake[0], sub._wake_w)
+    tcp_bus.stop(sub)
+    os.fstat(fds[0])  # still open after stop
+    del sub
+    gc.collect()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 def test_snapshot_wire_count_checked() -> None:
