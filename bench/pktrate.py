@@ -116,6 +116,7 @@ from typing import Any
 
 from bench import emit
 from dataplane.sockets import SOL_UDP, UDP_SEGMENT
+from deploy import scrape
 
 #: Namespace prefix; each run adds its PID (deploy.netns.unique_prefix). Tests
 #: get ``awt-p-`` (``ANYWAN_PKTRATE_NETNS_PREFIX``, or an ``awt-`` value of
@@ -572,21 +573,15 @@ class Metrics:
     @staticmethod
     def parse(body: str, tid: str, direction: str) -> tuple[float, float, dict[str, float]]:
         """(packets, bytes) of one tunnel and direction, and the drop reasons."""
-        pk = by = 0.0
-        drops: dict[str, float] = {}
-        sel = f'tunnel="{tid}"'
-        dsel = f'direction="{direction}"'
-        for line in body.splitlines():
-            if line.startswith("anywan_worker_tunnel_packets_total{"):
-                if sel in line and dsel in line:
-                    pk += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("anywan_worker_tunnel_bytes_total{"):
-                if sel in line and dsel in line:
-                    by += float(line.rsplit(" ", 1)[1])
-            elif line.startswith("anywan_worker_drops_total{"):
-                m = re.search(r'reason="([^"]+)"\}\s+(\S+)', line)
-                if m and float(m.group(2)):
-                    drops[m.group(1)] = float(m.group(2))
+        pk = scrape.total(
+            body, "anywan_worker_tunnel_packets_total", tunnel=tid, direction=direction
+        )
+        by = scrape.total(body, "anywan_worker_tunnel_bytes_total", tunnel=tid, direction=direction)
+        drops = {
+            labels["reason"]: v
+            for labels, v in scrape.samples(body, "anywan_worker_drops_total")
+            if v and "reason" in labels
+        }
         return pk, by, drops
 
 

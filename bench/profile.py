@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import throughput as tp
+from deploy import scrape
 
 PREFIX = os.environ.get("ANYWAN_BENCH_NETNS_PREFIX", "awb-") + "pf-"
 STAGES = (
@@ -290,14 +291,10 @@ def _worker_counters(bench: tp.Bench) -> dict[str, float]:
     """Sum of ``anywan_worker_tunnel_packets_total`` per direction (worker 0)."""
     lab = tp._lab()
     _, body = lab.http_get(bench.ctl.name, "http://10.99.0.11:9101/metrics", 2.0)
-    out = {"in": 0.0, "out": 0.0}
-    for line in body.splitlines():
-        if not line.startswith("anywan_worker_tunnel_packets_total{"):
-            continue
-        direction = "in" if 'direction="in"' in line else "out"
-        with contextlib.suppress(ValueError):
-            out[direction] += float(line.rsplit(" ", 1)[1])
-    return out
+    return {
+        d: scrape.total(body, "anywan_worker_tunnel_packets_total", direction=d)
+        for d in ("in", "out")
+    }
 
 
 def _perf_argv(pid: int, out: Path, seconds: float) -> list[str]:

@@ -76,6 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import emit
+from deploy import scrape
 
 #: Namespace prefix; each run adds its PID (deploy.netns.unique_prefix), so
 #: concurrent runs never sweep each other. Tests set ``awt-b-`` through
@@ -679,17 +680,9 @@ class Bench:
         out = []
         for i in range(len(self.workers)):
             _, body = lab.http_get(self.ctl.name, f"http://10.99.0.11:{9101 + i}/metrics", 2.0)
-            total = 0.0
-            for line in body.splitlines():
-                if not line.startswith("anywan_worker_tunnel_packets_total{"):
-                    continue
-                if tunnel_id is not None and f'tunnel="{tunnel_id}"' not in line:
-                    continue
-                if direction is not None and f'direction="{direction}"' not in line:
-                    continue
-                with contextlib.suppress(ValueError):
-                    total += float(line.rsplit(" ", 1)[1])
-            out.append(total)
+            match = {"tunnel": tunnel_id, "direction": direction}
+            labels = {k: v for k, v in match.items() if v is not None}
+            out.append(scrape.total(body, "anywan_worker_tunnel_packets_total", **labels))
         return out
 
     def stop_workers(self) -> None:

@@ -52,7 +52,6 @@ import importlib
 import ipaddress
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +62,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from deploy import scrape
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -482,11 +483,8 @@ class Api:
 
     def metric(self, name: str, timeout: float = 10.0) -> float:
         """One unlabelled sample of control's ``/metrics`` (0 when absent)."""
-        for line in self._curl("GET", "/metrics", None, timeout).splitlines():
-            key, _, value = line.rpartition(" ")
-            if key == name:
-                return float(value)
-        return 0.0
+        body = self._curl("GET", "/metrics", None, timeout)
+        return next((v for labels, v in scrape.samples(body, name) if not labels), 0.0)
 
     def _curl(self, method: str, path: str, body: Any, timeout: float) -> str:
         argv = ["curl", "-s", "-m", str(timeout), "-X", method, "-w", "\n%{http_code}", "-K", "-"]
@@ -1316,13 +1314,10 @@ def status(cfg: LabConfig) -> dict[str, Any]:
         if code != 200:
             carried[wid] = {"_down": 1}
             continue
-        carried[wid] = {}
-        for fam_line in body.splitlines():
-            if fam_line.startswith("anywan_worker_tunnel_packets_total{"):
-                labels, _, value = fam_line.rpartition(" ")
-                carried[wid][labels.removeprefix("anywan_worker_tunnel_packets_total")] = float(
-                    value
-                )
+        carried[wid] = {
+            f"{labels.get('tunnel')} {labels.get('direction')}": value
+            for labels, value in scrape.samples(body, "anywan_worker_tunnel_packets_total")
+        }
     out["carried"] = carried
     out["urls"] = urls(cfg)
     return out
@@ -1447,10 +1442,9 @@ def print_status(cfg: LabConfig, st: dict[str, Any]) -> None:
             p(f"    {wid}: /metrics not answering")
         else:
             parts = []
-            for labels, v in counters.items():
-                m = re.search(r'direction="(\w+)",tunnel="(\w+)"', labels)
-                if m:
-                    parts.append(f"{names.get(m.group(2), m.group(2)[:8])} {m.group(1)}={v:.0f}")
+            for key, v in counters.items():
+                tunnel, _, direction = key.partition(" ")
+                parts.append(f"{names.get(tunnel, tunnel[:8])} {direction}={v:.0f}")
             p(f"    {wid}: " + (", ".join(parts) or "nothing yet"))
     u = st["urls"]
     p(f"  API {u['api']}  Prometheus {u['prometheus']}  control {u['control_metrics']}")

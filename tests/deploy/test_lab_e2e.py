@@ -20,7 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from deploy.lab import DEFAULT_CONFIG, Lab, LabConfig, down, http_get, ns_exec, status
+from deploy.lab import (
+    DEFAULT_CONFIG,
+    Lab,
+    LabConfig,
+    down,
+    http_get,
+    ns_exec,
+    print_status,
+    status,
+)
 from deploy.netns import list_namespaces, unique_prefix
 
 BASE = "awt-l-lab-"
@@ -324,7 +333,7 @@ def test_strongswan_reports_sas_installed(lab: Lab) -> None:
     assert all(c["udp_encap"] for c in control["child_sas"])
 
 
-def test_worker_metrics_count_the_packets(lab: Lab) -> None:
+def test_worker_metrics_count_the_packets(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
     need_site(lab, "siteC")
     tid = lab.sites["siteC"].tunnel_id
     assert tid
@@ -336,6 +345,15 @@ def test_worker_metrics_count_the_packets(lab: Lab) -> None:
     d_in = sum(after[w]["in"] - before.get(w, {}).get("in", 0) for w in after)
     d_out = sum(after[w]["out"] - before.get(w, {}).get("out", 0) for w in after)
     assert d_in >= sent and d_out >= got, (before, after)
+    # `lab status` names the tunnel in its "which worker carries what" lines
+    st = status(lab.cfg)
+    carried = {w: c for w, c in st["carried"].items() if f"{tid} in" in c}
+    assert carried and sum(c[f"{tid} in"] for c in carried.values()) >= sent, st["carried"]
+    capsys.readouterr()
+    print_status(lab.cfg, st)
+    lines = capsys.readouterr().out.splitlines()
+    name = next(t["name"] for t in st["tunnels"] if t["id"] == tid)
+    assert any(f"/{name} in=" in line for line in lines), lines
 
 
 def test_one_tunnel_is_carried_by_several_workers(lab: Lab) -> None:
