@@ -20,6 +20,7 @@ On failure pytest prints charon's log and our events (captured teardown output).
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -695,8 +696,9 @@ table ip awhold {
 
 def test_simultaneous_ike_rekey_with_strongswan(topo: Topology, make_responder, charons) -> None:
     """RFC 7296 §2.8.2 against strongSwan: both sides rekey the IKE SA at once and
-    both notice. strongSwan's request is held back until ours has reached it;
-    then one of its retransmissions (1, 2.4 and 4.4 s after the request) reaches
+    both notice. strongSwan's request is held back until ours has reached it
+    and strongSwan's answer to ours has been dropped by the same hold; then one
+    of its retransmissions (1, 2.4 and 4.4 s after the request) reaches
     us while ours is in flight, and our retransmission (after 8 s) fetches
     strongSwan's answer. Ours comes after strongSwan's last one, so the test does
     not depend on how long the hold took on a loaded machine (with 3 s, a hold
@@ -719,7 +721,21 @@ def test_simultaneous_ike_rekey_with_strongswan(topo: Topology, make_responder, 
             lambda: site.log_lines(r"<t1\|\d+> generating CREATE_CHILD_SA request"), 5
         )
         assert ours.call(ours.engine.rekey_ike, tid("t1"))
-        assert site.wait_for(lambda: site.log_lines(r"<t1\|\d+> parsed CREATE_CHILD_SA request"), 2)
+
+        def answer_held() -> bool:
+            """strongSwan's answer to our request was dropped too: ours stays
+            in flight until our retransmission. Lifting the hold when the
+            request was merely parsed let that answer through once (CI, a
+            loaded machine): our rekey finished before any of strongSwan's
+            retransmissions reached us, and only strongSwan saw a collision."""
+            if not site.log_lines(r"<t1\|\d+> generating CREATE_CHILD_SA response"):
+                return False
+            resent = len(site.log_lines(r"<t1\|\d+> retransmit \d+ of request"))
+            listing = gw.run(["nft", "list", "table", "ip", "awhold"]).stdout
+            dropped = re.search(r"counter packets (\d+)", listing)
+            return dropped is not None and int(dropped.group(1)) >= 2 + resent
+
+        assert site.wait_for(answer_held, 3, interval=0.02)
     finally:
         gw.run(["nft", "delete", "table", "ip", "awhold"], check=False)
 
