@@ -246,6 +246,20 @@ async def _restart_with_engine(state: Path, bus: Bus, *, restore: bool) -> tuple
     return service, store
 
 
+async def _peer_rekeyed(service: Any, store: Any) -> tuple[str, str, Peer]:
+    """(API token, tunnel id, peer) after the peer connected and rekeyed its
+    Child SA: our new outbound SA is held until it deletes the old one."""
+    token = add_token(store, ACCT)
+    base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
+    tid = (await api(service, token, "POST", base, ipsec()))["id"]
+    psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
+    peer = Peer(service)
+    peer.connect(tid, psk, "fqdn")
+    assert peer.client.rekey_child(tid, time.monotonic())
+    peer.pump()
+    return token, tid, peer
+
+
 def _sa_keys(service: Any) -> set[str]:
     return {k for k in service.publisher.items() if k.startswith("sa/")}
 
@@ -261,16 +275,8 @@ async def test_restart_keeps_a_held_outbound_sa_held(tmp_path: Path, rows_lost: 
     service, store = await start(tmp_path, bus)
     service.engine = IkeEngine(ike_config(service), service.lookup)
     try:
-        token = add_token(store, ACCT)
-        base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
-        tid = (await api(service, token, "POST", base, ipsec()))["id"]
-        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
-        peer = Peer(service)
-        peer.connect(tid, psk, "fqdn")
-        (first,) = [e for e in peer.events if isinstance(e, ChildSaInstalled)]
-        assert peer.client.rekey_child(tid, time.monotonic())
-        peer.pump()
-        new = [e for e in peer.events if isinstance(e, ChildSaInstalled)][-1]
+        _, tid, peer = await _peer_rekeyed(service, store)
+        first, new = [e for e in peer.events if isinstance(e, ChildSaInstalled)]
         new_out = f"sa/out/{tid}/{new.inbound.spi:08x}"
         old_out = f"sa/out/{tid}/{first.inbound.spi:08x}"
         assert new_out not in _sa_keys(service) and old_out in _sa_keys(service)
@@ -303,16 +309,9 @@ async def test_deleting_a_tunnel_drops_its_held_outbound_sa(tmp_path: Path) -> N
     service, store = await start(tmp_path, bus)
     service.engine = IkeEngine(ike_config(service), service.lookup)
     try:
-        token = add_token(store, ACCT)
-        base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
-        tid = (await api(service, token, "POST", base, ipsec()))["id"]
-        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
-        peer = Peer(service)
-        peer.connect(tid, psk, "fqdn")
-        assert peer.client.rekey_child(tid, time.monotonic())
-        peer.pump()
+        token, tid, peer = await _peer_rekeyed(service, store)
         assert len(store.sealed_items("held/")) == 1
-        await api(service, token, "DELETE", f"{base}/{tid}")
+        await api(service, token, "DELETE", f"/accounts/{ACCT}/magic/ipsec_tunnels/{tid}")
         peer.pump()
         assert store.sealed_items("held/") == [] and store.sealed_items("sa/") == []
     finally:
