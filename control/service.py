@@ -1322,6 +1322,7 @@ class ControlService:
                         c.replaced_by,
                         c.outbound_held,
                         c.unconfirmed_successor,
+                        c.answered is None,
                     )
                     for c in sa.children.values()
                 ),

@@ -1070,6 +1070,10 @@ class IkeSa:
                     # the new outbound SA stays held, the old one knows its successor
                     c.outbound_held,
                     c.unconfirmed_successor,
+                    # made by our answer the peer may not have yet (§2.1)
+                    None
+                    if c.answered is None
+                    else [c.answered[0], c.answered[1], c.answered[2] - shift],
                 ]
                 for c in self.children.values()
             ],
@@ -1143,6 +1147,9 @@ class IkeSa:
                 replaced_by=c[17] if len(c) > 17 else None,
                 outbound_held=bool(c[18]) if len(c) > 18 else False,
                 unconfirmed_successor=c[19] if len(c) > 19 else None,
+                answered=None
+                if len(c) <= 20 or c[20] is None
+                else (c[20][0], int(c[20][1]), c[20][2] + now),
             )
             if child.deleting:
                 # our DELETE for it was queued or in flight and is not kept (the

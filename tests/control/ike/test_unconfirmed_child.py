@@ -161,6 +161,30 @@ def test_a_child_sa_being_deleted_across_a_restart_is_deleted_with_the_peer() ->
     assert [e.inbound_spi for e in p.events(ev.ChildSaDeleted)] == [victim.spi_in]
 
 
+def test_an_unconfirmed_child_sa_stays_unconfirmed_across_a_restart() -> None:
+    """The first case with a control restart between the lost answer and our
+    rekey: the restored engine still knows the peer may not hold the new
+    Child SA, and waits as the running one did."""
+    from control.ike.engine import IkeEngine
+
+    from .pair import make_lookup, server_tunnel
+
+    p = _pair()
+    assert p.client.rekey_child(TUNNEL, p.now)
+    _lose_answers_once(p)
+    (s_new,) = _live(p, "s")
+    blob = p.server.export_state()
+    cfg = IkeConfig(strict=True, dpd_interval=1e6, rekey_delete_delay=1.0)
+    p.server = IkeEngine(cfg, make_lookup([server_tunnel()]))
+    p.server.import_state(blob, p.now)
+    assert p.server.rekey_child(TUNNEL, p.now)
+    p.roundtrip()
+    assert p.server.drops["rekey_deferred_unconfirmed"] >= 1
+    p.step(60.0)
+    live = _agree(p)
+    assert len(live) == 1 and s_new not in live
+
+
 RNG_SEED = 0
 
 
