@@ -250,6 +250,71 @@ class OutRequest:
     ctx: dict[str, Any] = field(default_factory=dict)
 
 
+def _offered_spi(req: OutRequest) -> int | None:
+    """The ESP SPI a CREATE_CHILD_SA request of ours offered (ours for the new
+    Child SA), also once restored as an ``orphan``; None for anything else."""
+    if req.exchange != ExchangeType.CREATE_CHILD_SA or req.kind == "rekey_ike":
+        return None
+    spi = req.ctx.get("spi_in", req.ctx.get("offered"))
+    return spi if isinstance(spi, int) else None
+
+
+def _kex_state(kex: dhmod.KeyExchange | None) -> list[Any] | None:
+    if kex is None:
+        return None
+    x = kex.private_value()
+    return [kex.group, x.to_bytes((x.bit_length() + 7) // 8 or 1, "big"), kex.public]
+
+
+def _pending_ctx(req: OutRequest) -> dict[str, Any] | None:
+    """What a restarted engine needs to finish our CREATE_CHILD_SA in flight
+    (a Child SA, or an IKE SA rekey outside a §2.8.2 collision) when the
+    peer's answer comes: our nonce, our ephemeral DH key — sealed in the store
+    like SK_d — and the SPI we offered. Without it the answer could not be
+    used, and the peer alone would hold what it made of the request."""
+    ctx = req.ctx
+    if req.kind in ("rekey_child", "new_child"):
+        col = ctx.get("collision")
+        return {
+            "ni": ctx["ni"],
+            "spi_in": ctx["spi_in"],
+            "kex": _kex_state(ctx["kex"]),
+            "old": ctx["old"],
+            "suites": [[s.encr, s.key_bits, s.integ, s.dh] for s in ctx["suites"]],
+            "group": ctx["group"],
+            "attempt": ctx.get("attempt", 0),
+            "collision": None if col is None else list(col),
+        }
+    if req.kind == "rekey_ike" and "collision" not in ctx:
+        su = ctx["suite"]
+        return {
+            "ni": ctx["ni"],
+            "spi": ctx["spi"],
+            "kex": _kex_state(ctx["kex"]),
+            "suite": [su.encr, su.key_bits, su.integ, su.prf, su.dh],
+        }
+    return None
+
+
+def _restore_ctx(kind: str, d: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`_pending_ctx`."""
+    k = d["kex"]
+    kex = None if k is None else dhmod.restore(k[0], int.from_bytes(k[1], "big"), k[2])
+    if kind == "rekey_ike":
+        return {"ni": d["ni"], "spi": d["spi"], "kex": kex, "suite": IkeSuite(*d["suite"])}
+    col = d["collision"]
+    return {
+        "ni": d["ni"],
+        "spi_in": d["spi_in"],
+        "kex": kex,
+        "old": d["old"],
+        "suites": [ChildSuite(*x) for x in d["suites"]],
+        "group": d["group"],
+        "attempt": d["attempt"],
+        **({} if col is None else {"collision": tuple(col)}),
+    }
+
+
 # ----------------------------------------------------------------- IKE SA
 
 
@@ -1037,7 +1102,18 @@ class IkeSa:
             "last_request": None
             if self.last_request is None
             else [self.last_request[0], list(self.last_request[1]), list(self.last_request[2])],
-            "pending": None if req is None else [req.kind, req.exchange, req.message_id, req.data],
+            # with the SPI a CREATE_CHILD_SA in flight offered: if the peer
+            # answers it after a restart, that Child SA is deleted there
+            "pending": None
+            if req is None
+            else [
+                req.kind,
+                req.exchange,
+                req.message_id,
+                req.data,
+                _offered_spi(req),
+                _pending_ctx(req),
+            ],
             "ike_rekey_at": self.ike_rekey_at - shift if self.ike_rekey_at else 0.0,
             "created": self.created - shift,
             # a REKEYED IKE SA's way out (§2.18): without them it would come
@@ -1113,10 +1189,17 @@ class IkeSa:
         if lr is not None:
             sa.last_request = (lr[0], (lr[1][0], int(lr[1][1])), (lr[2][0], int(lr[2][1])))
         if d["pending"] is not None:
-            kind, exchange, mid, data = d["pending"]
-            if kind not in ("dpd", "delete_ike"):
+            kind, exchange, mid, data = d["pending"][:4]
+            offered = d["pending"][4] if len(d["pending"]) > 4 else None
+            kept = d["pending"][5] if len(d["pending"]) > 5 else None
+            ctx: dict[str, Any] = {}
+            if kept is not None and kind in ("rekey_child", "new_child", "rekey_ike"):
+                ctx = _restore_ctx(kind, kept)  # finished when the answer comes
+            elif kind not in ("dpd", "delete_ike"):
+                # its context was not kept: the answer cannot be used
                 kind = "orphan"
-            sa.pending = OutRequest(kind, exchange, mid, data, now, now, 0, {})
+                ctx = {} if offered is None else {"offered": offered}
+            sa.pending = OutRequest(kind, exchange, mid, data, now, now, 0, ctx)
         sa.ike_rekey_at = d["ike_rekey_at"] + now if d["ike_rekey_at"] else 0.0
         # not stored: heard from at ``now`` (the row's write time in the control
         # service); the first timer run spreads the first DPD (_spread_restored_dpd)
@@ -1159,6 +1242,11 @@ class IkeSa:
                 child.deferred_delete = ("rekeyed" if child.rekeyed else "local_delete", now)
             child.records = sa._records(child)
             sa.children[child.spi_in] = child
+        req = sa.pending
+        if req is not None and req.kind == "rekey_child":
+            rekeyed = sa.children.get(req.ctx["old"])
+            if rekeyed is not None:
+                rekeyed.rekeying = True  # not rekeyed twice while that answer is due
         return sa
 
     def _restore_linger(self, d: dict[str, Any], now: float) -> None:
@@ -1746,8 +1834,17 @@ class IkeSa:
             if rekeyed is not None:
                 rekeyed.rekeying = False
         if req.kind == "orphan":
-            # a request restored by import_state whose context (DH key) was not kept
+            # a request restored by import_state whose context (DH key) was not
+            # kept: we cannot install what the peer made of it, so if the peer
+            # made a Child SA (with the SPI we offered), it is deleted there —
+            # else the peer alone would hold it (and may send on it)
             self.engine.count("orphan_response")
+            offered = req.ctx.get("offered")
+            if offered is not None:
+                if err is None:
+                    self.owner().request("delete_offered", offered)
+                else:
+                    self.engine.release_spi(offered)
             return
         if req.kind == "rekey_ike":
             if err is not None:

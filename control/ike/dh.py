@@ -69,6 +69,11 @@ class KeyExchange(Protocol):
         """g^ir from the peer's Key Exchange Data; DhError if it is unusable."""
         ...
 
+    def private_value(self) -> int:
+        """The private exponent / scalar, for :func:`restore` (a restarted
+        control finishing an exchange in flight; kept sealed like SK_d)."""
+        ...
+
 
 _PARAMS: dict[int, dh.DHParameters] = {}
 
@@ -88,14 +93,26 @@ class ModpKeyExchange:
 
     __slots__ = ("_key", "group", "public")
 
-    def __init__(self, group: int) -> None:
+    def __init__(self, group: int, private: tuple[int, bytes] | None = None) -> None:
+        """``private``: (x, our public value) of a key to restore, else a new key."""
         self.group = group
         params = _params(group)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-            self._key = params.generate_private_key()
+            if private is None:
+                self._key = params.generate_private_key()
+            else:
+                x, public = private
+                y = int.from_bytes(public, "big")
+                pub = dh.DHPublicNumbers(y, params.parameter_numbers())
+                self._key = dh.DHPrivateNumbers(x, pub).private_key()
             y = self._key.public_key().public_numbers().y
         self.public = y.to_bytes(KE_LENGTHS[group], "big")
+
+    def private_value(self) -> int:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            return self._key.private_numbers().x
 
     def shared(self, peer: bytes) -> bytes:
         p = MODP_PRIMES[self.group]
@@ -135,6 +152,9 @@ class EcpKeyExchange:
         )
         self.public = point[1:]  # RFC 5903 §7: no SEC1 0x04 prefix in IKE
 
+    def private_value(self) -> int:
+        return self._key.private_numbers().private_value
+
     def shared(self, peer: bytes) -> bytes:
         if len(peer) != KE_LENGTHS[ECP_384]:
             raise DhError("ECP public value has the wrong length")
@@ -154,6 +174,24 @@ def generate(group: int) -> KeyExchange:
     if group in MODP_PRIMES:
         return ModpKeyExchange(group)
     raise DhError(f"unsupported DH group {group}")
+
+
+def restore(group: int, private_value: int, public: bytes) -> KeyExchange:
+    """The key :meth:`KeyExchange.private_value` and ``public`` came from."""
+    if group == ECP_384:
+        kex: KeyExchange = EcpKeyExchange(group, private_value)
+    elif group in MODP_PRIMES:
+        kex = ModpKeyExchange(group, (private_value, public))
+    else:
+        raise DhError(f"unsupported DH group {group}")
+    if isinstance(kex, ModpKeyExchange):
+        # OpenSSL takes y as given: check y = g^x (g = 2) with one exchange
+        check = kex.shared((2).to_bytes(KE_LENGTHS[group], "big"))
+    else:
+        check = kex.public  # derived from the scalar
+    if check != public:
+        raise DhError("restored key does not match its public value")
+    return kex
 
 
 def ffdh_available() -> bool:

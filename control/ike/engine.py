@@ -467,6 +467,10 @@ class IkeEngine:
                 self.by_tunnel.setdefault(sa.tunnel.tunnel_id, set()).add(sa.our_spi)
             for c in sa.children.values():
                 self.spis_in_use.add(c.spi_in)
+            if sa.pending is not None:  # the SPI a request in flight offered
+                offered = sa.pending.ctx.get("spi_in", sa.pending.ctx.get("offered"))
+                if isinstance(offered, int):
+                    self.spis_in_use.add(offered)
             self._schedule(sa)
         self._last_now = max(self._last_now, now)
 

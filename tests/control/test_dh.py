@@ -121,3 +121,18 @@ def test_modp_rejects_degenerate_values(group: int) -> None:
 def test_unknown_group() -> None:
     with pytest.raises(dh.DhError):
         dh.generate(19)
+
+
+@pytest.mark.parametrize("group", [dh.ECP_384, dh.MODP_2048, dh.MODP_1536])
+def test_a_key_restored_from_its_private_value_is_the_same_key(group: int) -> None:
+    """A restarted control finishes a key exchange in flight with the key it
+    kept (``KeyExchange.private_value``): same public value, same g^ir, and no
+    deprecation warning escapes the module."""
+    ours, peer = dh.generate(group), dh.generate(group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = dh.restore(group, ours.private_value(), ours.public)
+    assert again.public == ours.public
+    assert again.shared(peer.public) == ours.shared(peer.public) == peer.shared(ours.public)
+    with pytest.raises(dh.DhError):
+        dh.restore(group, ours.private_value() + 1, ours.public)  # not its public value

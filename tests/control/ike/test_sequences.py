@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgpack
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from control.ike.engine import IkeConfig
+from control.ike.engine import IkeConfig, IkeEngine
 from control.ike.state import IkeState
 
 from .pair import TUNNEL, Pair, make_pair
@@ -39,11 +40,25 @@ def apply(p: Pair, op: str) -> None:
         side.create_child(TUNNEL, p.now)
     elif name == "dpd":
         side.send_dpd(TUNNEL, p.now)
+    elif name == "restart":
+        restart(p)
     elif name == "delete_child":
         sas = side.ike_sas(TUNNEL)
         live = [c for sa in sas for c in sa.children.values() if not c.rekeyed and not c.deleting]
         if len(live) > 2:  # both sides may delete at once: keep one alive
             side.delete_child(TUNNEL, live[-1].spi_in, p.now)
+
+
+def restart(p: Pair) -> None:
+    """Control restarts (``s_restart``): what the old process had not sent yet
+    is lost, and a new engine imports the exported IKE SAs one row at a time,
+    newest first, as the control service stores and reads them back."""
+    old = p.server
+    old.datagrams_to_send()
+    obj = msgpack.unpackb(old.export_state(), raw=False)
+    p.server = IkeEngine(old.config, old.lookup, rng=old.rng)
+    for d in reversed(obj["sas"]):
+        p.server.import_state(msgpack.packb({"v": obj["v"], "sas": [d]}), p.now)
 
 
 def live_children(
@@ -149,3 +164,31 @@ def test_random_sequences_over_a_lossy_network_converge(
         assert (s_est[0].spi_i, s_est[0].spi_r) == (c_est[0].spi_i, c_est[0].spi_r)
         s, c = live_children(p, "s"), live_children(p, "c")
         assert {v[0] for v in s.values()} == set(c)
+
+
+RESTARTS = [*OPS, "s_restart"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.lists(st.sampled_from(RESTARTS), min_size=1, max_size=3), min_size=1, max_size=8),
+    st.integers(0, 10**6),
+)
+def test_random_sequences_with_control_restarts_converge(
+    batches: list[list[str]], seed: int
+) -> None:
+    """As above, with control restarting at random moments (its IKE state
+    exported and imported row by row, unsent datagrams lost): rekeys in flight,
+    held outbound SAs, unconfirmed answers and rekeyed IKE SAs all come back,
+    and both ends agree again."""
+    p = run_lossy(batches, seed)
+    s_est = [sa for sa in p.server.ike_sas(TUNNEL) if sa.state is IkeState.ESTABLISHED]
+    c_est = [sa for sa in p.client.ike_sas(TUNNEL) if sa.state is IkeState.ESTABLISHED]
+    if s_est and c_est:
+        assert len(s_est) == 1 and len(c_est) == 1
+        assert (s_est[0].spi_i, s_est[0].spi_r) == (c_est[0].spi_i, c_est[0].spi_r)
+        s, c = live_children(p, "s"), live_children(p, "c")
+        assert {v[0] for v in s.values()} == set(c)
+        for spi_in, (spi_out, k_in, k_out) in s.items():
+            assert c[spi_out] == (spi_in, k_out, k_in)
+    assert not p.server.drops["internal_error"] and not p.client.drops["internal_error"]

@@ -1,0 +1,88 @@
+"""A request of ours in flight when control restarts is finished by the
+restored engine when the peer's answer comes (or the retransmission of the
+request, if it was lost with the old process).
+
+Before, such a request came back as an "orphan": its nonce and DH key were
+not kept, so the answer could not be used, and the peer alone held the Child
+SA (or IKE SA) it made — found by the Hypothesis test with restarts
+(test_sequences.py), e.g. ``[["s_rekey_child", "s_restart"]]``: the peer
+marked the old Child SA rekeyed and held a new one we never installed. The
+nonce, the ephemeral DH key and the offered SPI are now part of the sealed
+IKE state."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from control.ike import events as ev
+from control.ike.engine import IkeConfig, IkeEngine
+from control.ike.state import IkeState
+
+from .pair import TUNNEL, Pair, make_lookup, make_pair, server_tunnel
+
+QUIET = dict(strict=True, dpd_interval=1e6, rekey_delete_delay=1.0)
+
+
+def _pair(**kw: object) -> Pair:
+    p = make_pair(config=IkeConfig(**QUIET), client_config=IkeConfig(**QUIET))  # type: ignore[arg-type]
+    p.connect(**kw)
+    return p
+
+
+def _restart(p: Pair) -> None:
+    """The old process dies with whatever it had not sent; a new engine imports
+    the export row by row, as the control service does."""
+    p.server.datagrams_to_send()
+    obj = msgpack.unpackb(p.server.export_state(), raw=False)
+    p.server = IkeEngine(IkeConfig(**QUIET), make_lookup([server_tunnel()]))  # type: ignore[arg-type]
+    for d in obj["sas"]:
+        p.server.import_state(msgpack.packb({"v": obj["v"], "sas": [d]}), p.now)
+
+
+def _agree(p: Pair) -> set[int]:
+    (s_sa,) = [sa for sa in p.server.ike_sas(TUNNEL) if sa.state is IkeState.ESTABLISHED]
+    (c_sa,) = [sa for sa in p.client.ike_sas(TUNNEL) if sa.state is IkeState.ESTABLISHED]
+    assert (s_sa.spi_i, s_sa.spi_r) == (c_sa.spi_i, c_sa.spi_r)
+    s = {c.spi_in: c.spi_out for c in s_sa.children.values() if not (c.rekeyed or c.deleting)}
+    c = {c.spi_in: c.spi_out for c in c_sa.children.values() if not (c.rekeyed or c.deleting)}
+    assert {v: k for k, v in s.items()} == c
+    assert s_sa.children[next(iter(s))].keys_in == c_sa.children[s[next(iter(s))]].keys_out
+    return set(s)
+
+
+@pytest.mark.parametrize("pfs", [None, 14, 5], ids=["no-pfs", "modp2048", "modp1536"])
+@pytest.mark.parametrize("answer_lost", [False, True], ids=["request-lost", "answer-lost"])
+def test_our_child_rekey_in_flight_is_finished_after_a_restart(
+    pfs: int | None, answer_lost: bool
+) -> None:
+    p = _pair()
+    (sa,) = p.server.ike_sas(TUNNEL)
+    (old,) = sa.children.values()
+    old.pfs_hint = pfs
+    assert p.server.rekey_child(TUNNEL, p.now)
+    if answer_lost:  # the peer answered; the answer died with the old process
+        p.drop = lambda data, to_server: not to_server
+        p.transfer()
+        p.drop = None
+    _restart(p)
+    p.server_events.clear()
+    p.step(30.0)  # our retransmission, the peer's (cached) answer, the old SA's DELETE
+    live = _agree(p)
+    assert len(live) == 1 and old.spi_in not in live
+    (new,) = p.events(ev.ChildSaInstalled)
+    assert new.replaces == (old.spi_in, old.spi_out) and new.inbound.spi in live
+    assert [e.inbound_spi for e in p.events(ev.ChildSaDeleted)] == [old.spi_in]
+    assert not p.server.drops["orphan_response"]
+
+
+def test_our_ike_rekey_in_flight_is_finished_after_a_restart() -> None:
+    p = _pair()
+    (before,) = p.server.ike_sas(TUNNEL)
+    assert p.server.rekey_ike(TUNNEL, p.now)
+    _restart(p)
+    p.step(60.0)
+    assert len(_agree(p)) == 1
+    (after,) = p.server.ike_sas(TUNNEL)
+    assert (after.spi_i, after.spi_r) != (before.spi_i, before.spi_r)
+    assert len(p.client.sas) == 1 and not p.server.drops["orphan_response"]
