@@ -1161,7 +1161,9 @@ class ControlService:
         """The engine behind direct UDP listeners and/or the worker relay."""
         from control.ike.transport import IkeTransport
 
-        self.transport = IkeTransport(self.engine, on_event=self.on_ike_event)
+        self.transport = IkeTransport(
+            self.engine, on_event=self.on_ike_event, on_flush=self._on_ike_flush
+        )
         self.restore_ike_state(self.transport.now())
         for addr in self.config.ike_listen:
             await self.transport.listen(addr, [int(p) for p in self.config.ike_ports])
@@ -1210,6 +1212,19 @@ class ControlService:
             except Exception as exc:  # an engine change must not break the event path
                 log.warning("cannot list the engine's IKE SAs: %s", type(exc).__name__)
                 self._ike_sweep_all = True
+
+    def _on_ike_flush(self) -> None:
+        """After every transport flush: the IKE SAs it touched (a DPD moved
+        their Message IDs, we sent a request, a timer ran) are written after
+        this loop turn, not at the next sweep, so a crash loses at most that
+        turn's changes. Engines without ``take_touched`` rely on the sweep."""
+        take = getattr(self.engine, "take_touched", None)
+        if take is None:
+            return
+        touched = take()
+        if touched:
+            self._ike_dirty |= touched
+            self._schedule_ike_persist()
 
     def _schedule_ike_persist(self) -> None:
         """Persist the touched IKE SAs after the current loop turn: the
@@ -1331,15 +1346,16 @@ class ControlService:
             return object()
 
     def persist_ike_state(self) -> int:
-        """Write the rows of the IKE SAs events touched since the last write
-        (called after the flush that carried the events,
-        :meth:`_schedule_ike_persist`); returns rows written or deleted.
+        """Write the rows of the IKE SAs events or the engine
+        (``take_touched``) marked since the last write (called after the flush
+        that touched them, :meth:`_schedule_ike_persist`); returns rows
+        written or deleted. Only changed SAs (by a cheap fingerprint) are
+        serialised, sealed and written, all in one transaction.
 
-        :meth:`sweep_ike_state` (once a second and at stop) compares every
-        IKE SA's cheap fingerprint with the one last written, which catches
-        what moves without an event (Message IDs of DPD exchanges) and SAs
-        the engine dropped silently. Only changed SAs are serialised, sealed
-        and written, all in one transaction.
+        :meth:`sweep_ike_state` (every :attr:`IKE_SWEEP_INTERVAL` seconds, once
+        a second for an engine that does not report what it touched, and at
+        stop) compares every IKE SA with its row: a safety net for anything
+        that changed unreported.
 
         Crash safety: Child SA records are sealed before they are published;
         the IKE rows follow in the next loop turn. A crash in between (well
@@ -1347,8 +1363,9 @@ class ControlService:
         a new IKE SA is then not restored, so the peer's next DPD or rekey
         goes unanswered and the peer re-establishes (its DPD timeout), while
         the Child SA it negotiated is already on the bus and carries traffic
-        meanwhile (workers drop it at its ``expire_at``). A crash before the
-        sweep loses at most one second of Message ID moves, as before."""
+        meanwhile (workers drop it at its ``expire_at``). Message ID moves
+        (DPD, our requests) are written after the flush that made them too,
+        so a crash loses at most that loop turn's."""
         if self.engine is None or not hasattr(self.engine, "sas"):
             return 0
         return self._ike_rows_txn(full=self._ike_sweep_all)
@@ -1420,11 +1437,21 @@ class ControlService:
             self.store.delete_sealed(key)
         return [(spi, fp) for spi, fp, _ in puts], gone
 
+    IKE_SWEEP_INTERVAL = 30.0
+    """Seconds between full comparisons of every IKE SA with its row when the
+    engine reports what it touched (a safety net); once a second otherwise."""
+
     async def _persist_ike_state_loop(self) -> None:
+        full_every = self.IKE_SWEEP_INTERVAL if hasattr(self.engine, "take_touched") else 0.0
+        last_full = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             try:
-                self.sweep_ike_state()
+                if time.monotonic() - last_full >= full_every:
+                    last_full = time.monotonic()
+                    self.sweep_ike_state()
+                else:  # what is still marked, e.g. after a failed write
+                    self.persist_ike_state()
             except Exception as exc:
                 log.error("persisting IKE state failed: %s", type(exc).__name__)
 

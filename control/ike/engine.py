@@ -210,6 +210,8 @@ class IkeEngine:
         self._cookie_secret = self.rng(32)
         self._cookie_version = 0
         self._last_now = 0.0
+        self._touched: set[bytes] = set()
+        self._touched_tunnels: set[str] = set()
         self._successor_of: dict[bytes, IkeSa] = {}
         """Restored REKEYED IKE SAs whose successor (by our SPI) is not
         imported yet: the control service imports one row at a time."""
@@ -474,6 +476,24 @@ class IkeEngine:
             self._schedule(sa)
         self._last_now = max(self._last_now, now)
 
+    def take_touched(self) -> set[bytes]:
+        """Our SPIs of every IKE SA whose state may have changed since the last
+        call: each one that got a message, ran a timer or was asked something,
+        with the other IKE SAs of its tunnel (rekeys move Child SAs between
+        them), and each one that went. The control service persists these after
+        every flush instead of comparing every IKE SA; the other SAs cannot
+        have changed."""
+        out, self._touched = self._touched, set()
+        for tunnel_id in self._touched_tunnels:
+            out |= self.by_tunnel.get(tunnel_id, set())
+        self._touched_tunnels.clear()
+        return out
+
+    def _touch(self, sa: IkeSa) -> None:
+        self._touched.add(sa.our_spi)
+        if sa.tunnel is not None:
+            self._touched_tunnels.add(sa.tunnel.tunnel_id)
+
     def _link_successor(self, sa: IkeSa, succ: Any) -> None:
         """Put back the link from a rekeyed IKE SA to the one its Child SAs
         moved to (§2.18), in whichever order their rows come: a late Child SA
@@ -544,6 +564,7 @@ class IkeEngine:
 
     def discard(self, sa: IkeSa, reason: str) -> None:
         """Forget an IKE SA without events (its owner sent the ones due)."""
+        self._touch(sa)
         # our Child SA request still unanswered on it continues where the Child
         # SAs moved (every way an IKE SA ends comes through here)
         sa._hand_over_pending()
@@ -631,7 +652,9 @@ class IkeEngine:
 
     def _schedule(self, sa: IkeSa, after: float | None = None) -> None:
         """(Re)arm ``sa``'s deadline; ``after``: it just ran at that time, so a
-        deadline not later than it was not moved (see :meth:`handle_timer`)."""
+        deadline not later than it was not moved (see :meth:`handle_timer`).
+        Every path that changes an IKE SA comes through here (or :meth:`discard`)."""
+        self._touch(sa)
         if sa.state is IkeState.CLOSED or self.sas.get(sa.our_spi) is not sa:
             return
         when = sa.next_deadline()

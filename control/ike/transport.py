@@ -130,10 +130,14 @@ class IkeTransport:
         engine: Engine,
         *,
         on_event: Callable[[object], None] | None = None,
+        on_flush: Callable[[], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.engine = engine
         self.on_event = on_event
+        self.on_flush = on_flush
+        """Called after every flush, once its events were handled (control
+        persists the IKE SAs the flush touched)."""
         self._loop = loop
         self._sockets: dict[Address, _UdpProtocol] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -302,6 +306,12 @@ class IkeTransport:
             self._starts.pop()
         self._send_queue()
         self._arm_timer()
+        if self.on_flush is not None:
+            try:
+                self.on_flush()
+            except Exception:
+                self.stats["event_handler_error"] += 1
+                log.exception("IKE flush handler raised")
 
     def hold(self, until: Awaitable[object]) -> None:
         """Keep the datagrams of the flush running now back until ``until`` is

@@ -263,3 +263,38 @@ async def test_unreadable_row_is_skipped_and_removed(tmp_path: Path) -> None:
         service.sweep_ike_state()
         assert bad not in ike_rows(store) and len(ike_rows(store)) == 2
         dpd_answered(service, *peers[1])
+
+
+async def test_a_flush_writes_the_rows_it_touched_without_waiting_for_the_sweep(
+    tmp_path: Path,
+) -> None:
+    """A DPD moves Message IDs without any event. The transport's flush hook
+    hands control the IKE SAs the engine touched (``take_touched``), and their
+    rows are written right after that loop turn — a crash no longer loses up to
+    a sweep interval of Message ID moves (which would make the restored SA
+    reuse a Message ID the peer has already seen). Only the touched SA's row."""
+    n = 4
+    bus = Bus(tmp_path)
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
+        peers = await connect_many(service, token, n)
+        service._on_ike_flush()
+        await asyncio.sleep(0)
+        stamps, puts = row_stamps(store), writes(service, "put")
+        tid, peer = peers[2]
+        assert peer.client.send_dpd(tid, time.monotonic())
+        peer.pump()
+        service._on_ike_flush()  # what IkeTransport.flush calls at its end
+        await asyncio.sleep(0)  # the persist runs after the current loop turn
+        assert writes(service, "put") == puts + 1
+        after = row_stamps(store)
+        (ours,) = [sa.our_spi for sa in service.engine.ike_sas(tid)]
+        assert [k for k in after if after[k] != stamps[k]] == [
+            ControlService.IKE_SA_PREFIX + ours.hex()
+        ]
+        row = msgpack.unpackb(store.get_sealed(ControlService.IKE_SA_PREFIX + ours.hex()))
+        (sa,) = service.engine.ike_sas(tid)
+        assert row["sa"]["mid"][:2] == [sa.peer_next, sa.our_next]
+        service._on_ike_flush()  # nothing touched since: nothing written
+        await asyncio.sleep(0)
+        assert writes(service, "put") == puts + 1

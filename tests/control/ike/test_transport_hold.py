@@ -115,3 +115,26 @@ def test_closing_while_held_sends_nothing(rig: Rig) -> None:
     rig.lt.call(rig.transport.close)
     time.sleep(0.2)
     assert rig.sent() == []
+
+
+def test_on_flush_runs_after_every_flush_once_its_events_were_handled() -> None:
+    """Control's hook to persist what the flush touched: called after the
+    events of each received datagram were dispatched."""
+    engine, relay = EchoEngine(), FakeRelay()
+    lt = LoopThread(None).start()
+    seen: list[tuple[str, int]] = []
+    transport = IkeTransport(
+        engine,
+        on_event=lambda ev: seen.append(("event", len(engine.received))),
+        on_flush=lambda: seen.append(("flush", len(engine.received))),
+        loop=lt.loop,
+    )
+    try:
+        lt.call(lambda: transport.attach_relay(relay, datagram_factory=FakeDatagram))
+        relay.on_datagram(datagram(1))
+        assert wait_until(lambda: ("flush", 1) in lt.call(lambda: list(seen)))
+        got = lt.call(lambda: list(seen))
+        assert got.index(("event", 1)) < got.index(("flush", 1))
+    finally:
+        lt.call(transport.close)
+        lt.stop()
