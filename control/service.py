@@ -1214,17 +1214,20 @@ class ControlService:
                 self._ike_sweep_all = True
 
     def _on_ike_flush(self) -> None:
-        """After every transport flush: the IKE SAs it touched (a DPD moved
-        their Message IDs, we sent a request, a timer ran) are written after
-        this loop turn, not at the next sweep, so a crash loses at most that
-        turn's changes. Engines without ``take_touched`` rely on the sweep."""
+        """In every transport flush, before its datagrams go out: write the
+        rows of the IKE SAs it touched (a DPD moved their Message IDs, we sent
+        a request, a timer ran). Write-ahead: a crash can lose a change only
+        before the peer saw any message showing it — the peer then
+        retransmits, and the restored engine answers from the saved state.
+        (The flush's events published their Child SA records before this.)
+        Engines without ``take_touched`` rely on the event marks and the sweep."""
         take = getattr(self.engine, "take_touched", None)
         if take is None:
             return
         touched = take()
         if touched:
             self._ike_dirty |= touched
-            self._schedule_ike_persist()
+            self._persist_ike_logged()
 
     def _schedule_ike_persist(self) -> None:
         """Persist the touched IKE SAs after the current loop turn: the

@@ -136,8 +136,9 @@ class IkeTransport:
         self.engine = engine
         self.on_event = on_event
         self.on_flush = on_flush
-        """Called after every flush, once its events were handled (control
-        persists the IKE SAs the flush touched)."""
+        """Called in every flush once its events were handled, before its
+        datagrams are sent: control writes the IKE SAs the flush touched
+        first, so no message reaches a peer ahead of the saved state."""
         self._loop = loop
         self._sockets: dict[Address, _UdpProtocol] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -304,14 +305,14 @@ class IkeTransport:
             self._dispatch_events()
         finally:
             self._starts.pop()
-        self._send_queue()
-        self._arm_timer()
         if self.on_flush is not None:
             try:
                 self.on_flush()
             except Exception:
                 self.stats["event_handler_error"] += 1
                 log.exception("IKE flush handler raised")
+        self._send_queue()
+        self._arm_timer()
 
     def hold(self, until: Awaitable[object]) -> None:
         """Keep the datagrams of the flush running now back until ``until`` is

@@ -270,9 +270,10 @@ async def test_a_flush_writes_the_rows_it_touched_without_waiting_for_the_sweep(
 ) -> None:
     """A DPD moves Message IDs without any event. The transport's flush hook
     hands control the IKE SAs the engine touched (``take_touched``), and their
-    rows are written right after that loop turn — a crash no longer loses up to
-    a sweep interval of Message ID moves (which would make the restored SA
-    reuse a Message ID the peer has already seen). Only the touched SA's row."""
+    rows are written there, before the flush sends the answer — a crash no
+    longer loses up to a sweep interval of Message ID moves (which would make
+    the restored SA reuse a Message ID the peer has already seen). Only the
+    touched SA's row."""
     n = 4
     bus = Bus(tmp_path)
     async with running(tmp_path, bus) as (service, store):
@@ -284,8 +285,7 @@ async def test_a_flush_writes_the_rows_it_touched_without_waiting_for_the_sweep(
         tid, peer = peers[2]
         assert peer.client.send_dpd(tid, time.monotonic())
         peer.pump()
-        service._on_ike_flush()  # what IkeTransport.flush calls at its end
-        await asyncio.sleep(0)  # the persist runs after the current loop turn
+        service._on_ike_flush()  # what IkeTransport.flush calls before it sends
         assert writes(service, "put") == puts + 1
         after = row_stamps(store)
         (ours,) = [sa.our_spi for sa in service.engine.ike_sas(tid)]

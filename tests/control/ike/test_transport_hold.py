@@ -117,24 +117,28 @@ def test_closing_while_held_sends_nothing(rig: Rig) -> None:
     assert rig.sent() == []
 
 
-def test_on_flush_runs_after_every_flush_once_its_events_were_handled() -> None:
-    """Control's hook to persist what the flush touched: called after the
-    events of each received datagram were dispatched."""
+def test_on_flush_runs_after_the_events_and_before_the_answer_is_sent() -> None:
+    """Control's hook to write what the flush touched (write-ahead): called
+    once the events of a received datagram were dispatched, before the answer
+    to it leaves."""
     engine, relay = EchoEngine(), FakeRelay()
     lt = LoopThread(None).start()
     seen: list[tuple[str, int]] = []
+
+    def answers() -> int:
+        return len([d for d in relay.sent if d.data.startswith(b"R")])
+
     transport = IkeTransport(
         engine,
-        on_event=lambda ev: seen.append(("event", len(engine.received))),
-        on_flush=lambda: seen.append(("flush", len(engine.received))),
+        on_event=lambda ev: seen.append(("event", answers())),
+        on_flush=lambda: seen.append(("flush", answers())),
         loop=lt.loop,
     )
     try:
         lt.call(lambda: transport.attach_relay(relay, datagram_factory=FakeDatagram))
         relay.on_datagram(datagram(1))
-        assert wait_until(lambda: ("flush", 1) in lt.call(lambda: list(seen)))
-        got = lt.call(lambda: list(seen))
-        assert got.index(("event", 1)) < got.index(("flush", 1))
+        assert wait_until(lambda: lt.call(answers) == 1)
+        assert lt.call(lambda: list(seen))[:2] == [("event", 0), ("flush", 0)]
     finally:
         lt.call(transport.close)
         lt.stop()
