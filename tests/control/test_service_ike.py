@@ -44,10 +44,13 @@ def ike_config(service: Any) -> IkeConfig:
 class Peer:
     """A customer router: an initiator engine wired to control's engine in memory."""
 
-    def __init__(self, service: Any) -> None:
+    def __init__(self, service: Any, *, flush: bool = False) -> None:
+        """``flush``: call control's flush hook before the server's datagrams
+        go out, as ``IkeTransport`` does (the rows it touched are written)."""
         self.service = service
         self.client = IkeEngine(IkeConfig(), lambda ident: None)
         self.events: list[Any] = []
+        self.flush = flush
 
     def pump(self, rounds: int = 20) -> None:
         server = self.service.engine
@@ -56,6 +59,10 @@ class Peer:
             for data, local, remote in self.client.datagrams_to_send():
                 server.receive_datagram(data, remote, local, time.monotonic())
                 moved += 1
+            if self.flush:
+                while (ev := server.next_event()) is not None:
+                    self.service.on_ike_event(ev)
+                self.service._on_ike_flush()
             for data, local, remote in server.datagrams_to_send():
                 self.client.receive_datagram(data, remote, local, time.monotonic())
                 moved += 1
@@ -314,6 +321,59 @@ async def test_deleting_a_tunnel_drops_its_held_outbound_sa(tmp_path: Path) -> N
         await api(service, token, "DELETE", f"/accounts/{ACCT}/magic/ipsec_tunnels/{tid}")
         peer.pump()
         assert store.sealed_items("held/") == [] and store.sealed_items("sa/") == []
+    finally:
+        await service.stop()
+        store.close()
+
+
+async def test_control_crash_continues_ike_sas(tmp_path: Path) -> None:
+    """Like a SIGKILL: no stop(), no final save — the store as it is on disk
+    mid-run. The rows each flush wrote before its answers left are enough: the
+    peer's next DPD and a Child SA rekey go on over the same IKE SA. (With the
+    once-a-second save of before, the DPDs' Message IDs were lost and the
+    restored SA refused the peer's next request.)"""
+    import shutil
+
+    bus = Bus(tmp_path)
+    service, store = await start(tmp_path, bus)
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    crashed = tmp_path / "crashed"
+    try:
+        token = add_token(store, ACCT)
+        base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
+        tid = (await api(service, token, "POST", base, ipsec()))["id"]
+        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
+        peer = Peer(service, flush=True)
+        peer.connect(tid, psk, "fqdn")
+        await asyncio.sleep(0)  # (the event-driven write of the new IKE SA)
+        for _ in range(3):  # Message IDs move, no event
+            assert peer.client.send_dpd(tid, time.monotonic())
+            peer.pump()
+        assert service.engine.send_dpd(tid, time.monotonic())  # ours, too
+        service._on_ike_flush()
+        peer.pump()
+        (sa,) = service.engine.ike_sas(tid)
+        assert (sa.peer_next, sa.our_next) == (5, 1)
+        crashed.mkdir()
+        for f in tmp_path.iterdir():  # the files as a crash would leave them
+            if f.is_file():
+                shutil.copy2(f, crashed / f.name)
+    finally:
+        await service.stop()
+        store.close()
+
+    service, store = await _restart_with_engine(crashed, Bus(crashed), restore=True)
+    try:
+        peer.service = service
+        peer.events.clear()
+        assert peer.client.send_dpd(tid, time.monotonic())
+        peer.pump()
+        assert peer.client.rekey_child(tid, time.monotonic())
+        peer.pump()
+        assert [e for e in peer.events if isinstance(e, ChildSaInstalled)], peer.events
+        assert not [e for e in peer.events if isinstance(e, IkeSaDeleted | IkeSaEstablished)]
+        (sa,) = service.engine.ike_sas(tid)
+        assert (sa.peer_next, sa.our_next) == (7, 1)
     finally:
         await service.stop()
         store.close()
