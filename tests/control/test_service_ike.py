@@ -253,15 +253,23 @@ async def _restart_with_engine(state: Path, bus: Bus, *, restore: bool) -> tuple
     return service, store
 
 
-async def _peer_rekeyed(service: Any, store: Any) -> tuple[str, str, Peer]:
-    """(API token, tunnel id, peer) after the peer connected and rekeyed its
-    Child SA: our new outbound SA is held until it deletes the old one."""
+async def _peer_connected(
+    service: Any, store: Any, *, flush: bool = False
+) -> tuple[str, str, Peer]:
+    """(API token, tunnel id, peer) of a new tunnel the peer connected to."""
     token = add_token(store, ACCT)
     base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
     tid = (await api(service, token, "POST", base, ipsec()))["id"]
     psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
-    peer = Peer(service)
+    peer = Peer(service, flush=flush)
     peer.connect(tid, psk, "fqdn")
+    return token, tid, peer
+
+
+async def _peer_rekeyed(service: Any, store: Any) -> tuple[str, str, Peer]:
+    """:func:`_peer_connected`, then the peer rekeyed its Child SA: our new
+    outbound SA is held until it deletes the old one."""
+    token, tid, peer = await _peer_connected(service, store)
     assert peer.client.rekey_child(tid, time.monotonic())
     peer.pump()
     return token, tid, peer
@@ -339,12 +347,7 @@ async def test_control_crash_continues_ike_sas(tmp_path: Path) -> None:
     service.engine = IkeEngine(ike_config(service), service.lookup)
     crashed = tmp_path / "crashed"
     try:
-        token = add_token(store, ACCT)
-        base = f"/accounts/{ACCT}/magic/ipsec_tunnels"
-        tid = (await api(service, token, "POST", base, ipsec()))["id"]
-        psk = (await api(service, token, "POST", f"{base}/{tid}/psk_generate"))["psk"]
-        peer = Peer(service, flush=True)
-        peer.connect(tid, psk, "fqdn")
+        _, tid, peer = await _peer_connected(service, store, flush=True)
         await asyncio.sleep(0)  # (the event-driven write of the new IKE SA)
         for _ in range(3):  # Message IDs move, no event
             assert peer.client.send_dpd(tid, time.monotonic())
