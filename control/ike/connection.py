@@ -1102,8 +1102,9 @@ class IkeSa:
             "last_request": None
             if self.last_request is None
             else [self.last_request[0], list(self.last_request[1]), list(self.last_request[2])],
-            # with the SPI a CREATE_CHILD_SA in flight offered: if the peer
-            # answers it after a restart, that Child SA is deleted there
+            # with what finishes a CREATE_CHILD_SA in flight after a restart
+            # (_pending_ctx), and the SPI it offered: should its context be
+            # lost, the Child SA the peer made of it is deleted there
             "pending": None
             if req is None
             else [
@@ -1192,10 +1193,15 @@ class IkeSa:
             kind, exchange, mid, data = d["pending"][:4]
             offered = d["pending"][4] if len(d["pending"]) > 4 else None
             kept = d["pending"][5] if len(d["pending"]) > 5 else None
-            ctx: dict[str, Any] = {}
+            ctx: dict[str, Any] | None = {}
             if kept is not None and kind in ("rekey_child", "new_child", "rekey_ike"):
-                ctx = _restore_ctx(kind, kept)  # finished when the answer comes
+                try:
+                    ctx = _restore_ctx(kind, kept)  # finished when the answer comes
+                except (dhmod.DhError, KeyError, TypeError, ValueError):
+                    ctx = None  # unusable: an orphan rather than a lost IKE SA
             elif kind not in ("dpd", "delete_ike"):
+                ctx = None
+            if ctx is None:
                 # its context was not kept: the answer cannot be used
                 kind = "orphan"
                 ctx = {} if offered is None else {"offered": offered}

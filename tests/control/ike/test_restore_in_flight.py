@@ -86,3 +86,31 @@ def test_our_ike_rekey_in_flight_is_finished_after_a_restart() -> None:
     (after,) = p.server.ike_sas(TUNNEL)
     assert (after.spi_i, after.spi_r) != (before.spi_i, before.spi_r)
     assert len(p.client.sas) == 1 and not p.server.drops["orphan_response"]
+
+
+def test_a_request_whose_context_cannot_be_restored_is_an_orphan_and_cleaned_up() -> None:
+    """State whose kept context is unusable (here: a DH key that does not match
+    its public value; likewise state from an older anywan without it): the IKE
+    SA is still restored, the request comes back as an "orphan" that keeps the
+    Message IDs in step, and the Child SA the peer made of it is deleted there
+    (DELETE of the SPI we had offered) — nobody is left holding it alone."""
+    p = _pair()
+    (sa,) = p.server.ike_sas(TUNNEL)
+    (old,) = sa.children.values()
+    old.pfs_hint = 14
+    assert p.server.rekey_child(TUNNEL, p.now)
+    p.server.datagrams_to_send()  # the request died with the old process
+    obj = msgpack.unpackb(p.server.export_state(), raw=False)
+    (d,) = obj["sas"]
+    d["pending"][5]["kex"][2] = bytes(len(d["pending"][5]["kex"][2]))
+    p.server = IkeEngine(IkeConfig(**QUIET), make_lookup([server_tunnel()]))  # type: ignore[arg-type]
+    p.server.import_state(msgpack.packb(obj), p.now)
+    assert not p.server.drops["bad_state_blob"]
+    (restored,) = p.server.ike_sas(TUNNEL)
+    assert restored.pending is not None and restored.pending.kind == "orphan"
+    offered = restored.pending.ctx["offered"]
+    p.step(60.0)
+    assert p.server.drops["orphan_response"] == 1
+    (c_sa,) = p.client.ike_sas(TUNNEL)
+    assert offered not in {c.spi_out for c in c_sa.children.values()}
+    assert [e.reason for e in p.events(ev.ChildSaDeleted, "client")] == ["peer_delete"]
