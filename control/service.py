@@ -1224,7 +1224,13 @@ class ControlService:
         take = getattr(self.engine, "take_touched", None)
         if take is None:
             return
-        touched = take()
+        sas, rows = self.engine.sas, self._ike_rows
+        # half-open SAs (an IKE_SA_INIT flood) are never saved: no transaction
+        touched = {
+            spi
+            for spi in take()
+            if spi in rows or ((sa := sas.get(spi)) is not None and self._exportable(sa))
+        }
         if touched:
             self._ike_dirty |= touched
             self._persist_ike_logged()
@@ -1361,14 +1367,13 @@ class ControlService:
         that changed unreported.
 
         Crash safety: Child SA records are sealed before they are published;
-        the IKE rows follow in the next loop turn. A crash in between (well
-        under a millisecond) loses that flush's change of those IKE SAs only:
-        a new IKE SA is then not restored, so the peer's next DPD or rekey
-        goes unanswered and the peer re-establishes (its DPD timeout), while
-        the Child SA it negotiated is already on the bus and carries traffic
-        meanwhile (workers drop it at its ``expire_at``). Message ID moves
-        (DPD, our requests) are written after the flush that made them too,
-        so a crash loses at most that loop turn's."""
+        the IKE rows follow in the same flush, before it sends anything
+        (:meth:`_on_ike_flush`; in the next loop turn for an engine without
+        ``take_touched``). A crash in between (well under a millisecond) loses
+        that flush's change of those IKE SAs, which no peer has seen: a new
+        IKE SA is then not restored and the peer, without our answer,
+        retries; the Child SA records already on the bus go at their
+        ``expire_at``."""
         if self.engine is None or not hasattr(self.engine, "sas"):
             return 0
         return self._ike_rows_txn(full=self._ike_sweep_all)

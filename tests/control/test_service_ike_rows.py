@@ -18,13 +18,14 @@ from typing import Any
 
 import msgpack
 
-from control.ike.engine import IkeEngine
+from control.ike.engine import IkeEngine, TunnelAuth
 from control.ike.events import ChildSaInstalled, IkeSaDeleted, IkeSaEstablished
 from control.service import ControlService
 from control.store import Store
+from replication.records import TrafficSelector
 from tests.control.api_support import add_token, ipsec
 from tests.control.test_service import ACCT, Bus, api, start
-from tests.control.test_service_ike import Peer, ike_config
+from tests.control.test_service_ike import CLIENT, SERVER, Peer, ike_config
 
 BASE = f"/accounts/{ACCT}/magic/ipsec_tunnels"
 
@@ -298,3 +299,37 @@ async def test_a_flush_writes_the_rows_it_touched_without_waiting_for_the_sweep(
         service._on_ike_flush()  # nothing touched since: nothing written
         await asyncio.sleep(0)
         assert writes(service, "put") == puts + 1
+
+
+async def test_a_flush_of_half_open_sas_writes_nothing(tmp_path: Path) -> None:
+    """IKE_SA_INIT alone (a scan, a flood) touches only half-open SAs, which
+    are never saved: the flush hook opens no store transaction for them."""
+    bus = Bus(tmp_path)
+    async with running(tmp_path, bus) as (service, store):
+        token = add_token(store, ACCT)
+        ((tid, _),) = await connect_many(service, token, 1)
+        service._on_ike_flush()
+        before = writes(service, "put"), row_stamps(store)
+        any4 = (TrafficSelector.from_network("0.0.0.0/0"),)
+        auth = TunnelAuth(
+            account_id=ACCT, tunnel_id=tid, psk=b"x" * 16, local_addr=CLIENT[0],
+            local_ts=any4, remote_ts=any4,
+        )  # fmt: skip
+        stranger = IkeEngine(ike_config(service), lambda ident: None)
+        stranger.initiate(auth, local=CLIENT, remote=SERVER, now=time.monotonic())
+        ((init, local, remote),) = stranger.datagrams_to_send()
+        txns: list[int] = []
+        real_txn = store.transaction
+
+        def counting_txn() -> Any:
+            txns.append(1)
+            return real_txn()
+
+        store.transaction = counting_txn  # type: ignore[method-assign]
+        try:
+            service.engine.receive_datagram(init, remote, local, time.monotonic())
+            assert service.engine.half_open
+            service._on_ike_flush()
+        finally:
+            store.transaction = real_txn  # type: ignore[method-assign]
+        assert not txns and (writes(service, "put"), row_stamps(store)) == before
