@@ -821,7 +821,12 @@ class Lab:
             )
 
     # -- control ---------------------------------------------------------------------
-    def _control_argv(self, *args: str, lifetimes: dict[str, float] | None = None) -> list[str]:
+    def _control_argv(
+        self,
+        *args: str,
+        lifetimes: dict[str, float] | None = None,
+        dpd_interval: float | None = None,
+    ) -> list[str]:
         cfg = self.cfg
         argv = [
             *entry_point("anywan-control", "control.cli"),
@@ -836,6 +841,8 @@ class Lab:
         for kind, secs in life.items():
             if secs is not None:
                 argv += [f"--{kind}-lifetime", str(secs)]
+        if dpd_interval is not None:
+            argv += ["--dpd-interval", str(dpd_interval)]
         return [*argv, *args]
 
     def start_control(self) -> None:
@@ -890,14 +897,23 @@ class Lab:
                     "control/service.py yet, so strongSwan sites get no answer"
                 )
 
-    def restart_control(self, *, lifetimes: dict[str, float] | None = None) -> float:
-        """SIGKILL-free restart (SIGTERM, start again); returns seconds until healthy.
-        ``lifetimes`` ({"child": s, "ike": s}) overrides the configured SA
-        lifetimes for SAs negotiated by the restarted control (rekey tests)."""
+    def restart_control(
+        self,
+        *,
+        lifetimes: dict[str, float] | None = None,
+        dpd_interval: float | None = None,
+        kill: bool = False,
+    ) -> float:
+        """Restart control (SIGTERM, or SIGKILL with ``kill``: a crash, no
+        final save); returns seconds until healthy. ``lifetimes`` ({"child": s,
+        "ike": s}) overrides the configured SA lifetimes for SAs negotiated by
+        the restarted control (rekey tests), ``dpd_interval`` its DPD interval."""
         proc = self.procs["control"]
+        if kill and proc.poll() is None:
+            proc.kill()
         self.topo.stop(proc)
         t0 = time.monotonic()
-        argv = self._control_argv("serve", lifetimes=lifetimes)
+        argv = self._control_argv("serve", lifetimes=lifetimes, dpd_interval=dpd_interval)
         self.spawn(self.ns["control"], "control", argv)
         wait_until(
             lambda: http_get(self.ns["control"].name, f"{self.cfg.api_url}/healthz", 1.0)[0] == 200,

@@ -9,6 +9,7 @@ reason ``deploy.lab`` found (it names the module); everything else runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import shutil
@@ -28,6 +29,7 @@ from deploy.lab import (
     http_get,
     ns_exec,
     print_status,
+    site_connection,
     status,
 )
 from deploy.netns import list_namespaces, unique_prefix
@@ -232,6 +234,13 @@ def test_down_cleans_up_after_a_crashed_up(tmp_path: Path) -> None:
     a = topo.namespace("edge")
     topo.namespace("node1")
     proc = a.popen(["sleep", "60"])
+    # `ip netns exec` enters the namespace, then execs sleep: wait for that,
+    # or `down` may look for it there before it arrives (seen under load)
+    comm = Path(f"/proc/{proc.pid}/comm")
+    deadline = time.monotonic() + 5
+    while comm.read_text().strip() != "sleep":
+        assert time.monotonic() < deadline, comm.read_text()
+        time.sleep(0.01)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "state.json").write_text(json.dumps({"pids": {}}))
     removed = down(cfg, quiet=True)
@@ -520,6 +529,56 @@ def test_control_restart_under_traffic(lab: Lab) -> None:
     for s, before in ike_before.items():
         after = lab.sites[s].charon.established()
         assert after[0]["initiator-spi"] == before[0]["initiator-spi"], "renegotiated"
+
+
+def test_control_crash_keeps_the_ike_sa_in_step(lab: Lab) -> None:
+    """Control SIGKILLed (no final save) while strongSwan and control each
+    send a DPD every second: every DPD moves a Message ID, no IKE event
+    marks it, and the restored IKE SA must go on with the right ones. With
+    the once-a-second save of before, a kill soon after strongSwan's DPD
+    restored an old Message ID and control refused strongSwan's next request
+    (``message_id``) — the tunnel would go down at strongSwan's DPD timeout."""
+    need(lab, "control", "worker")
+    need_site(lab, "siteA")
+    st = lab.sites["siteA"]
+    charon = st.charon
+    src = lan(lab, "siteA")
+    url = f"http://{lab.cfg.control_addr}:{lab.cfg.metrics_port}/metrics"
+
+    def out_of_step() -> dict[str, float]:
+        m = scrape(lab, url)
+        return {
+            r: m.get(f'anywan_control_ike_dropped_messages_total{{reason="{r}"}}', 0.0)
+            for r in ("unexpected_response", "message_id")
+        }
+
+    try:
+        lab.restart_control(dpd_interval=1.0)
+        charon.load([dataclasses.replace(site_connection(lab.cfg, st), dpd_delay="1s")])
+        charon.terminate(ike="anywan")
+        charon.initiate(child="net", timeout=15)
+        before = charon.established()
+        assert len(before) == 1, before
+        for _ in range(4):
+            time.sleep(2.3)  # a few DPDs each way, then a crash at some phase
+            assert not any(out_of_step().values()), out_of_step()
+            lab.restart_control(dpd_interval=1.0, kill=True)
+        time.sleep(3.0)  # DPDs both ways on the restored IKE SA
+        charon.rekey(child="net")
+        time.sleep(1.0)
+        assert not any(out_of_step().values()), out_of_step()
+        after = charon.established()
+        assert len(after) == 1, after
+        key = ("initiator-spi", "responder-spi")
+        assert [after[0][k] for k in key] == [before[0][k] for k in key], "renegotiated"
+        sent, got = ping(lab, src, lab.cfg.core_addr, 10, 0.05)
+        assert got == sent
+    finally:
+        lab.restart_control()
+        charon.load([site_connection(lab.cfg, st)])
+        with contextlib.suppress(Exception):
+            charon.terminate(ike="anywan")
+        charon.initiate(child="net", timeout=15)
 
 
 # -- bad traffic -----------------------------------------------------------------
