@@ -1164,6 +1164,8 @@ class ControlService:
         self.transport = IkeTransport(
             self.engine, on_event=self.on_ike_event, on_flush=self._on_ike_flush
         )
+        if hasattr(self.engine, "take_touched"):
+            self.engine.take_touched()  # start tracking (restored SAs are on disk)
         self.restore_ike_state(self.transport.now())
         for addr in self.config.ike_listen:
             await self.transport.listen(addr, [int(p) for p in self.config.ike_ports])

@@ -212,6 +212,7 @@ class IkeEngine:
         self._last_now = 0.0
         self._touched: set[bytes] = set()
         self._touched_tunnels: set[str] = set()
+        self._track_touched = False  # from the first take_touched() on
         self._successor_of: dict[bytes, IkeSa] = {}
         """Restored REKEYED IKE SAs whose successor (by our SPI) is not
         imported yet: the control service imports one row at a time."""
@@ -482,7 +483,9 @@ class IkeEngine:
         with the other IKE SAs of its tunnel (rekeys move Child SAs between
         them), and each one that went. The control service persists these after
         every flush instead of comparing every IKE SA; the other SAs cannot
-        have changed."""
+        have changed. The first call starts the tracking (and returns nothing):
+        an engine nobody asks keeps no set."""
+        self._track_touched = True
         out, self._touched = self._touched, set()
         for tunnel_id in self._touched_tunnels:
             out |= self.by_tunnel.get(tunnel_id, set())
@@ -490,6 +493,8 @@ class IkeEngine:
         return out
 
     def _touch(self, sa: IkeSa) -> None:
+        if not self._track_touched:
+            return
         self._touched.add(sa.our_spi)
         if sa.tunnel is not None:
             self._touched_tunnels.add(sa.tunnel.tunnel_id)

@@ -15,8 +15,19 @@ QUIET = dict(strict=True, dpd_interval=1e6, ike_lifetime=1e7, child_lifetime=1e7
 
 def _pair() -> Pair:
     p = make_pair(config=IkeConfig(**QUIET), client_config=IkeConfig(**QUIET))  # type: ignore[arg-type]
+    assert p.server.take_touched() == set()  # starts the tracking
     p.connect()
     return p
+
+
+def test_an_engine_nobody_asks_keeps_no_set() -> None:
+    """The engine-only users (bench.ike, the initiators of the tests) never
+    call take_touched: nothing accumulates for them."""
+    p = make_pair(config=IkeConfig(**QUIET), client_config=IkeConfig(**QUIET))  # type: ignore[arg-type]
+    p.connect()
+    assert p.client.rekey_ike(TUNNEL, p.now)
+    p.roundtrip()
+    assert not p.server._touched and not p.server._touched_tunnels
 
 
 def _spis(p: Pair) -> set[bytes]:
