@@ -412,6 +412,7 @@ class ControlService:
         """``time.monotonic()`` when :meth:`start` began (None before): the
         start of /healthz's grace for workers."""
         self._workers_seen_at = 0.0
+        self._relay_seen_at = 0.0
         """``time.monotonic()`` a live worker was last seen (:meth:`_note_bus`)."""
         self._seq_marks: deque[tuple[float, int]] = deque(maxlen=1024)
         """(``time.monotonic()``, bus sequence) samples, taken when the
@@ -675,8 +676,10 @@ class ControlService:
         self._note_bus(now, subs)
         problems: list[str] = []
         tunnels: int | None = None
+        ipsec: int | None = None
         try:
-            tunnels = self.store.count("ipsec") + self.store.count("gre")
+            ipsec = self.store.count("ipsec")
+            tunnels = ipsec + self.store.count("gre")
         except STORE_ERRORS as exc:
             problems.append(f"store not readable: {type(exc).__name__}")
         if self._store_failure is not None:
@@ -690,6 +693,7 @@ class ControlService:
         elif self.relay is not None and self.transport is not None and _thread_died(self.relay):
             problems.append("IKE relay not running (workers cannot forward IKE to control)")
         problems += self._worker_problems(now, subs, tunnels)
+        problems += self._relay_problems(now, subs, ipsec)
         ike_state = "not configured" if not ike else "not listening"
         return {
             "status": "degraded" if problems else "ok",
@@ -752,6 +756,26 @@ class ControlService:
             more = _plural(len(behind) - self.MAX_LISTED, "more worker", "more workers")
             out.append(f"{more} lagging the same way")
         return out
+
+    def _relay_problems(self, now: float, subs: list[Any], ipsec: int | None) -> list[str]:
+        """Workers live on the bus, IPsec tunnels configured, but for
+        :data:`WORKER_GRACE` no worker connected to the IKE relay (a wrong
+        relay endpoint or key on the workers): the peers' IKE messages reach
+        no one, so no tunnel can come up or rekey."""
+        live = getattr(self.relay, "live_workers", None)
+        if live is None or self.transport is None or self._started_at is None:
+            return []
+        if live() or not subs or not ipsec:
+            self._relay_seen_at = now
+            return []
+        quiet = now - max(self._started_at, self._relay_seen_at)
+        if quiet < self.WORKER_GRACE:
+            return []
+        n = _plural(ipsec, "IPsec tunnel is", "IPsec tunnels are")
+        return [
+            f"no worker connected to the IKE relay for {quiet:.0f} s while {n} configured "
+            f"and {_plural(len(subs), 'worker is', 'workers are')} on the bus"
+        ]
 
     @contextlib.contextmanager
     def _store_txn(self) -> Iterator[None]:

@@ -93,6 +93,11 @@ class StubRelay:
         self.on_datagram: Any = None
         self._thread: threading.Thread | None = None
         self._halt = threading.Event()
+        self.connected: list[str] = []
+        """What ``live_workers()`` reports: the workers whose relay client pings."""
+
+    def live_workers(self) -> list[str]:
+        return list(self.connected)
 
     def start(self) -> None:
         self._halt.clear()
@@ -314,3 +319,40 @@ async def test_anywanctl_status_prints_the_problems(
         pub._thread = alive
     rc, out, _ = await run_ctl(control, capsys, "status")
     assert rc == ctl.EXIT_OK
+
+
+async def test_workers_on_the_bus_but_none_on_the_ike_relay(tmp_path: Path) -> None:
+    """A worker whose relay endpoint or key is wrong is live on the bus and
+    carries traffic, but no peer's IKE reaches control: degraded after the
+    grace while IPsec tunnels exist, ok again once a worker connects."""
+    bus = Bus(tmp_path)
+    store = Store.open(tmp_path, MasterKey.load_or_create(tmp_path / "master.key"))
+    metrics = ControlMetrics()
+    conf = ControlConfig(state_dir=tmp_path, api_listen="127.0.0.1:0")
+    relay = StubRelay()
+    service = ControlService(
+        conf, store, bus.factory(metrics.registry), metrics=metrics, relay=relay
+    )
+    service.engine = IkeEngine(ike_config(service), service.lookup)
+    await service.start()
+    sub = bus.subscriber()
+    try:
+        token = add_token(store, ACCT)
+        await api(service, token, "POST", BASE, ipsec("t1", 1))
+        sub.start()
+        assert await asyncio.to_thread(sub.ready.wait, 5.0)
+        await wait_for(lambda: service.health()["workers"] == 1)
+        await healthy(service)  # within the grace
+        service.WORKER_GRACE = 0.0  # type: ignore[misc]
+        h = await degraded(
+            service,
+            r"no worker connected to the IKE relay for \d+ s while 1 IPsec tunnel is "
+            r"configured and 1 worker is on the bus",
+        )
+        assert h["ike"] == "running"
+        relay.connected = ["node1/0"]
+        await healthy(service)
+    finally:
+        sub.stop()
+        await service.stop()
+        store.close()
