@@ -114,3 +114,9 @@ def test_a_request_whose_context_cannot_be_restored_is_an_orphan_and_cleaned_up(
     (c_sa,) = p.client.ike_sas(TUNNEL)
     assert offered not in {c.spi_out for c in c_sa.children.values()}
     assert [e.reason for e in p.events(ev.ChildSaDeleted, "client")] == ["peer_delete"]
+    # the peer's old Child SA is its live one again (not left "rekeyed"), and
+    # both ends agree on it
+    assert _agree(p) == {old.spi_in} and p.client.drops["rekey_undone_by_peer"] == 1
+    assert p.server.rekey_child(TUNNEL, p.now)  # and it can be rekeyed again
+    p.step(30.0)
+    assert len(_agree(p)) == 1 and old.spi_in not in _agree(p)
