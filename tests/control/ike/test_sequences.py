@@ -174,6 +174,13 @@ RESTARTS = [*OPS, "s_restart"]
     st.lists(st.lists(st.sampled_from(RESTARTS), min_size=1, max_size=3), min_size=1, max_size=8),
     st.integers(0, 10**6),
 )
+# our rekey in flight at the restart: the peer alone held the new Child SA
+@example(batches=[["s_rekey_child", "s_restart"]], seed=0)
+# the same inside a §2.8.1 collision: both ends lost every Child SA
+@example(
+    batches=[["c_rekey_ike", "s_dpd"], ["s_rekey_child"], ["c_rekey_child", "s_restart"]],
+    seed=164199,
+)
 def test_random_sequences_with_control_restarts_converge(
     batches: list[list[str]], seed: int
 ) -> None:
