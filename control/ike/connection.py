@@ -914,11 +914,12 @@ class IkeSa:
             )
 
     def _revive_predecessor(self, gone: ChildSa) -> None:
-        """The peer deleted the Child SA its own rekey had just made (``gone``)
-        without deleting the one it replaced: that one is the live SA again,
-        not "rekeyed" (which would refuse its next rekey until it expired).
-        Not when our own rekey of it replaced it or is under way (§2.8.1: the
-        peer deleted its redundant SA, and we delete the old one)."""
+        """The peer deleted the Child SA its own rekey had just made (``gone``,
+        not itself superseded) without deleting the one it replaced: that one
+        is the live SA again, not "rekeyed" (which would refuse its next rekey
+        until it expired). Not when our own rekey of it replaced it or is under
+        way (§2.8.1: the peer deleted its redundant SA, and we delete the old
+        one)."""
         for old in self.children.values():
             if (
                 old.unconfirmed_successor == gone.spi_in
@@ -1646,7 +1647,8 @@ class IkeSa:
                     out_spis.append(c.spi_in.to_bytes(4, "big"))
                     owner._release_outbound(c)
                     owner._child_gone(c, "rekeyed" if c.rekeyed else "peer_delete")
-                    owner._revive_predecessor(c)
+                    if not c.rekeyed:
+                        owner._revive_predecessor(c)
         if delete_ike:
             if self.state is IkeState.ESTABLISHED and self._collision_owner() is not None:
                 # §2.8.2: the peer found the IKE SA it created in a simultaneous
