@@ -917,15 +917,15 @@ class IkeSa:
         """The peer deleted the Child SA its own rekey had just made (``gone``,
         not itself superseded) without deleting the one it replaced: that one
         is the live SA again, not "rekeyed" (which would refuse its next rekey
-        until it expired). Not when our own rekey of it replaced it or is under
-        way (§2.8.1: the peer deleted its redundant SA, and we delete the old
-        one)."""
+        until it expired). Not when our own rekey already replaced it (§2.8.1:
+        the peer deleted its redundant SA, and we delete the old one); if ours
+        is still under way, the old one is live until it completes (it may be
+        lost or handed to a new IKE SA, and must then be asked again)."""
         for old in self.children.values():
             if (
                 old.unconfirmed_successor == gone.spi_in
                 and old.rekeyed
                 and old.replaced_by is None
-                and not old.rekeying
                 and not old.deleting
             ):
                 old.rekeyed = False

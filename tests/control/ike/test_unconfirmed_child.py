@@ -8,6 +8,8 @@ held (found by Hypothesis: test_sequences, ``seed=224``)."""
 
 from __future__ import annotations
 
+import pytest
+
 from control.ike import events as ev
 from control.ike.engine import IkeConfig
 from control.ike.messages import decode
@@ -230,4 +232,72 @@ def test_redundant_sa_of_a_collision_whose_answer_was_lost_is_deleted_by_its_cre
     assert p.client.drops["rekey_collision"] == 1
     live = _agree(p)
     assert len(live) == 2
+    assert not p.server.drops["internal_error"] and not p.client.drops["internal_error"]
+
+
+@pytest.mark.parametrize(
+    ("batches", "seed", "rng_seed"),
+    [
+        (  # both ends lost every Child SA before
+            [
+                ["c_dpd", "s_rekey_child"],
+                ["s_dpd", "c_rekey_ike", "c_rekey_child"],
+                ["s_rekey_child", "s_rekey_child"],
+                ["s_rekey_ike", "s_dpd", "c_dpd"],
+                ["c_dpd", "s_dpd"],
+                ["c_rekey_ike", "c_rekey_ike", "wait"],
+            ],
+            936513,
+            633040095,
+        ),
+        (
+            [
+                ["s_dpd", "c_delete_child", "c_rekey_ike"],
+                ["s_rekey_ike"],
+                ["s_rekey_child", "c_rekey_child"],
+                ["c_rekey_ike", "s_delete_child"],
+            ],
+            636127,
+            752944501,
+        ),
+        (
+            [
+                ["s_rekey_ike"],
+                ["c_rekey_child", "c_rekey_ike", "s_rekey_child"],
+                ["c_rekey_child", "c_delete_child"],
+                ["c_rekey_ike"],
+                ["c_delete_child"],
+                ["wait", "s_rekey_child"],
+            ],
+            660762,
+            374859043,
+        ),
+        (  # a too eager revival once made the ends disagree here
+            [
+                ["s_dpd", "s_dpd"],
+                ["c_dpd"],
+                ["c_new_child", "wait"],
+                ["c_dpd"],
+                ["s_rekey_ike"],
+                ["s_rekey_child", "c_rekey_ike", "s_rekey_ike"],
+            ],
+            668774,
+            272614124,
+        ),
+    ],
+    ids=["lost-all-1", "lost-all-2", "lost-all-3", "revived-too-much"],
+)
+def test_a_rekey_whose_new_sa_the_peer_deleted_leaves_the_old_one_live(
+    batches: list[list[str]], seed: int, rng_seed: int
+) -> None:
+    """Found by 15 000 random lossy runs (2026-11-29), about 1 in 5 000: in a
+    §2.8.1 collision the peer deleted the new Child SA of ITS rekey (it was
+    the redundant one), ours was lost or handed to a new IKE SA and asked
+    again — but the old Child SA stayed "rekeyed" on our side, so the renewed
+    rekey was skipped and the old SA expired with no successor: no Child SA
+    left on either end. The old one is now live again once its only
+    replacement is gone (``rekey_undone_by_peer``)."""
+    p = run_lossy(batches, seed, rng_seed)
+    live = _agree(p)
+    assert live, "the tunnel lost all its Child SAs"
     assert not p.server.drops["internal_error"] and not p.client.drops["internal_error"]
