@@ -1727,7 +1727,7 @@ class IkeSa:
         else:
             spi_in, group, attempt = arg, -1, 0
         c = self.children.get(spi_in)
-        if c is None or c.rekeyed or c.deleting or c.rekeying:
+        if c is None or c.rekeyed or c.deleting or c.rekeying or self._rekey_sent_elsewhere(spi_in):
             return None
         cfg = self.engine.config
         if self._unconfirmed(c, now):
@@ -1746,6 +1746,21 @@ class IkeSa:
         )
         built[2]["attempt"] = attempt
         return built
+
+    def _rekey_sent_elsewhere(self, spi_in: int) -> bool:
+        """Our rekey of this Child SA is still in flight on another IKE SA of
+        the tunnel (one it moved from): a second rekey would let the peer drop
+        the first one's SA (``rekey_answer_lost``) and then install it again
+        from its cached answer to our retransmission. ``rekeying`` marks this
+        while we run; an IKE SA restored after a restart, whose Child SAs
+        moved on, can only be found by looking."""
+        assert self.tunnel is not None
+        for spi in self.engine.by_tunnel.get(self.tunnel.tunnel_id, ()):
+            sa = self.engine.sas.get(spi)
+            req = None if sa is None or sa is self else sa.pending
+            if req is not None and req.kind == "rekey_child" and req.ctx.get("old") == spi_in:
+                return True
+        return False
 
     def build_new_child(
         self, arg: tuple[list[ChildSuite], int | None, int], now: float

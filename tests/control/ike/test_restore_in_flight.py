@@ -120,3 +120,30 @@ def test_a_request_whose_context_cannot_be_restored_is_an_orphan_and_cleaned_up(
     assert p.server.rekey_child(TUNNEL, p.now)  # and it can be rekeyed again
     p.step(30.0)
     assert len(_agree(p)) == 1 and old.spi_in not in _agree(p)
+
+
+def test_a_restored_rekey_in_flight_is_not_sent_twice() -> None:
+    """Found by seeded random runs with restarts (1 in ~15 000): our rekey of
+    a Child SA was in flight on an IKE SA that the peer then rekeyed away, and
+    control restarted. The restored request sits on the old IKE SA while the
+    Child SA lives on the new one, so nothing marked it ``rekeying``: a second
+    rekey went out, the peer served it by dropping the first one's SA
+    (``rekey_answer_lost``), then answered our retransmitted first request
+    from its cache — we installed an SA the peer no longer had, deleted the
+    old one in its favour, and both ends ended with no Child SA."""
+    import random
+
+    from .test_sequences import run_lossy
+
+    batches = [
+        ["s_rekey_child", "c_rekey_child", "s_dpd"],
+        ["c_rekey_ike", "c_rekey_ike", "s_restart"],
+        ["c_rekey_ike", "s_rekey_child"],
+        ["c_rekey_ike", "s_restart", "c_rekey_child"],
+        ["s_rekey_child"],
+        ["s_rekey_ike", "c_rekey_ike", "c_rekey_child"],
+        ["c_rekey_ike"],
+    ]
+    p = run_lossy(batches, 350646, random.Random(818223148).randbytes)
+    assert len(_agree(p)) == 1
+    assert not p.server.drops["internal_error"] and not p.client.drops["internal_error"]
