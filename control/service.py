@@ -98,6 +98,11 @@ def _thread_died(component: Any) -> bool:
     return getattr(component, "thread_died", False) is True
 
 
+def _expired(sa: SaRecord, unix_now: float) -> bool:
+    """Past its hard lifetime (``expire_at`` 0: none); workers drop it then."""
+    return 0 < sa.expire_at <= unix_now
+
+
 def _plural(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
@@ -837,7 +842,7 @@ class ControlService:
                 log.warning("dropping unreadable persisted SA record %s", key)
                 self._delete_sealed(key)
                 continue
-            live = isinstance(sa, SaRecord) and (sa.expire_at == 0 or sa.expire_at > now)
+            live = isinstance(sa, SaRecord) and not _expired(sa, now)
             if live and f"tunnel/{sa.tunnel_id}" in out:
                 out[sa.key] = sa
                 continue
@@ -1155,7 +1160,7 @@ class ControlService:
                 not isinstance(rec, SaRecord)
                 or hkey != HELD_PREFIX + rec.key
                 or self.store.get("ipsec", rec.account_id, rec.tunnel_id) is None
-                or 0 < rec.expire_at <= now
+                or _expired(rec, now)
             ):
                 self._delete_sealed(hkey)
                 continue
@@ -1402,6 +1407,8 @@ class ControlService:
         ``expire_at``."""
         if self.engine is None or not hasattr(self.engine, "sas"):
             return 0
+        if not self._ike_dirty and not self._ike_sweep_all:
+            return 0  # (the flush that marked them wrote them already): no empty transaction
         return self._ike_rows_txn(full=self._ike_sweep_all)
 
     def sweep_ike_state(self) -> int:

@@ -250,7 +250,7 @@ class OutRequest:
     ctx: dict[str, Any] = field(default_factory=dict)
 
 
-def _offered_spi(req: OutRequest) -> int | None:
+def offered_spi(req: OutRequest) -> int | None:
     """The ESP SPI a CREATE_CHILD_SA request of ours offered (ours for the new
     Child SA), also once restored as an ``orphan``; None for anything else."""
     if req.exchange != ExchangeType.CREATE_CHILD_SA or req.kind == "rekey_ike":
@@ -1131,7 +1131,7 @@ class IkeSa:
                 req.exchange,
                 req.message_id,
                 req.data,
-                _offered_spi(req),
+                offered_spi(req),
                 _pending_ctx(req),
             ],
             "ike_rekey_at": self.ike_rekey_at - shift if self.ike_rekey_at else 0.0,

@@ -178,17 +178,16 @@ def generate(group: int) -> KeyExchange:
 
 def restore(group: int, private_value: int, public: bytes) -> KeyExchange:
     """The key :meth:`KeyExchange.private_value` and ``public`` came from."""
+    kex: KeyExchange
     if group == ECP_384:
-        kex: KeyExchange = EcpKeyExchange(group, private_value)
+        kex = EcpKeyExchange(group, private_value)
+        check = kex.public  # derived from the scalar
     elif group in MODP_PRIMES:
         kex = ModpKeyExchange(group, (private_value, public))
-    else:
-        raise DhError(f"unsupported DH group {group}")
-    if isinstance(kex, ModpKeyExchange):
         # OpenSSL takes y as given: check y = g^x (g = 2) with one exchange
         check = kex.shared((2).to_bytes(KE_LENGTHS[group], "big"))
     else:
-        check = kex.public  # derived from the scalar
+        raise DhError(f"unsupported DH group {group}")
     if check != public:
         raise DhError("restored key does not match its public value")
     return kex

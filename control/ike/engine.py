@@ -35,7 +35,7 @@ import msgpack
 
 from control.ike import dh as dhmod
 from control.ike import messages as wire
-from control.ike.connection import IkeSa, nat_hash, request_hash
+from control.ike.connection import IkeSa, nat_hash, offered_spi, request_hash
 from control.ike.events import IkeEvent, NegotiationFailed
 from control.ike.payloads import (
     ExchangeType,
@@ -470,10 +470,9 @@ class IkeEngine:
                 self.by_tunnel.setdefault(sa.tunnel.tunnel_id, set()).add(sa.our_spi)
             for c in sa.children.values():
                 self.spis_in_use.add(c.spi_in)
-            if sa.pending is not None:  # the SPI a request in flight offered
-                offered = sa.pending.ctx.get("spi_in", sa.pending.ctx.get("offered"))
-                if isinstance(offered, int):
-                    self.spis_in_use.add(offered)
+            offered = None if sa.pending is None else offered_spi(sa.pending)
+            if offered is not None:  # the SPI a request in flight offered
+                self.spis_in_use.add(offered)
             self._schedule(sa)
         self._last_now = max(self._last_now, now)
 
