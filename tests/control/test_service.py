@@ -11,6 +11,7 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +118,16 @@ def sa(tunnel_id: str, spi: int, direction: Direction, gen: int = 0, key: bytes 
     )
 
 
-async def start(state: Path, bus: Bus) -> tuple[ControlService, Store]:
+async def start(
+    state: Path, bus: Bus, *, engine: Callable[[ControlService], Any] | None = None
+) -> tuple[ControlService, Store]:
+    """A started control service; ``engine(service)`` gives its IKE engine
+    (set before start), a :class:`FakeEngine` by default."""
     store = Store.open(state, MasterKey.load_or_create(state / "master.key"))
     metrics = ControlMetrics()
     conf = ControlConfig(state_dir=state, api_listen="127.0.0.1:0", rekey_apply_timeout=5.0)
     service = ControlService(conf, store, bus.factory(metrics.registry), metrics=metrics)
-    service.engine = FakeEngine()
+    service.engine = engine(service) if engine is not None else FakeEngine()
     await service.start()
     return service, store
 

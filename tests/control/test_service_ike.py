@@ -10,19 +10,18 @@ tombstones every SA. No stubs: every part below the API is the real one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from control.api.openapi import build_openapi
-from control.config import ControlConfig
 from control.ike.engine import IkeConfig, IkeEngine, TunnelAuth
 from control.ike.events import ChildSaDeleted, ChildSaInstalled, IkeSaDeleted, IkeSaEstablished
-from control.metrics import ControlMetrics
-from control.secrets import MasterKey
 from control.service import ControlService
 from control.store import Store
 from replication.records import Direction, SaRecord, TrafficSelector
@@ -39,6 +38,32 @@ def ike_config(service: Any) -> IkeConfig:
     return IkeConfig(
         id_suffix=service.config.id_suffix, unix_time_offset=time.time() - time.monotonic()
     )
+
+
+def ike_engine(service: Any) -> IkeEngine:
+    return IkeEngine(ike_config(service), service.lookup)
+
+
+def restored_engine(service: Any) -> IkeEngine:
+    """:func:`ike_engine` with the persisted IKE SAs imported before the
+    service starts, as ``_start_ike`` does before the first datagram."""
+    engine = service.engine = ike_engine(service)
+    assert service.restore_ike_state(time.monotonic())
+    return engine
+
+
+@contextlib.asynccontextmanager
+async def running(
+    state: Path, bus: Bus, *, engine: Callable[[Any], Any] = ike_engine
+) -> AsyncIterator[tuple[ControlService, Store]]:
+    """A (re)started control service on ``state`` with a real IKE engine;
+    stopped and its store closed on the way out, whatever happens inside."""
+    service, store = await start(state, bus, engine=engine)
+    try:
+        yield service, store
+    finally:
+        await service.stop()
+        store.close()
 
 
 class Peer:
@@ -238,21 +263,6 @@ async def test_control_restart_continues_ike_sas(tmp_path: Path) -> None:
         store.close()
 
 
-async def _restart_with_engine(state: Path, bus: Bus, *, restore: bool) -> tuple[Any, Any]:
-    """A new control on the same store whose real engine is restored (or,
-    ``restore=False``, left empty: the IKE rows were lost) before it starts,
-    as ``_start_ike`` does before the first datagram."""
-    store = Store.open(state, MasterKey.load_or_create(state / "master.key"))
-    metrics = ControlMetrics()
-    conf = ControlConfig(state_dir=state, api_listen="127.0.0.1:0", rekey_apply_timeout=5.0)
-    service = ControlService(conf, store, bus.factory(metrics.registry), metrics=metrics)
-    service.engine = IkeEngine(ike_config(service), service.lookup)
-    if restore:
-        assert service.restore_ike_state(time.monotonic())
-    await service.start()
-    return service, store
-
-
 async def _peer_connected(
     service: Any, store: Any, *, flush: bool = False
 ) -> tuple[str, str, Peer]:
@@ -287,21 +297,16 @@ async def test_restart_keeps_a_held_outbound_sa_held(tmp_path: Path, rows_lost: 
     restored engine sees the peer's DELETE. If the IKE state was not
     restored (lost rows), nothing would ever release it: it goes out at once."""
     bus = Bus(tmp_path)
-    service, store = await start(tmp_path, bus)
-    service.engine = IkeEngine(ike_config(service), service.lookup)
-    try:
+    async with running(tmp_path, bus) as (service, store):  # stop() persists the IKE state
         _, tid, peer = await _peer_rekeyed(service, store)
         first, new = [e for e in peer.events if isinstance(e, ChildSaInstalled)]
         new_out = f"sa/out/{tid}/{new.inbound.spi:08x}"
         old_out = f"sa/out/{tid}/{first.inbound.spi:08x}"
         assert new_out not in _sa_keys(service) and old_out in _sa_keys(service)
         assert [k for k, _ in store.sealed_items("held/")] == [f"held/{new_out}"]
-    finally:
-        await service.stop()  # persists the IKE state
-        store.close()
 
-    service, store = await _restart_with_engine(tmp_path, bus, restore=not rows_lost)
-    try:
+    engine = ike_engine if rows_lost else restored_engine
+    async with running(tmp_path, bus, engine=engine) as (service, store):
         peer.service = service
         if rows_lost:
             assert new_out in _sa_keys(service) and not store.sealed_items("held/")
@@ -313,25 +318,16 @@ async def test_restart_keeps_a_held_outbound_sa_held(tmp_path: Path, rows_lost: 
         assert _sa_keys(service) == {f"sa/in/{new.outbound.spi:08x}", new_out}
         assert not store.sealed_items("held/")
         assert {k for k, _ in store.sealed_items("sa/")} == _sa_keys(service)
-    finally:
-        await service.stop()
-        store.close()
 
 
 async def test_deleting_a_tunnel_drops_its_held_outbound_sa(tmp_path: Path) -> None:
     """A held outbound SA is in the store only: deleting the tunnel removes it too."""
-    bus = Bus(tmp_path)
-    service, store = await start(tmp_path, bus)
-    service.engine = IkeEngine(ike_config(service), service.lookup)
-    try:
+    async with running(tmp_path, Bus(tmp_path)) as (service, store):
         token, tid, peer = await _peer_rekeyed(service, store)
         assert len(store.sealed_items("held/")) == 1
         await api(service, token, "DELETE", f"/accounts/{ACCT}/magic/ipsec_tunnels/{tid}")
         peer.pump()
         assert store.sealed_items("held/") == [] and store.sealed_items("sa/") == []
-    finally:
-        await service.stop()
-        store.close()
 
 
 async def test_control_crash_continues_ike_sas(tmp_path: Path) -> None:
@@ -342,11 +338,8 @@ async def test_control_crash_continues_ike_sas(tmp_path: Path) -> None:
     restored SA refused the peer's next request.)"""
     import shutil
 
-    bus = Bus(tmp_path)
-    service, store = await start(tmp_path, bus)
-    service.engine = IkeEngine(ike_config(service), service.lookup)
     crashed = tmp_path / "crashed"
-    try:
+    async with running(tmp_path, Bus(tmp_path)) as (service, store):
         _, tid, peer = await _peer_connected(service, store, flush=True)
         await asyncio.sleep(0)  # (the event-driven write of the new IKE SA)
         for _ in range(3):  # Message IDs move, no event
@@ -361,12 +354,8 @@ async def test_control_crash_continues_ike_sas(tmp_path: Path) -> None:
         for f in tmp_path.iterdir():  # the files as a crash would leave them
             if f.is_file():
                 shutil.copy2(f, crashed / f.name)
-    finally:
-        await service.stop()
-        store.close()
 
-    service, store = await _restart_with_engine(crashed, Bus(crashed), restore=True)
-    try:
+    async with running(crashed, Bus(crashed), engine=restored_engine) as (service, store):
         peer.service = service
         peer.events.clear()
         assert peer.client.send_dpd(tid, time.monotonic())
@@ -377,9 +366,6 @@ async def test_control_crash_continues_ike_sas(tmp_path: Path) -> None:
         assert not [e for e in peer.events if isinstance(e, IkeSaDeleted | IkeSaEstablished)]
         (sa,) = service.engine.ike_sas(tid)
         assert (sa.peer_next, sa.our_next) == (7, 1)
-    finally:
-        await service.stop()
-        store.close()
 
 
 class PumpTransport:

@@ -10,9 +10,7 @@ new Child SA reaches the bus before any IKE row is written."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,8 @@ from control.service import ControlService
 from control.store import Store
 from replication.records import TrafficSelector
 from tests.control.api_support import add_token, ipsec
-from tests.control.test_service import ACCT, Bus, api, start
-from tests.control.test_service_ike import CLIENT, SERVER, Peer, ike_config
+from tests.control.test_service import ACCT, Bus, api
+from tests.control.test_service_ike import CLIENT, SERVER, Peer, ike_config, running
 
 BASE = f"/accounts/{ACCT}/magic/ipsec_tunnels"
 
@@ -60,24 +58,6 @@ async def connect_many(service: ControlService, token: str, n: int) -> list[tupl
         peers.append((tid, peer))
     await asyncio.sleep(0)  # the rows are written after the flush
     return peers
-
-
-async def restart(tmp_path: Path, bus: Bus) -> tuple[ControlService, Store]:
-    service, store = await start(tmp_path, bus)
-    service.engine = IkeEngine(ike_config(service), service.lookup)
-    return service, store
-
-
-@contextlib.asynccontextmanager
-async def running(tmp_path: Path, bus: Bus) -> AsyncIterator[tuple[ControlService, Store]]:
-    """A (re)started control service on the same database; stopped and its
-    store closed on the way out, whatever happens inside."""
-    service, store = await restart(tmp_path, bus)
-    try:
-        yield service, store
-    finally:
-        await service.stop()
-        store.close()
 
 
 def dpd_answered(service: ControlService, tid: str, peer: Peer) -> None:
